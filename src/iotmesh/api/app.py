@@ -1,0 +1,28 @@
+"""The FastAPI application: routers, problem+json errors, OpenAPI under /api."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from iotmesh import __version__
+from iotmesh.api import device_http, devices, health, problems, telemetry
+from iotmesh.api.context import ApiContext
+
+
+def create_app(ctx: ApiContext) -> FastAPI:
+    """Build the ASGI app over running services (they are started by the caller)."""
+    app = FastAPI(
+        title="iotmesh",
+        version=__version__,
+        summary="REST API and ThingsBoard-compatible device HTTP API",
+        docs_url="/api/docs",
+        redoc_url=None,
+        openapi_url="/api/openapi.json",
+    )
+    app.state.ctx = ctx
+    problems.install(app)
+    app.include_router(health.router)
+    app.include_router(devices.router)
+    app.include_router(telemetry.router)
+    app.include_router(device_http.router)
+    return app

@@ -1,0 +1,45 @@
+"""What the HTTP API needs from the rest of the platform, handed in at start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from fastapi import Request, Response
+
+from iotmesh.core.lifecycle import Health
+from iotmesh.core.settings import Settings
+from iotmesh.pipeline.ingest import TelemetryIngest
+from iotmesh.pipeline.latest import LatestValues
+from iotmesh.registry.service import DeviceRegistry
+from iotmesh.storage.timeseries import TimeSeriesStore
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiContext:
+    """The services behind the API; the API never picks implementations itself."""
+
+    settings: Settings
+    admin_token: str
+    registry: DeviceRegistry
+    timeseries: TimeSeriesStore
+    latest: LatestValues
+    ingest: TelemetryIngest
+    health: Callable[[], dict[str, Health]]
+
+
+def context(request: Request) -> ApiContext:
+    """FastAPI dependency: the ApiContext of the running app."""
+    ctx: ApiContext = request.app.state.ctx
+    return ctx
+
+
+class MsgspecResponse(Response):
+    """JSON response encoded with msgspec: fast, and encodes Structs directly."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return msgspec.json.encode(content)

@@ -1,0 +1,74 @@
+"""The ThingsBoard device HTTP API: devices authenticate by the token in the path.
+
+`POST /api/v1/{access_token}/telemetry` answers 200 only after the points are durable.
+Errors: 400 malformed payload, 401 unknown token, 413 over `http.max_payload_bytes`,
+503 (with Retry-After) when the pipeline has no room within `http.enqueue_timeout_s`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from iotmesh.api.context import ApiContext, context
+from iotmesh.core.clock import now_ms
+from iotmesh.core.errors import PayloadError, PayloadTooLarge
+from iotmesh.proto.thingsboard import parse_telemetry
+
+router = APIRouter(prefix="/api/v1/{access_token}", tags=["device API"])
+
+Ctx = Annotated[ApiContext, Depends(context)]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read the request body, refusing more than `limit` bytes without reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise PayloadError("Content-Length is not a number") from None
+        if size > limit:
+            raise PayloadTooLarge(size, limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(len(body), limit)
+    return bytes(body)
+
+
+@router.post(
+    "/telemetry",
+    status_code=200,
+    responses={
+        400: {"description": "malformed JSON or values"},
+        401: {"description": "unknown access token"},
+        413: {"description": "payload too large"},
+        503: {"description": "overloaded; retry after the Retry-After seconds"},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "examples": {
+                        "values": {"value": {"temperature": 21.5, "humidity": 40}},
+                        "with ts": {
+                            "value": {"ts": 1700000000000, "values": {"temperature": 21.5}}
+                        },
+                        "array": {"value": [{"ts": 1700000000000, "values": {"t": 1}}, {"t": 2}]},
+                    }
+                }
+            },
+        }
+    },
+)
+async def post_telemetry(access_token: str, request: Request, ctx: Ctx) -> Response:
+    """Upload telemetry in any ThingsBoard JSON form; 200 means it is stored durably."""
+    body = await read_body(request, ctx.settings.http.max_payload_bytes)
+    device = await ctx.registry.authenticate(access_token)
+    records = parse_telemetry(body, now_ms())
+    await ctx.ingest.submit(device.id, records)
+    return Response(status_code=200)

@@ -1,0 +1,175 @@
+"""Wiring: build the services of the all-in-one process from `Settings` and run them.
+
+This module and `cli` are the only places that choose implementations. Services start
+in dependency order and stop in reverse, so a shutdown first stops accepting device
+traffic (HTTP), then drains the bus through the pipeline, then flushes the writer, and
+only then closes the stores: every message that was accepted is committed or refused,
+never half-done. An `AsyncExitStack` gives that order; the services' own tasks run
+concurrently beneath it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from types import TracebackType
+from typing import Any, Self
+
+from iotmesh import __version__
+from iotmesh.api import ApiContext, create_app
+from iotmesh.bus.memory import MemoryBus
+from iotmesh.core.lifecycle import Health, Service
+from iotmesh.core.settings import Settings
+from iotmesh.datadir import DataDir
+from iotmesh.pipeline import LatestValues, Pipeline
+from iotmesh.pipeline.ingest import TelemetryIngest
+from iotmesh.registry import DeviceRegistry
+from iotmesh.storage.sqlite.state import SqliteStateStore
+from iotmesh.storage.sqlite.tsdb import SqliteTimeSeriesStore
+from iotmesh.storage.timeseries import TimeSeriesStore
+from iotmesh.storage.writer import BatchWriter
+from iotmesh.transports.http import HttpServer
+
+log = logging.getLogger(__name__)
+
+
+class _StoreService(Service):
+    """Gives a time-series store the service lifecycle."""
+
+    name = "timeseries"
+
+    def __init__(self, store: TimeSeriesStore) -> None:
+        self.store = store
+
+    async def start(self) -> None:
+        await self.store.open()
+
+    async def stop(self) -> None:
+        await self.store.close()
+
+
+class _BusService(Service):
+    name = "bus"
+
+    def __init__(self, bus: MemoryBus) -> None:
+        self.bus = bus
+
+    async def start(self) -> None:
+        await self.bus.start()
+
+    async def stop(self) -> None:
+        await self.bus.stop()
+
+    def health(self) -> Health:
+        return Health(ok=True, detail=f"{self.bus.depth()} messages queued")
+
+
+class Platform:
+    """All services of `iotmesh run` in one process.
+
+    Usage:
+        async with Platform(settings) as platform:
+            await platform.wait_closed()   # until `shutdown()` or a service fails
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.data_dir = DataDir(settings.data_dir)
+        self.admin_token = ""
+        self.admin_token_generated = False
+        self._stack = contextlib.AsyncExitStack()
+        self._services: list[Service] = []
+        self._shutdown = asyncio.Event()
+        self.http: HttpServer | None = None
+
+    async def __aenter__(self) -> Self:
+        self.data_dir.acquire()
+        self._stack.callback(self.data_dir.release)
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        async with asyncio.timeout(self.settings.shutdown_timeout_s):
+            await self._stack.aclose()
+
+    async def _enter(self, service: Service) -> None:
+        await self._stack.enter_async_context(service)
+        self._services.append(service)
+
+    async def _start(self) -> None:
+        settings = self.settings
+        path = self.data_dir.path
+        if settings.admin_token is not None:
+            self.admin_token = settings.admin_token.get_secret_value()
+        else:
+            self.admin_token, self.admin_token_generated = self.data_dir.admin_token()
+
+        sync = settings.storage.sqlite.synchronous
+        registry = DeviceRegistry(SqliteStateStore(path / "state.db", sync))
+        store = SqliteTimeSeriesStore(path / "timeseries.db", settings.storage.sqlite)
+        writer = BatchWriter(store, settings.writer)
+        bus = MemoryBus(settings.bus)
+        latest = LatestValues()
+        await self._enter(registry)
+        await self._enter(_StoreService(store))
+        await self._enter(writer)
+        await self._enter(_BusService(bus))
+        await self._enter(Pipeline(bus, writer, latest))
+
+        ctx = ApiContext(
+            settings=settings,
+            admin_token=self.admin_token,
+            registry=registry,
+            timeseries=store,
+            latest=latest,
+            ingest=TelemetryIngest(bus, settings.http.enqueue_timeout_s),
+            health=self.health,
+        )
+        self.http = HttpServer(create_app(ctx), settings.host, settings.http)
+        await self._enter(self.http)
+        self.data_dir.write_run_info(self.run_info())
+
+    def health(self) -> dict[str, Health]:
+        """Each started service's health, by name."""
+        return {s.name: s.health() for s in self._services}
+
+    def run_info(self) -> dict[str, Any]:
+        """Where this process listens; written to run.json for the CLI and tests."""
+        assert self.http is not None
+        host = self.settings.host
+        shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "data_dir": str(self.data_dir.path),
+            "http": {
+                "host": host,
+                "port": self.http.port,
+                "url": f"http://{shown}:{self.http.port}",
+            },
+        }
+
+    def shutdown(self) -> None:
+        """Ask `wait_closed` to return (signal handlers call this)."""
+        self._shutdown.set()
+
+    async def wait_closed(self) -> None:
+        """Return on `shutdown()`, or when a service's health check shows it died."""
+        while not self._shutdown.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._shutdown.wait()
+            if self.http is not None and not self.http.health().ok:
+                log.error("http server stopped unexpectedly; shutting down")
+                return

@@ -1,0 +1,233 @@
+"""The in-process bus of `iotmesh run`: bounded queues, partitions, consumer groups.
+
+It stores nothing, so a publish completes only when every group has acknowledged the
+message: for the device, "published" then already means "committed" (see interface.py).
+
+Per group and partition there is one bounded queue and one consumer task, which hands
+the handler batches of up to `max_batch` messages in order. A nacked message is retried
+before anything behind it in its partition, so per-key order holds even under failure;
+after `max_deliver` attempts (or a `term`) its publisher gets `DeadLettered`.
+
+Resource handling: queues are bounded (`partition_queue`), so publishers wait for room
+(back-pressure) and memory stays bounded. `stop` drains: consumers finish every message
+already queued before their tasks end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Final
+
+from iotmesh.bus import subjects
+from iotmesh.bus.interface import (
+    BatchHandler,
+    Bus,
+    BusError,
+    DeadLettered,
+    Delivery,
+    Subscription,
+)
+from iotmesh.core.errors import Overloaded
+from iotmesh.core.settings import BusSettings
+
+log = logging.getLogger(__name__)
+
+
+class _Message:
+    """A published message and the publisher waiting for every group to settle it."""
+
+    __slots__ = ("data", "future", "key", "msg_id", "subject", "unsettled_groups")
+
+    def __init__(self, subject: str, key: str, data: bytes, msg_id: str, groups: int) -> None:
+        self.subject = subject
+        self.key = key
+        self.data = data
+        self.msg_id = msg_id
+        self.unsettled_groups = groups
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def group_done(self) -> None:
+        self.unsettled_groups -= 1
+        if self.unsettled_groups == 0 and not self.future.done():
+            self.future.set_result(None)
+
+    def give_up(self, reason: str) -> None:
+        if not self.future.done():
+            self.future.set_exception(DeadLettered(f"message {self.msg_id}: {reason}"))
+
+
+class _MemoryDelivery(Delivery):
+    __slots__ = ("_state", "attempt", "data", "delay", "key", "message", "msg_id", "reason")
+
+    def __init__(self, message: _Message, attempt: int) -> None:
+        self.message = message
+        self.subject = message.subject
+        self.key = message.key
+        self.data = message.data
+        self.msg_id = message.msg_id
+        self.attempt = attempt
+        self._state = "pending"
+        self.delay = 0.0
+        self.reason = ""
+
+    def ack(self) -> None:
+        self._state = "ack"
+
+    def nack(self, delay: float = 0.0) -> None:
+        self._state = "nack"
+        self.delay = delay
+
+    def term(self, reason: str = "") -> None:
+        self._state = "term"
+        self.reason = reason
+
+    @property
+    def settled(self) -> bool:
+        return self._state != "pending"
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+
+_STOP: Final = object()
+
+
+class _Group(Subscription):
+    """One consumer group: a queue and a consumer task per partition."""
+
+    def __init__(
+        self, pattern: str, name: str, handler: BatchHandler, settings: BusSettings, max_batch: int
+    ) -> None:
+        self.pattern = pattern
+        self.name = name
+        self._handler = handler
+        self._settings = settings
+        self._max_batch = max_batch
+        self._queues: list[asyncio.Queue[_Message | object]] = [
+            asyncio.Queue(settings.partition_queue) for _ in range(settings.partitions)
+        ]
+        self._tasks = [
+            asyncio.create_task(self._consume(q), name=f"bus.{name}.partition-{i}")
+            for i, q in enumerate(self._queues)
+        ]
+        self.closed = False
+
+    def queue_for(self, key: str) -> asyncio.Queue[_Message | object]:
+        return self._queues[subjects.partition_of(key, len(self._queues))]
+
+    def depth(self) -> int:
+        return sum(q.qsize() for q in self._queues)
+
+    async def close(self) -> None:
+        """Drain every partition, then end the consumer tasks."""
+        if self.closed:
+            return
+        self.closed = True
+        for q in self._queues:
+            await q.put(_STOP)
+        await asyncio.gather(*self._tasks)
+
+    async def _consume(self, queue: asyncio.Queue[_Message | object]) -> None:
+        while True:
+            batch: list[_Message] = []
+            stop = False
+            item = await queue.get()
+            while True:
+                if item is _STOP:
+                    stop = True
+                    break
+                assert isinstance(item, _Message)
+                batch.append(item)
+                if len(batch) >= self._max_batch or queue.empty():
+                    break
+                item = queue.get_nowait()
+            if batch:
+                await self._deliver(batch)
+            if stop:
+                return
+
+    async def _deliver(self, batch: list[_Message]) -> None:
+        attempt = 1
+        while batch:
+            deliveries = [_MemoryDelivery(m, attempt) for m in batch]
+            try:
+                await self._handler(deliveries)
+            except Exception:
+                log.exception(
+                    "bus group %s: handler failed; the batch will be redelivered", self.name
+                )
+            batch, delay = self._settle(deliveries, attempt)
+            if batch:
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    def _settle(
+        self, deliveries: Sequence[_MemoryDelivery], attempt: int
+    ) -> tuple[list[_Message], float]:
+        retry: list[_Message] = []
+        delay = 0.0
+        for d in deliveries:
+            if d.state == "ack":
+                d.message.group_done()
+            elif d.state == "term":
+                d.message.give_up(d.reason or f"terminated by group {self.name}")
+            elif attempt >= self._settings.max_deliver:
+                d.message.give_up(f"group {self.name} failed it {attempt} times")
+            else:
+                retry.append(d.message)
+                delay = max(delay, d.delay)
+        return retry, delay
+
+
+class MemoryBus(Bus):
+    """In-process bus; see the module docstring."""
+
+    def __init__(self, settings: BusSettings) -> None:
+        self._settings = settings
+        self._groups: list[_Group] = []
+        self._running = False
+
+    async def start(self) -> None:
+        self._running = True
+
+    async def stop(self) -> None:
+        self._running = False
+        groups, self._groups = self._groups, []
+        for group in groups:
+            await group.close()
+
+    def depth(self) -> int:
+        """Messages queued on every group (for health and metrics)."""
+        return sum(g.depth() for g in self._groups)
+
+    async def subscribe(
+        self, pattern: str, group: str, handler: BatchHandler, *, max_batch: int | None = None
+    ) -> Subscription:
+        if any(g.name == group and g.pattern == pattern for g in self._groups):
+            raise BusError(
+                f"group {group!r} already consumes {pattern!r}: "
+                "the in-process bus runs one consumer per partition itself"
+            )
+        sub = _Group(pattern, group, handler, self._settings, max_batch or self._settings.max_batch)
+        self._groups.append(sub)
+        return sub
+
+    async def publish(
+        self, subject: str, data: bytes, *, key: str, msg_id: str, timeout: float | None = None
+    ) -> None:
+        if not self._running:
+            raise BusError("the bus is stopped")
+        groups = [g for g in self._groups if not g.closed and subjects.matches(g.pattern, subject)]
+        if not groups:
+            raise BusError(f"no consumer group takes subject {subject!r}")
+        message = _Message(subject, key, data, msg_id, len(groups))
+        try:
+            async with asyncio.timeout(timeout):
+                for group in groups:
+                    await group.queue_for(key).put(message)
+        except TimeoutError:
+            raise Overloaded("the pipeline is full; retry later") from None
+        await message.future

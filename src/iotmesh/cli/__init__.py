@@ -1,0 +1,1 @@
+"""The `iotmesh` command: thin commands over the platform and its REST API."""

@@ -1,0 +1,250 @@
+"""`iotmesh` command line: run the platform, manage devices, query telemetry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from iotmesh import __version__
+from iotmesh.cli.client import ApiClient, ClientError
+from iotmesh.cli.run import run
+from iotmesh.core.errors import ConfigError
+from iotmesh.core.settings import load_settings
+
+app = typer.Typer(
+    help="iotmesh: an IoT platform. Start with `iotmesh run`.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+device_app = typer.Typer(help="Manage devices on a running server.", no_args_is_help=True)
+telemetry_app = typer.Typer(help="Read telemetry from a running server.", no_args_is_help=True)
+app.add_typer(device_app, name="device")
+app.add_typer(telemetry_app, name="telemetry")
+app.command()(run)
+
+out = Console()
+err = Console(stderr=True)
+
+UrlOpt = Annotated[
+    str | None, typer.Option("--url", envvar="IOTMESH_URL", help="Server URL.", show_default=False)
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--admin-token", envvar="IOTMESH_ADMIN_TOKEN", help="Admin token.", show_default=False
+    ),
+]
+DataDirOpt = Annotated[
+    Path | None, typer.Option("--data-dir", help="Data dir to find the server and token in.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"iotmesh {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """iotmesh: connect devices, store their data, query it."""
+
+
+def _client(url: str | None, token: str | None, data_dir: Path | None) -> ApiClient:
+    try:
+        settings = load_settings(overrides={"data_dir": data_dir})
+    except ConfigError as exc:
+        err.print(f"[red]iotmesh: {exc}[/red]")
+        raise typer.Exit(2) from None
+    return ApiClient.from_options(url, token, settings.data_dir)
+
+
+def _call(client: ApiClient, method: str, path: str, **kwargs: Any) -> Any:
+    try:
+        return client.request(method, path, **kwargs)
+    except ClientError as exc:
+        err.print(f"[red]iotmesh: {exc}[/red]")
+        raise typer.Exit(1) from None
+
+
+def _device_table(devices: list[dict[str, Any]]) -> Table:
+    table = Table("id", "name", "type", "label", "access token")
+    for d in devices:
+        table.add_row(d["id"], d["name"], d["type"], d.get("label") or "", d["access_token"])
+    return table
+
+
+@device_app.command("create")
+def device_create(
+    name: str,
+    token: Annotated[str | None, typer.Option("--token", "-t", help="Access token to use.")] = None,
+    type_: Annotated[str, typer.Option("--type", help="Device type.")] = "default",
+    label: Annotated[str | None, typer.Option(help="Free-text label.")] = None,
+    url: UrlOpt = None,
+    admin_token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register a device and print its id and access token."""
+    client = _client(url, admin_token, data_dir)
+    body = {"name": name, "type": type_, "label": label, "access_token": token}
+    device = _call(client, "POST", "/api/v1/devices", json=body)
+    if as_json:
+        print(json.dumps(device))
+    else:
+        out.print(f"id            {device['id']}\naccess token  {device['access_token']}")
+
+
+@device_app.command("list")
+def device_list(
+    search: Annotated[str | None, typer.Option(help="Only names containing this.")] = None,
+    page: int = 0,
+    page_size: int = 100,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List devices."""
+    client = _client(url, token, data_dir)
+    params: dict[str, Any] = {"page": page, "page_size": page_size}
+    if search:
+        params["text_search"] = search
+    result = _call(client, "GET", "/api/v1/devices", params=params)
+    if as_json:
+        print(json.dumps(result))
+        return
+    out.print(_device_table(result["data"]))
+    out.print(f"{len(result['data'])} of {result['total']} devices")
+
+
+@device_app.command("show")
+def device_show(
+    device: Annotated[str, typer.Argument(help="Device id or name.")],
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one device."""
+    client = _client(url, token, data_dir)
+    found = _call(client, "GET", f"/api/v1/devices/{_resolve(client, device)}")
+    if as_json:
+        print(json.dumps(found))
+    else:
+        out.print(_device_table([found]))
+
+
+@device_app.command("delete")
+def device_delete(
+    device: Annotated[str, typer.Argument(help="Device id or name.")],
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Delete a device with its token and telemetry."""
+    client = _client(url, token, data_dir)
+    device_id = _resolve(client, device)
+    _call(client, "DELETE", f"/api/v1/devices/{device_id}")
+    out.print(f"deleted {device_id}")
+
+
+@device_app.command("rotate-token")
+def device_rotate(
+    device: Annotated[str, typer.Argument(help="Device id or name.")],
+    new_token: Annotated[str | None, typer.Option("--new-token", help="Token to set.")] = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Give a device a new access token (the old one stops working)."""
+    client = _client(url, token, data_dir)
+    body = {"access_token": new_token}
+    found = _call(
+        client, "POST", f"/api/v1/devices/{_resolve(client, device)}/credentials", json=body
+    )
+    out.print(f"access token  {found['access_token']}")
+
+
+def _resolve(client: ApiClient, ref: str) -> str:
+    try:
+        return client.device_id(ref)
+    except ClientError as exc:
+        err.print(f"[red]iotmesh: {exc}[/red]")
+        raise typer.Exit(1) from None
+
+
+@telemetry_app.command("query")
+def telemetry_query(
+    device: Annotated[str, typer.Argument(help="Device id or name.")],
+    keys: Annotated[str | None, typer.Option(help="Comma-separated keys (default: all).")] = None,
+    start_ts: Annotated[int, typer.Option("--start", help="Start, Unix ms.")] = 0,
+    end_ts: Annotated[int | None, typer.Option("--end", help="End, Unix ms (now).")] = None,
+    agg: Annotated[str, typer.Option(help="NONE, AVG, MIN, MAX, SUM or COUNT.")] = "NONE",
+    interval_ms: Annotated[int, typer.Option("--interval", help="Bucket width in ms.")] = 0,
+    limit: int = 100,
+    order: Annotated[str, typer.Option(help="ASC or DESC.")] = "DESC",
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Query a device's telemetry, raw or aggregated."""
+    client = _client(url, token, data_dir)
+    params: dict[str, Any] = {
+        "start_ts": start_ts,
+        "agg": agg.upper(),
+        "interval_ms": interval_ms,
+        "limit": limit,
+        "order": order.upper(),
+    }
+    if keys:
+        params["keys"] = keys
+    if end_ts is not None:
+        params["end_ts"] = end_ts
+    result = _call(
+        client, "GET", f"/api/v1/devices/{_resolve(client, device)}/telemetry", params=params
+    )
+    _print_points(result, as_json)
+
+
+@telemetry_app.command("latest")
+def telemetry_latest(
+    device: Annotated[str, typer.Argument(help="Device id or name.")],
+    keys: Annotated[str | None, typer.Option(help="Comma-separated keys (default: all).")] = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the newest value of each key."""
+    client = _client(url, token, data_dir)
+    params = {"keys": keys} if keys else {}
+    path = f"/api/v1/devices/{_resolve(client, device)}/telemetry/latest"
+    _print_points(_call(client, "GET", path, params=params), as_json)
+
+
+def _print_points(result: dict[str, list[dict[str, Any]]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table("key", "ts", "value")
+    for key, points in result.items():
+        for point in points:
+            table.add_row(key, str(point["ts"]), json.dumps(point["value"]))
+    out.print(table)
+
+
+def main() -> None:
+    """Entry point of the `iotmesh` console script."""
+    app()

@@ -1,0 +1,77 @@
+"""`iotmesh run`: the whole platform in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from iotmesh import __version__
+from iotmesh.app import Platform
+from iotmesh.core.errors import IotmeshError
+from iotmesh.core.settings import Settings, load_settings
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # hypercorn logs every lifespan/connection detail at INFO; keep ours readable.
+    logging.getLogger("hypercorn.error").setLevel(max(logging.WARNING, logging.root.level))
+
+
+async def _serve(settings: Settings) -> None:
+    async with Platform(settings) as platform:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, platform.shutdown)
+        info = platform.run_info()
+        url = info["http"]["url"]
+        print(f"iotmesh {__version__} is running (pid {info['pid']})", flush=True)
+        print(f"  REST API and device HTTP API  {url}   (OpenAPI: {url}/api/docs)")
+        print(f"  data dir                      {platform.data_dir.path}")
+        if platform.admin_token_generated:
+            print(f"  admin token (shown once)      {platform.admin_token}")
+            print(f"    saved in {platform.data_dir.path / 'admin_token'}")
+        print("Press Ctrl+C to stop.", flush=True)
+        await platform.wait_closed()
+        print("iotmesh: stopping, flushing pending writes…", flush=True)
+    print("iotmesh: stopped", flush=True)
+
+
+def run(
+    data_dir: Annotated[Path | None, typer.Option(help="Data directory (SQLite files).")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    http_port: Annotated[int | None, typer.Option(help="HTTP port (0 = any free).")] = None,
+    mqtt_port: Annotated[int | None, typer.Option(help="MQTT port (0 = any free).")] = None,
+    coap_port: Annotated[int | None, typer.Option(help="CoAP port (0 = any free).")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML settings file.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
+) -> None:
+    """Run the whole platform in this process, on embedded defaults (SQLite, in-process bus)."""
+    try:
+        settings = load_settings(
+            config,
+            {
+                "data_dir": data_dir,
+                "host": host,
+                "http.port": http_port,
+                "mqtt.port": mqtt_port,
+                "coap.port": coap_port,
+                "log_level": log_level,
+            },
+        )
+        _configure_logging(settings.log_level)
+        asyncio.run(_serve(settings))
+    except IotmeshError as exc:
+        print(f"iotmesh: cannot start: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None

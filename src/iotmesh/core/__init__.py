@@ -1,0 +1,1 @@
+"""Settings, domain types, errors and the service lifecycle shared by every layer."""

@@ -1,0 +1,27 @@
+"""Identifiers: device ids (UUID) and access tokens."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+
+_TOKEN_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def new_id() -> str:
+    """Return a new random UUID as text (the form used in URLs and storage)."""
+    return str(uuid.uuid4())
+
+
+def new_access_token(length: int = 20) -> str:
+    """Return a random ThingsBoard-style access token (alphanumeric, 20 characters)."""
+    return "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(length))
+
+
+def is_uuid(text: str) -> bool:
+    """Tell whether `text` is a UUID in any of the forms `uuid.UUID` accepts."""
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True

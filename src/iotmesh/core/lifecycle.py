@@ -1,0 +1,53 @@
+"""The lifecycle every service implements: start, stop, health.
+
+A service is an async context manager: `async with service:` starts it and stops it on
+the way out, so the all-in-one process is an `AsyncExitStack` of services and a
+microservice is the same code with fewer of them. `start` returns once the service is
+ready (ports bound, schema created); long-running work goes into tasks the service owns
+and cancels or drains in `stop`.
+"""
+
+from __future__ import annotations
+
+import abc
+from types import TracebackType
+from typing import Self
+
+import msgspec
+
+
+class Health(msgspec.Struct, frozen=True):
+    """A service's own view of whether it can do its job."""
+
+    ok: bool
+    detail: str = ""
+
+
+class Service(abc.ABC):
+    """Base class of every long-lived part of the platform."""
+
+    name: str = "service"
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Acquire resources and start background tasks; return when ready."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Finish or hand back in-flight work, then release resources."""
+
+    def health(self) -> Health:
+        """Report readiness; the default says a started service is healthy."""
+        return Health(ok=True)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

@@ -1,0 +1,242 @@
+"""The one `Settings` object of a process.
+
+Precedence, lowest first: built-in defaults < the TOML file (`iotmesh.toml` in the working
+directory, or the file given with `--config`) < `IOTMESH_*` environment variables (nested
+keys joined with `__`, e.g. `IOTMESH_HTTP__PORT`) < CLI flags. It is built once at start-up
+by `load_settings` and handed down; no other module reads the environment.
+
+Every key is documented in docs/configuration.md (a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from iotmesh.core.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = Path("iotmesh.toml")
+
+# The TOML file of the settings being built. A context variable, not a class attribute,
+# so that two `load_settings` calls (e.g. in tests) cannot see each other's file.
+_toml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("toml_data")
+
+
+class _Section(BaseModel):
+    """Base of every settings section: unknown keys are an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HttpSettings(_Section):
+    """The HTTP server: REST API and device HTTP API."""
+
+    port: int = Field(8080, ge=0, le=65535, description="TCP port; 0 picks a free port.")
+    max_payload_bytes: int = Field(
+        64 * 1024, ge=1, description="Largest device upload accepted; larger gets 413."
+    )
+    enqueue_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="How long an upload may wait for room in the pipeline before 503.",
+    )
+    keep_alive_s: float = Field(75.0, gt=0, description="Idle keep-alive of HTTP connections.")
+
+
+class MqttSettings(_Section):
+    """The MQTT server (device API over MQTT)."""
+
+    port: int = Field(1883, ge=0, le=65535, description="TCP port; 0 picks a free port.")
+
+
+class CoapSettings(_Section):
+    """The CoAP server (device API over CoAP/UDP)."""
+
+    port: int = Field(5683, ge=0, le=65535, description="UDP port; 0 picks a free port.")
+
+
+class BusSettings(_Section):
+    """The message bus between transports and the pipeline."""
+
+    backend: Literal["memory"] = Field("memory", description="Bus implementation.")
+    partitions: int = Field(
+        8, ge=1, le=1024, description="Partitions per subject; a device always maps to one."
+    )
+    partition_queue: int = Field(
+        1024, ge=1, description="Messages a partition holds before publishers wait."
+    )
+    max_batch: int = Field(512, ge=1, description="Most messages handed to a consumer at once.")
+    max_deliver: int = Field(
+        5, ge=1, description="Deliveries of one message before it is given up (dead-lettered)."
+    )
+
+
+class SqliteSettings(_Section):
+    """SQLite files in the data directory."""
+
+    synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL",
+        description="FULL survives power loss; NORMAL survives a process crash only.",
+    )
+    chunk_max_points: int = Field(
+        4096, ge=16, description="Points per compacted chunk of one series."
+    )
+    compact_min_chunks: int = Field(
+        8, ge=2, description="Small chunks of a series that trigger its compaction."
+    )
+
+
+class WriterSettings(_Section):
+    """The single writer that group-commits telemetry."""
+
+    max_batch_records: int = Field(
+        50_000, ge=1, description="Most records committed in one transaction."
+    )
+    max_pending_records: int = Field(
+        200_000, ge=1, description="Records waiting for commit before senders must wait."
+    )
+    delay_ms: float = Field(
+        0.0,
+        ge=0,
+        description="Artificial pause before each commit (testing back-pressure only).",
+    )
+    retry_backoff_max_s: float = Field(
+        5.0, gt=0, description="Longest pause between retries of a failed commit."
+    )
+
+
+class StorageSettings(_Section):
+    """Which storage backends hold data."""
+
+    timeseries: Literal["sqlite"] = Field("sqlite", description="Time-series store backend.")
+    state: Literal["sqlite"] = Field("sqlite", description="State store (devices, tokens).")
+    sqlite: SqliteSettings = SqliteSettings()
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "iotmesh"
+
+
+class Settings(BaseSettings):
+    """All settings of an iotmesh process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="IOTMESH_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    data_dir: Path = Field(
+        default_factory=_default_data_dir, description="Where SQLite files and secrets live."
+    )
+    host: str = Field("127.0.0.1", description="Address the servers listen on.")
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token of the REST API; generated and stored in the data dir if unset.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Lowest level of log lines printed."
+    )
+    shutdown_timeout_s: float = Field(
+        10.0, gt=0, description="How long a clean shutdown may take to flush pending writes."
+    )
+    http: HttpSettings = HttpSettings()
+    mqtt: MqttSettings = MqttSettings()
+    coap: CoapSettings = CoapSettings()
+    bus: BusSettings = BusSettings()
+    storage: StorageSettings = StorageSettings()
+    writer: WriterSettings = WriterSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Order the sources: CLI (init) > environment > TOML file > defaults."""
+        return (init_settings, env_settings, _TomlSource(settings_cls))
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Settings read from the TOML file chosen by `load_settings`."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        data = _toml_data.get({})
+        return data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_toml_data.get({}))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Turn dotted keys (`"http.port"`) into nested dicts; drop None (flag not given)."""
+    nested: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _one_line(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def load_settings(
+    config_file: Path | None = None, overrides: dict[str, Any] | None = None
+) -> Settings:
+    """Build the process settings from file, environment and CLI overrides.
+
+    Args:
+        config_file: TOML file to read; when None, `iotmesh.toml` in the working
+            directory is read if it exists.
+        overrides: values from CLI flags, keyed by dotted path (`"http.port"`); None
+            values mean "flag not given" and are skipped.
+
+    Raises:
+        ConfigError: the file is unreadable or a value is invalid (one-line message).
+    """
+    if config_file is not None:
+        toml = _read_toml(config_file)
+    elif DEFAULT_CONFIG_FILE.is_file():
+        toml = _read_toml(DEFAULT_CONFIG_FILE)
+    else:
+        toml = {}
+    token = _toml_data.set(toml)
+    try:
+        return Settings(**_nest(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(f"invalid settings: {_one_line(exc)}") from exc
+    finally:
+        _toml_data.reset(token)

@@ -1,0 +1,81 @@
+"""Domain types shared by every layer.
+
+They are msgspec Structs: cheap to build, and they encode to JSON (API) and MessagePack
+(bus) without a translation layer.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, TypeAlias
+
+import msgspec
+
+# A telemetry value as a device sent it: JSON number (int = long, float = double), bool,
+# string, or a JSON object/array (stored as the JSON kind).
+Value: TypeAlias = Any
+
+
+class Aggregation(enum.StrEnum):
+    """How points are combined per interval in a query."""
+
+    NONE = "NONE"
+    AVG = "AVG"
+    MIN = "MIN"
+    MAX = "MAX"
+    SUM = "SUM"
+    COUNT = "COUNT"
+
+
+class Order(enum.StrEnum):
+    """Order of points in a query result (by timestamp)."""
+
+    ASC = "ASC"
+    DESC = "DESC"
+
+
+class TsRecord(msgspec.Struct, array_like=True, gc=False):
+    """Values of several keys taken at one timestamp (Unix ms) — one ThingsBoard entry."""
+
+    ts: int
+    values: dict[str, Value]
+
+
+class TelemetryMessage(msgspec.Struct, gc=False):
+    """One device message on the bus: the decoded records of one upload.
+
+    `msg_id` is unique per message so that an at-least-once bus can be made idempotent.
+    """
+
+    msg_id: str
+    device_id: str
+    received_ts: int
+    records: list[TsRecord]
+
+
+class TsPoint(msgspec.Struct, gc=False):
+    """One point of a query answer, as the REST API shows it."""
+
+    ts: int
+    value: Value
+
+
+class Device(msgspec.Struct):
+    """A registered device with its access token."""
+
+    id: str
+    name: str
+    type: str
+    label: str | None
+    created_ts: int
+    access_token: str
+
+
+class DevicePage(msgspec.Struct):
+    """One page of a device listing."""
+
+    data: list[Device]
+    total: int
+    page: int
+    page_size: int
+    has_next: bool

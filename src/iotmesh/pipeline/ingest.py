@@ -1,0 +1,42 @@
+"""The front door of the pipeline: transports hand authenticated uploads to the bus.
+
+Every transport (HTTP, MQTT, CoAP) calls `TelemetryIngest.submit` with the device and
+its parsed records. It returns once the bus guarantees delivery, which in the
+all-in-one process means the records are committed: a transport acknowledges its
+device after `submit` returns and never before.
+"""
+
+from __future__ import annotations
+
+from iotmesh.bus import subjects
+from iotmesh.bus.interface import Publisher
+from iotmesh.core.clock import now_ms
+from iotmesh.core.ids import new_id
+from iotmesh.core.types import TelemetryMessage, TsRecord
+from iotmesh.pipeline.stages import encode_message
+
+
+class TelemetryIngest:
+    """Publishes device telemetry to the bus."""
+
+    def __init__(self, bus: Publisher, enqueue_timeout_s: float | None) -> None:
+        self._bus = bus
+        self._timeout = enqueue_timeout_s
+
+    async def submit(self, device_id: str, records: list[TsRecord]) -> None:
+        """Publish one upload; return when it is durable.
+
+        Raises:
+            Overloaded: no room on the bus within the enqueue timeout; nothing was kept.
+            BusError: the pipeline gave the message up.
+        """
+        message = TelemetryMessage(
+            msg_id=new_id(), device_id=device_id, received_ts=now_ms(), records=records
+        )
+        await self._bus.publish(
+            subjects.telemetry_subject(device_id),
+            encode_message(message),
+            key=device_id,
+            msg_id=message.msg_id,
+            timeout=self._timeout,
+        )

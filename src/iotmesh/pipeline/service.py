@@ -1,0 +1,86 @@
+"""The pipeline service: consumes telemetry from the bus and stores it.
+
+Error handling: a message a processor drops is terminated on the bus (dead-lettered)
+and its publisher gets an error; a failed store commit is retried by the writer, and
+only if the writer gives up (it is stopping) are the messages nacked for redelivery.
+A message is acked only after its transaction committed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from iotmesh.bus import subjects
+from iotmesh.bus.interface import Delivery, Subscriber, Subscription
+from iotmesh.core.errors import StorageError
+from iotmesh.core.lifecycle import Service
+from iotmesh.core.types import TelemetryMessage
+from iotmesh.pipeline.latest import LatestValues
+from iotmesh.pipeline.stages import Drop, Processor, decode, make_validator
+from iotmesh.storage.timeseries import SeriesWrite
+from iotmesh.storage.writer import BatchWriter
+
+log = logging.getLogger(__name__)
+
+GROUP = "pipeline"
+
+
+class Pipeline(Service):
+    """decode → validate → store (group commit) → latest values."""
+
+    name = "pipeline"
+
+    def __init__(
+        self,
+        bus: Subscriber,
+        writer: BatchWriter,
+        latest: LatestValues,
+        processors: Sequence[Processor] | None = None,
+    ) -> None:
+        self._bus = bus
+        self._writer = writer
+        self._latest = latest
+        self._processors = list(processors) if processors is not None else [make_validator()]
+        self._subscription: Subscription | None = None
+        self.dropped = 0
+
+    async def start(self) -> None:
+        self._subscription = await self._bus.subscribe(
+            f"{subjects.TELEMETRY}.>", GROUP, self.handle
+        )
+
+    async def stop(self) -> None:
+        if self._subscription is not None:
+            await self._subscription.close()
+            self._subscription = None
+
+    def _process(self, delivery: Delivery) -> TelemetryMessage:
+        message = decode(delivery.data)
+        for processor in self._processors:
+            message = processor(message)
+        return message
+
+    async def handle(self, deliveries: Sequence[Delivery]) -> None:
+        """Process one batch from the bus; every delivery is settled on return."""
+        accepted: list[tuple[Delivery, TelemetryMessage]] = []
+        for delivery in deliveries:
+            try:
+                accepted.append((delivery, self._process(delivery)))
+            except Drop as drop:
+                self.dropped += 1
+                log.warning("dropped message %s: %s", delivery.msg_id, drop.reason)
+                delivery.term(drop.reason)
+        if not accepted:
+            return
+        batch = [SeriesWrite(message.device_id, message.records) for _, message in accepted]
+        try:
+            await self._writer.write(batch)
+        except StorageError as exc:
+            log.warning("store failed, %d messages will be redelivered: %s", len(batch), exc)
+            for delivery, _ in accepted:
+                delivery.nack(delay=1.0)
+            return
+        self._latest.update(message for _, message in accepted)
+        for delivery, _ in accepted:
+            delivery.ack()

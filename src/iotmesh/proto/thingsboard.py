@@ -1,0 +1,76 @@
+"""The ThingsBoard device payload forms, shared by the MQTT, CoAP and HTTP transports.
+
+Telemetry accepts, exactly as ThingsBoard does:
+
+    {"temperature": 21.5, "on": true}                       values at server time
+    {"ts": 1700000000000, "values": {"temperature": 21.5}}  values at a device time
+    [ <either form>, ... ]                                   several entries
+
+Rules: keys are non-empty strings of at most 255 characters; values are numbers,
+booleans, strings or JSON objects/arrays (null is refused); `ts` is an integer number of
+Unix milliseconds between 0 and year 9999. Anything else raises `PayloadError` with a
+`detail` that names what is wrong and where, so a device author can fix it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from iotmesh.core.errors import PayloadError
+from iotmesh.core.types import TsRecord
+
+MAX_KEY_LENGTH = 255
+MAX_TS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+
+
+def decode_json(body: bytes) -> Any:
+    """Decode a JSON document, turning decoder errors into `PayloadError`."""
+    try:
+        return msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise PayloadError(f"malformed JSON: {exc}") from None
+
+
+def _values(obj: dict[Any, Any], where: str) -> dict[str, Any]:
+    if not obj:
+        raise PayloadError(f"{where}: no values")
+    for key, value in obj.items():
+        if not key or len(key) > MAX_KEY_LENGTH:
+            raise PayloadError(f"{where}: keys must be 1 to {MAX_KEY_LENGTH} characters")
+        if value is None:
+            raise PayloadError(f"{where}: value of {key!r} is null")
+    return obj
+
+
+def _entry(obj: Any, now: int, where: str) -> TsRecord:
+    if not isinstance(obj, dict):
+        raise PayloadError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "ts" in obj and "values" in obj:
+        ts = obj["ts"]
+        if type(ts) is not int or not 0 <= ts <= MAX_TS:
+            raise PayloadError(f"{where}: 'ts' must be an integer of Unix milliseconds")
+        values = obj["values"]
+        if not isinstance(values, dict):
+            raise PayloadError(f"{where}: 'values' must be a JSON object")
+        return TsRecord(ts, _values(values, where))
+    return TsRecord(now, _values(obj, where))
+
+
+def parse_telemetry(body: bytes, now: int) -> list[TsRecord]:
+    """Parse a telemetry upload into records.
+
+    Args:
+        body: the payload bytes (UTF-8 JSON).
+        now: server time in Unix ms, used for entries without `ts`.
+
+    Raises:
+        PayloadError: malformed JSON or a payload that breaks the rules above.
+    """
+    doc = decode_json(body)
+    if isinstance(doc, list):
+        if not doc:
+            raise PayloadError("payload: empty array")
+        return [_entry(item, now, f"payload[{i}]") for i, item in enumerate(doc)]
+    return [_entry(doc, now, "payload")]

@@ -1,0 +1,160 @@
+"""Device registry service: create, look up, change and delete devices; check tokens.
+
+Every transport authenticates each device upload by its access token, so
+`authenticate` is on the hot path: answers come from a bounded in-memory cache that is
+invalidated when a token is rotated or a device deleted (this process is the only
+writer of its state store in the all-in-one mode).
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+import msgspec
+
+from iotmesh.core.clock import now_ms
+from iotmesh.core.errors import AuthError, NotFound, PayloadError
+from iotmesh.core.ids import is_uuid, new_access_token, new_id
+from iotmesh.core.lifecycle import Service
+from iotmesh.core.types import Device, DevicePage
+from iotmesh.storage.state import StateStore
+
+# Tokens appear in URL paths (HTTP, CoAP) and as MQTT user names: no '/', '?', '#',
+# whitespace or control characters.
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9._~\-]{1,128}$")
+_MAX_NAME = 255
+_CACHE_SIZE = 100_000
+
+
+class DeviceUpdate(msgspec.Struct, omit_defaults=True):
+    """The fields of a PATCH; unset fields stay as they are."""
+
+    name: str | msgspec.UnsetType = msgspec.UNSET
+    type: str | msgspec.UnsetType = msgspec.UNSET
+    label: str | msgspec.UnsetType | None = msgspec.UNSET
+
+
+def _check_name(name: str) -> str:
+    name = name.strip()
+    if not name or len(name) > _MAX_NAME:
+        raise PayloadError(f"device name must be 1 to {_MAX_NAME} characters")
+    return name
+
+
+def _check_token(token: str) -> str:
+    if not _TOKEN_RE.match(token):
+        raise PayloadError(
+            "access token must be 1 to 128 characters of letters, digits and . _ ~ -"
+        )
+    return token
+
+
+class DeviceRegistry(Service):
+    """Domain logic over a `StateStore`."""
+
+    name = "registry"
+
+    def __init__(self, state: StateStore) -> None:
+        self._state = state
+        self._by_token: collections.OrderedDict[str, Device] = collections.OrderedDict()
+
+    async def start(self) -> None:
+        await self._state.open()
+
+    async def stop(self) -> None:
+        await self._state.close()
+
+    async def create(
+        self,
+        name: str,
+        *,
+        type: str = "default",
+        label: str | None = None,
+        access_token: str | None = None,
+    ) -> Device:
+        """Register a device; a token is generated when none is given.
+
+        Raises:
+            PayloadError: bad name or token.
+            Conflict: the name or token is taken.
+        """
+        device = Device(
+            id=new_id(),
+            name=_check_name(name),
+            type=type.strip() or "default",
+            label=label,
+            created_ts=now_ms(),
+            access_token=_check_token(access_token) if access_token else new_access_token(),
+        )
+        await self._state.create_device(device)
+        return device
+
+    async def get(self, device_id: str) -> Device:
+        """The device with this id.
+
+        Raises:
+            NotFound: no such device (also for ids that are not UUIDs).
+        """
+        device = await self._state.get_device(device_id) if is_uuid(device_id) else None
+        if device is None:
+            raise NotFound(f"device {device_id} does not exist")
+        return device
+
+    async def list(self, page: int, page_size: int, text_search: str | None = None) -> DevicePage:
+        """One page (0-based) of devices, oldest first."""
+        devices, total = await self._state.list_devices(page * page_size, page_size, text_search)
+        return DevicePage(
+            data=devices,
+            total=total,
+            page=page,
+            page_size=page_size,
+            has_next=(page + 1) * page_size < total,
+        )
+
+    async def update(self, device_id: str, update: DeviceUpdate) -> Device:
+        """Change name, type or label."""
+        device = await self.get(device_id)
+        changes = msgspec.structs.asdict(update)
+        if "name" in changes:
+            changes["name"] = _check_name(changes["name"])
+        updated = msgspec.structs.replace(device, **changes)
+        await self._state.update_device(updated)
+        self._forget(device.access_token)
+        return updated
+
+    async def rotate_token(self, device_id: str, access_token: str | None = None) -> Device:
+        """Give the device a new access token (generated when None); the old one stops working."""
+        device = await self.get(device_id)
+        token = _check_token(access_token) if access_token else new_access_token()
+        await self._state.set_access_token(device_id, token)
+        self._forget(device.access_token)
+        return msgspec.structs.replace(device, access_token=token)
+
+    async def delete(self, device_id: str) -> Device:
+        """Delete the device; its token stops working at once."""
+        device = await self.get(device_id)
+        await self._state.delete_device(device_id)
+        self._forget(device.access_token)
+        return device
+
+    async def authenticate(self, access_token: str) -> Device:
+        """The device that owns this token.
+
+        Raises:
+            AuthError: no device has this token.
+        """
+        device = self._by_token.get(access_token)
+        if device is not None:
+            self._by_token.move_to_end(access_token)
+            return device
+        device = await self._state.device_by_token(access_token)
+        if device is None:
+            raise AuthError("unknown or revoked device access token")
+        self._by_token[access_token] = device
+        if len(self._by_token) > _CACHE_SIZE:
+            self._by_token.popitem(last=False)
+        return device
+
+    def _forget(self, access_token: str) -> None:
+        self._by_token.pop(access_token, None)

@@ -1,0 +1,1 @@
+"""Storage interfaces (time series, state) and their implementations."""

@@ -1,0 +1,198 @@
+"""Group commit: one writer task turns many concurrent writes into few transactions.
+
+Senders call `BatchWriter.write(batch)`; it returns only after the transaction holding
+the batch has committed, so a caller may acknowledge its sender then and not before.
+While one transaction commits, new batches accumulate; the next transaction takes them
+all (up to `max_batch_records`), so the commit cost is shared by everything that arrived
+meanwhile. Batches commit in the order they were submitted, which keeps per-device order.
+
+Back-pressure: at most `max_pending_records` records wait for commit. A sender that
+would go over waits for room; nothing is dropped and memory stays bounded.
+
+Error handling: a failed commit (`StorageError`, e.g. the disk is full or the server is
+down) is retried with exponential back-off, up to `retry_backoff_max_s` between tries,
+until it succeeds or the writer stops. Meanwhile the queue fills and senders wait: the
+platform slows down instead of losing acknowledged data. On stop, pending batches are
+flushed once more; any that still fail are failed back to their senders, unacknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Sequence
+
+import msgspec
+
+from iotmesh.core.errors import Overloaded, StorageError
+from iotmesh.core.lifecycle import Health, Service
+from iotmesh.core.settings import WriterSettings
+from iotmesh.storage.timeseries import SeriesWrite, TimeSeriesStore
+
+log = logging.getLogger(__name__)
+
+
+class WriterStats(msgspec.Struct):
+    """Counters a benchmark or /metrics can read."""
+
+    commits: int = 0
+    records: int = 0
+    failed_commits: int = 0
+    last_commit_ms: float = 0.0
+
+
+class _Pending:
+    __slots__ = ("batch", "future", "records")
+
+    def __init__(self, batch: Sequence[SeriesWrite], future: asyncio.Future[None]) -> None:
+        self.batch = batch
+        self.future = future
+        self.records = sum(len(s.records) for s in batch)
+
+
+class BatchWriter(Service):
+    """The single writer of a time-series store."""
+
+    name = "writer"
+
+    def __init__(self, store: TimeSeriesStore, settings: WriterSettings) -> None:
+        self._store = store
+        self._settings = settings
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._pending_records = 0
+        self._room = asyncio.Condition()
+        self._work = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._failing_since: float | None = None
+        self.stats = WriterStats()
+
+    async def start(self) -> None:
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name="writer.commit-loop")
+
+    async def stop(self) -> None:
+        """Flush what is pending, then stop the commit loop."""
+        self._stopping = True
+        self._work.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        self._fail_all(StorageError("writer stopped before the batch could be committed"))
+
+    def health(self) -> Health:
+        if self._failing_since is not None:
+            since = time.monotonic() - self._failing_since
+            return Health(ok=False, detail=f"commits failing for {since:.0f}s")
+        return Health(ok=True, detail=f"{self._pending_records} records pending")
+
+    @property
+    def pending_records(self) -> int:
+        """Records waiting for commit (the queue depth)."""
+        return self._pending_records
+
+    async def write(self, batch: Sequence[SeriesWrite], timeout: float | None = None) -> None:
+        """Queue `batch` and return when it is committed.
+
+        Args:
+            batch: the records to store; empty batches return at once.
+            timeout: longest wait for room in the queue; None waits as long as needed.
+
+        Raises:
+            Overloaded: no room within `timeout` (the batch was not queued).
+            StorageError: the writer stopped before the batch could be committed.
+        """
+        pending = _Pending(batch, asyncio.get_running_loop().create_future())
+        if pending.records == 0:
+            return
+        if self._stopping:
+            raise StorageError("writer is stopped")
+        limit = self._settings.max_pending_records
+        async with self._room:
+            try:
+                async with asyncio.timeout(timeout):
+                    # A batch larger than the whole limit is let in alone, or it never would be.
+                    await self._room.wait_for(
+                        lambda: (
+                            self._pending_records == 0
+                            or self._pending_records + pending.records <= limit
+                        )
+                    )
+            except TimeoutError:
+                raise Overloaded(
+                    f"storage writer is saturated ({self._pending_records} records pending)"
+                ) from None
+            self._pending_records += pending.records
+            self._queue.append(pending)
+        self._work.set()
+        await pending.future
+
+    async def _run(self) -> None:
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            while self._queue:
+                taken = self._take()
+                await self._commit_with_retry(taken)
+                await self._release(taken)
+            if self._stopping:
+                return
+
+    def _take(self) -> list[_Pending]:
+        taken: list[_Pending] = []
+        records = 0
+        while self._queue and (
+            not taken or records + self._queue[0].records <= self._settings.max_batch_records
+        ):
+            item = self._queue.popleft()
+            taken.append(item)
+            records += item.records
+        return taken
+
+    async def _commit_with_retry(self, taken: list[_Pending]) -> None:
+        batch = [series for item in taken for series in item.batch]
+        backoff = 0.05
+        while True:
+            if self._settings.delay_ms:
+                await asyncio.sleep(self._settings.delay_ms / 1000)
+            started = time.perf_counter()
+            try:
+                await self._store.write(batch)
+            except StorageError as exc:
+                self.stats.failed_commits += 1
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
+                if self._stopping:
+                    for item in taken:
+                        if not item.future.done():
+                            item.future.set_exception(exc)
+                    return
+                log.warning("commit failed, retrying in %.2fs: %s", backoff, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._settings.retry_backoff_max_s)
+                continue
+            self._failing_since = None
+            self.stats.commits += 1
+            self.stats.last_commit_ms = (time.perf_counter() - started) * 1000
+            for item in taken:
+                self.stats.records += item.records
+                if not item.future.done():
+                    item.future.set_result(None)
+            return
+
+    async def _release(self, taken: list[_Pending]) -> None:
+        async with self._room:
+            self._pending_records -= sum(item.records for item in taken)
+            self._room.notify_all()
+
+    def _fail_all(self, exc: StorageError) -> None:
+        while self._queue:
+            item = self._queue.popleft()
+            self._pending_records -= item.records
+            if not item.future.done():
+                item.future.set_exception(exc)
+
+
+__all__ = ["BatchWriter", "Overloaded", "WriterStats"]

@@ -1,0 +1,1 @@
+"""Servers that speak device and user protocols and drive the `proto` codecs."""

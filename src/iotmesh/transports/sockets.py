@@ -1,0 +1,35 @@
+"""Binding listening sockets with errors a user can act on."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from iotmesh.core.errors import StartupError
+
+
+def bind_tcp(host: str, port: int, what: str, backlog: int = 1024) -> socket.socket:
+    """Bind and listen on a TCP socket, or raise `StartupError` saying why not.
+
+    Binding before any server starts lets `iotmesh run` fail fast with one clear line
+    ("http port 8080 on 127.0.0.1 is already in use") instead of a traceback.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"{what}: cannot resolve host {host!r}: {exc.strerror}") from exc
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError(f"{what} port {port} on {host} is already in use") from exc
+        if exc.errno == errno.EACCES:
+            raise StartupError(f"{what} port {port} on {host}: permission denied") from exc
+        raise StartupError(f"{what}: cannot listen on {host}:{port}: {exc.strerror}") from exc
+    sock.setblocking(False)
+    return sock
