@@ -3,9 +3,10 @@
 It stores nothing, so a publish completes only when every group has acknowledged the
 message: for the device, "published" then already means "committed" (see interface.py).
 
-Per group and partition there is one bounded queue and one consumer task, which hands
+Per group and partition there is one bounded FIFO and one consumer task, which hands
 the handler batches of up to `max_batch` messages in order. A nacked message is retried
-before anything behind it in its partition, so per-key order holds even under failure;
+before anything not yet delivered from its partition (a handler that nacks a message
+should nack the later ones of the same key in its batch too, as the pipeline does);
 after `max_deliver` attempts (or a `term`) its publisher gets `DeadLettered`.
 
 Resource handling: queues are bounded (`partition_queue`), so publishers wait for room
@@ -16,9 +17,9 @@ already queued before their tasks end.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Sequence
-from typing import Final
 
 from iotmesh.bus import subjects
 from iotmesh.bus.interface import (
@@ -92,11 +93,64 @@ class _MemoryDelivery(Delivery):
         return self._state
 
 
-_STOP: Final = object()
+class _Partition:
+    """A bounded FIFO of messages with one consumer.
+
+    Unlike `asyncio.Queue` it lets a publisher wait for room in several partitions and
+    then enqueue into all of them at once, so a publish that times out has reached no
+    group at all (never some of them).
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self._items: collections.deque[_Message] = collections.deque()
+        self._maxsize = maxsize
+        self._not_empty = asyncio.Event()
+        self.room = asyncio.Event()
+        self.room.set()
+        self.closed = False
+        self.waiters = 0  # publishers waiting for room: a closing partition drains them too
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def has_room(self) -> bool:
+        return len(self._items) < self._maxsize
+
+    def put_nowait(self, message: _Message) -> None:
+        self._items.append(message)
+        self._not_empty.set()
+        if not self.has_room():
+            self.room.clear()
+
+    def close(self) -> None:
+        """No more messages will come; the consumer drains what is left, then ends."""
+        self.closed = True
+        self._not_empty.set()
+
+    async def wait_for_room(self) -> None:
+        """Wait until a message fits (with others, call only while `has_room` is False)."""
+        self.waiters += 1
+        try:
+            await self.room.wait()
+        finally:
+            self.waiters -= 1
+            self._not_empty.set()  # let a closing consumer re-check whether it is done
+
+    async def get_batch(self, max_batch: int) -> list[_Message]:
+        """Up to `max_batch` messages in order; [] once closed and drained."""
+        while not self._items:
+            if self.closed and self.waiters == 0:
+                return []
+            self._not_empty.clear()
+            await self._not_empty.wait()
+        count = min(max_batch, len(self._items))
+        batch = [self._items.popleft() for _ in range(count)]
+        self.room.set()
+        return batch
 
 
 class _Group(Subscription):
-    """One consumer group: a queue and a consumer task per partition."""
+    """One consumer group: a partition and a consumer task per partition."""
 
     def __init__(
         self, pattern: str, name: str, handler: BatchHandler, settings: BusSettings, max_batch: int
@@ -106,48 +160,33 @@ class _Group(Subscription):
         self._handler = handler
         self._settings = settings
         self._max_batch = max_batch
-        self._queues: list[asyncio.Queue[_Message | object]] = [
-            asyncio.Queue(settings.partition_queue) for _ in range(settings.partitions)
+        self._partitions = [
+            _Partition(settings.partition_queue) for _ in range(settings.partitions)
         ]
         self._tasks = [
-            asyncio.create_task(self._consume(q), name=f"bus.{name}.partition-{i}")
-            for i, q in enumerate(self._queues)
+            asyncio.create_task(self._consume(p), name=f"bus.{name}.partition-{i}")
+            for i, p in enumerate(self._partitions)
         ]
         self.closed = False
 
-    def queue_for(self, key: str) -> asyncio.Queue[_Message | object]:
-        return self._queues[subjects.partition_of(key, len(self._queues))]
+    def partition_for(self, key: str) -> _Partition:
+        return self._partitions[subjects.partition_of(key, len(self._partitions))]
 
     def depth(self) -> int:
-        return sum(q.qsize() for q in self._queues)
+        return sum(len(p) for p in self._partitions)
 
     async def close(self) -> None:
         """Drain every partition, then end the consumer tasks."""
         if self.closed:
             return
         self.closed = True
-        for q in self._queues:
-            await q.put(_STOP)
+        for partition in self._partitions:
+            partition.close()
         await asyncio.gather(*self._tasks)
 
-    async def _consume(self, queue: asyncio.Queue[_Message | object]) -> None:
-        while True:
-            batch: list[_Message] = []
-            stop = False
-            item = await queue.get()
-            while True:
-                if item is _STOP:
-                    stop = True
-                    break
-                assert isinstance(item, _Message)
-                batch.append(item)
-                if len(batch) >= self._max_batch or queue.empty():
-                    break
-                item = queue.get_nowait()
-            if batch:
-                await self._deliver(batch)
-            if stop:
-                return
+    async def _consume(self, partition: _Partition) -> None:
+        while batch := await partition.get_batch(self._max_batch):
+            await self._deliver(batch)
 
     async def _deliver(self, batch: list[_Message]) -> None:
         attempt = 1
@@ -223,11 +262,14 @@ class MemoryBus(Bus):
         groups = [g for g in self._groups if not g.closed and subjects.matches(g.pattern, subject)]
         if not groups:
             raise BusError(f"no consumer group takes subject {subject!r}")
-        message = _Message(subject, key, data, msg_id, len(groups))
+        partitions = [group.partition_for(key) for group in groups]
         try:
             async with asyncio.timeout(timeout):
-                for group in groups:
-                    await group.queue_for(key).put(message)
+                while full := [p for p in partitions if not p.has_room()]:
+                    await full[0].wait_for_room()
         except TimeoutError:
             raise Overloaded("the pipeline is full; retry later") from None
+        message = _Message(subject, key, data, msg_id, len(groups))
+        for partition in partitions:
+            partition.put_nowait(message)
         await message.future

@@ -7,9 +7,11 @@ Telemetry accepts, exactly as ThingsBoard does:
     [ <either form>, ... ]                                   several entries
 
 Rules: keys are non-empty strings of at most 255 characters; values are numbers,
-booleans, strings or JSON objects/arrays (null is refused); `ts` is an integer number of
-Unix milliseconds between 0 and year 9999. Anything else raises `PayloadError` with a
-`detail` that names what is wrong and where, so a device author can fix it.
+booleans, strings or JSON objects/arrays nested at most 32 deep (null is refused); `ts`
+is an integer number of Unix milliseconds between 0 and year 9999. Integers beyond the
+signed 64-bit range become doubles, as storage and the bus hold 64-bit longs.
+Anything else raises `PayloadError` with a `detail` that names what is wrong and
+where, so a device author can fix it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from iotmesh.core.types import TsRecord
 
 MAX_KEY_LENGTH = 255
 MAX_TS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+MAX_JSON_DEPTH = 32
+_LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1
 
 
 def decode_json(body: bytes) -> Any:
@@ -31,6 +35,30 @@ def decode_json(body: bytes) -> Any:
         return msgspec.json.decode(body)
     except msgspec.DecodeError as exc:
         raise PayloadError(f"malformed JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise PayloadError("malformed JSON: not valid UTF-8") from None
+    except RecursionError:
+        raise PayloadError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+
+
+def _fit_long(value: int) -> int | float:
+    return value if _LONG_MIN <= value <= _LONG_MAX else float(value)
+
+
+def _fit_json(value: Any, where: str) -> Any:
+    """Check the depth of a JSON value and make its integers fit 64 bits (in place)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise PayloadError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, child in items:
+            if type(child) is int:
+                node[key] = _fit_long(child)
+            elif isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return value
 
 
 def _values(obj: dict[Any, Any], where: str) -> dict[str, Any]:
@@ -41,6 +69,10 @@ def _values(obj: dict[Any, Any], where: str) -> dict[str, Any]:
             raise PayloadError(f"{where}: keys must be 1 to {MAX_KEY_LENGTH} characters")
         if value is None:
             raise PayloadError(f"{where}: value of {key!r} is null")
+        if type(value) is int:
+            obj[key] = _fit_long(value)
+        elif isinstance(value, dict | list):
+            _fit_json(value, f"{where}: value of {key!r}")
     return obj
 
 

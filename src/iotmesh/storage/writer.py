@@ -77,6 +77,8 @@ class BatchWriter(Service):
         """Flush what is pending, then stop the commit loop."""
         self._stopping = True
         self._work.set()
+        async with self._room:
+            self._room.notify_all()  # senders waiting for room give up (see `write`)
         if self._task is not None:
             await self._task
             self._task = None
@@ -100,6 +102,8 @@ class BatchWriter(Service):
             batch: the records to store; empty batches return at once.
             timeout: longest wait for room in the queue; None waits as long as needed.
 
+        Must be called between `start` and `stop`: before `start` nothing commits.
+
         Raises:
             Overloaded: no room within `timeout` (the batch was not queued).
             StorageError: the writer stopped before the batch could be committed.
@@ -116,7 +120,8 @@ class BatchWriter(Service):
                     # A batch larger than the whole limit is let in alone, or it never would be.
                     await self._room.wait_for(
                         lambda: (
-                            self._pending_records == 0
+                            self._stopping
+                            or self._pending_records == 0
                             or self._pending_records + pending.records <= limit
                         )
                     )
@@ -124,6 +129,8 @@ class BatchWriter(Service):
                 raise Overloaded(
                     f"storage writer is saturated ({self._pending_records} records pending)"
                 ) from None
+            if self._stopping:
+                raise StorageError("writer stopped before the batch could be queued")
             self._pending_records += pending.records
             self._queue.append(pending)
         self._work.set()
@@ -153,7 +160,7 @@ class BatchWriter(Service):
 
     async def _commit_with_retry(self, taken: list[_Pending]) -> None:
         batch = [series for item in taken for series in item.batch]
-        backoff = 0.05
+        backoff = min(0.05, self._settings.retry_backoff_max_s)
         while True:
             if self._settings.delay_ms:
                 await asyncio.sleep(self._settings.delay_ms / 1000)
