@@ -23,6 +23,7 @@ from iotmesh.bus.memory import MemoryBus
 from iotmesh.core.lifecycle import Health, Service
 from iotmesh.core.settings import Settings
 from iotmesh.datadir import DataDir
+from iotmesh.devicestate import AttributeService
 from iotmesh.pipeline import LatestValues, Pipeline
 from iotmesh.pipeline.ingest import TelemetryIngest
 from iotmesh.registry import DeviceRegistry
@@ -116,12 +117,15 @@ class Platform:
             self.admin_token, self.admin_token_generated = self.data_dir.admin_token()
 
         sync = settings.storage.sqlite.synchronous
-        registry = DeviceRegistry(SqliteStateStore(path / "state.db", sync))
+        state = SqliteStateStore(path / "state.db", sync)
+        registry = DeviceRegistry(state)
+        attributes = AttributeService(state)
         store = SqliteTimeSeriesStore(path / "timeseries.db", settings.storage.sqlite)
         writer = BatchWriter(store, settings.writer)
         bus = MemoryBus(settings.bus)
         latest = LatestValues()
         await self._enter(registry)
+        await self._enter(attributes)
         await self._enter(_StoreService(store))
         await self._enter(writer)
         await self._enter(_BusService(bus))
@@ -131,6 +135,7 @@ class Platform:
             settings=settings,
             admin_token=self.admin_token,
             registry=registry,
+            attributes=attributes,
             timeseries=store,
             latest=latest,
             ingest=TelemetryIngest(bus, settings.http.enqueue_timeout_s),

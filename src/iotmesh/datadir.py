@@ -29,7 +29,7 @@ class DataDir:
     """Owns the data directory while the process runs."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path.expanduser()
+        self.path = path.expanduser().absolute()
         self._lock: IO[str] | None = None
 
     def acquire(self) -> None:

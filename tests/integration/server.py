@@ -90,8 +90,16 @@ def start_server(
     log_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "run.json").unlink(missing_ok=True)
     cmd = iotmesh_command(
-        "run", "--data-dir", str(data_dir), "--http-port", "0", "--mqtt-port", "0",
-        "--coap-port", "0", *args,
+        "run",
+        "--data-dir",
+        str(data_dir),
+        "--http-port",
+        "0",
+        "--mqtt-port",
+        "0",
+        "--coap-port",
+        "0",
+        *args,
     )
     with (log_dir / "stdout").open("wb") as out, (log_dir / "stderr").open("wb") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=child_env(env), cwd=log_dir)
@@ -99,8 +107,7 @@ def start_server(
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(
-                f"iotmesh run exited with {proc.returncode}:\n"
-                + (log_dir / "stderr").read_text()
+                f"iotmesh run exited with {proc.returncode}:\n" + (log_dir / "stderr").read_text()
             )
         run_file = data_dir / "run.json"
         if run_file.exists():

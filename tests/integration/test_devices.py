@@ -19,7 +19,9 @@ def test_healthz_and_openapi_need_no_auth(server: RunningServer) -> None:
 
 
 def test_create_get_list_patch_delete(admin: httpx.Client) -> None:
-    r = admin.post("/api/v1/devices", json={"name": "boiler-1", "type": "boiler", "label": "cellar"})
+    r = admin.post(
+        "/api/v1/devices", json={"name": "boiler-1", "type": "boiler", "label": "cellar"}
+    )
     assert r.status_code == 201
     device = r.json()
     assert {"id", "name", "access_token"} <= device.keys()
@@ -48,7 +50,10 @@ def test_create_get_list_patch_delete(admin: httpx.Client) -> None:
 
 
 def test_duplicate_name_and_token_conflict(admin: httpx.Client) -> None:
-    assert admin.post("/api/v1/devices", json={"name": "a", "access_token": "tok-a"}).status_code == 201
+    assert (
+        admin.post("/api/v1/devices", json={"name": "a", "access_token": "tok-a"}).status_code
+        == 201
+    )
     dup_name = admin.post("/api/v1/devices", json={"name": "a"})
     assert dup_name.status_code == 409
     assert "name" in dup_name.json()["detail"]
@@ -67,7 +72,9 @@ def test_rotate_credentials_revokes_old_token(server: RunningServer, admin: http
         assert dev.post(f"/api/v1/{old}/telemetry", json={"t": 2}).status_code == 401
         new = rotated["access_token"]
         assert dev.post(f"/api/v1/{new}/telemetry", json={"t": 3}).status_code == 200
-    chosen = admin.post(f"/api/v1/devices/{device['id']}/credentials", json={"access_token": "mine"})
+    chosen = admin.post(
+        f"/api/v1/devices/{device['id']}/credentials", json={"access_token": "mine"}
+    )
     assert chosen.json()["access_token"] == "mine"
 
 
@@ -85,7 +92,9 @@ def test_bad_requests_are_problem_json(admin: httpx.Client) -> None:
     for response in (
         admin.post("/api/v1/devices", json={"type": "x"}),
         admin.post("/api/v1/devices", json={"name": "x", "colour": "red"}),
-        admin.post("/api/v1/devices", content=b"{nope", headers={"content-type": "application/json"}),
+        admin.post(
+            "/api/v1/devices", content=b"{nope", headers={"content-type": "application/json"}
+        ),
         admin.post("/api/v1/devices", json={"name": "x", "access_token": "has space"}),
         admin.get("/api/v1/devices", params={"page": -1}),
     ):

@@ -50,15 +50,18 @@ def _register(server: RunningServer) -> dict[str, Any]:
         return body
 
 
-def _load(server: RunningServer, token: str, workers: int, max_posts: int,
-          stop: threading.Event) -> list[int]:
+def _load(
+    server: RunningServer, token: str, workers: int, max_posts: int, stop: threading.Event
+) -> list[int]:
     acked: list[int] = []
 
     async def main() -> None:
-        await asyncio.gather(*(
-            _post_until_stopped(server.url, token, w, acked, stop, max_posts)
-            for w in range(workers)
-        ))
+        await asyncio.gather(
+            *(
+                _post_until_stopped(server.url, token, w, acked, stop, max_posts)
+                for w in range(workers)
+            )
+        )
 
     asyncio.run(main())
     return acked

@@ -9,10 +9,17 @@ from pathlib import Path
 from tests.integration.server import RunningServer, child_env, iotmesh_command
 
 
-def _run(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _run(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         iotmesh_command("run", "--mqtt-port", "0", "--coap-port", "0", *args),
-        capture_output=True, text=True, timeout=60, env=child_env(env), cwd=tmp_path, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(env),
+        cwd=tmp_path,
+        check=False,
     )
 
 
@@ -43,8 +50,9 @@ def test_bad_config_value_and_file(tmp_path: Path) -> None:
     config.write_text("[http\n")
     _one_line_error(_run(tmp_path, "--config", str(config)), "not valid TOML")
     _one_line_error(_run(tmp_path, "--config", str(tmp_path / "missing.toml")), "cannot read")
-    env_result = _run(tmp_path, "--data-dir", str(tmp_path / "d"),
-                      env={"IOTMESH_BUS__PARTITIONS": "zero"})
+    env_result = _run(
+        tmp_path, "--data-dir", str(tmp_path / "d"), env={"IOTMESH_BUS__PARTITIONS": "zero"}
+    )
     _one_line_error(env_result, "bus.partitions")
 
 

@@ -11,6 +11,7 @@ from fastapi import Request, Response
 
 from iotmesh.core.lifecycle import Health
 from iotmesh.core.settings import Settings
+from iotmesh.devicestate import AttributeService
 from iotmesh.pipeline.ingest import TelemetryIngest
 from iotmesh.pipeline.latest import LatestValues
 from iotmesh.registry.service import DeviceRegistry
@@ -24,6 +25,7 @@ class ApiContext:
     settings: Settings
     admin_token: str
     registry: DeviceRegistry
+    attributes: AttributeService
     timeseries: TimeSeriesStore
     latest: LatestValues
     ingest: TelemetryIngest

@@ -21,8 +21,21 @@ router = APIRouter(prefix="/api/v1/{access_token}", tags=["device API"])
 Ctx = Annotated[ApiContext, Depends(context)]
 
 
+# An oversized body is read and discarded up to this many bytes before the 413 goes
+# out: an HTTP/1.1 client still sending would otherwise see the connection reset
+# instead of the answer. Beyond it the server answers at once and closes.
+_DRAIN_LIMIT = 1 << 20
+
+
+async def _discard_rest(request: Request, already: int) -> None:
+    async for chunk in request.stream():
+        already += len(chunk)
+        if already > _DRAIN_LIMIT:
+            return
+
+
 async def read_body(request: Request, limit: int) -> bytes:
-    """Read the request body, refusing more than `limit` bytes without reading it all."""
+    """Read the request body, refusing more than `limit` bytes without keeping it."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -30,11 +43,14 @@ async def read_body(request: Request, limit: int) -> bytes:
         except ValueError:
             raise PayloadError("Content-Length is not a number") from None
         if size > limit:
+            if size <= _DRAIN_LIMIT:
+                await _discard_rest(request, 0)
             raise PayloadTooLarge(size, limit)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
+            await _discard_rest(request, len(body))
             raise PayloadTooLarge(len(body), limit)
     return bytes(body)
 

@@ -26,6 +26,7 @@ class DeviceCreate(BaseModel):
     type: str = Field("default", max_length=255)
     label: str | None = Field(None, max_length=255)
     access_token: str | None = Field(None, description="Generated when absent.")
+    gateway: bool = Field(False, description="The device is a gateway for other devices.")
 
 
 class DevicePatch(BaseModel):
@@ -35,6 +36,7 @@ class DevicePatch(BaseModel):
     name: str | None = Field(None, min_length=1, max_length=255)
     type: str | None = Field(None, max_length=255)
     label: str | None = Field(None, max_length=255)
+    gateway: bool | None = None
 
 
 class CredentialsRotate(BaseModel):
@@ -53,6 +55,8 @@ class DeviceOut(BaseModel):
     label: str | None
     created_ts: int
     access_token: str
+    gateway: bool
+    gateway_id: str | None
 
 
 class DevicePageOut(BaseModel):
@@ -74,7 +78,11 @@ class DevicePageOut(BaseModel):
 async def create_device(body: DeviceCreate, ctx: Ctx) -> MsgspecResponse:
     """Register a device; its access token is generated unless given."""
     device = await ctx.registry.create(
-        body.name, type=body.type, label=body.label, access_token=body.access_token
+        body.name,
+        type=body.type,
+        label=body.label,
+        access_token=body.access_token,
+        gateway=body.gateway,
     )
     return MsgspecResponse(device, status_code=201)
 
@@ -99,7 +107,9 @@ async def get_device(device_id: str, ctx: Ctx) -> MsgspecResponse:
 @router.patch("/{device_id}", response_class=MsgspecResponse, responses={200: {"model": DeviceOut}})
 async def patch_device(device_id: str, body: DevicePatch, ctx: Ctx) -> MsgspecResponse:
     """Change a device's name, type or label."""
-    update = DeviceUpdate(**body.model_dump(exclude_unset=True))
+    # null means "clear" for the label only; for the other fields it means "unchanged".
+    given = body.model_dump(exclude_unset=True)
+    update = DeviceUpdate(**{k: v for k, v in given.items() if v is not None or k == "label"})
     return MsgspecResponse(await ctx.registry.update(device_id, update))
 
 

@@ -82,8 +82,14 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return problem(exc.status_code, str(exc.detail), dict(exc.headers or {}))
 
 
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return problem(500, f"internal error ({type(exc).__name__}); the server log has details")
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every error into problem+json."""
+    app.add_exception_handler(Exception, _unexpected_error)
     app.add_exception_handler(errors.IotmeshError, _iotmesh_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)

@@ -7,6 +7,7 @@ Where the server is: `--url`, else `IOTMESH_URL`, else the run.json of the data 
 
 from __future__ import annotations
 
+import http
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,8 @@ class ApiClient:
                 detail = response.json().get("detail", response.text)
             except ValueError:
                 detail = response.text
-            raise ClientError(f"{response.status_code} {response.reason_phrase}: {detail}")
+            phrase = http.HTTPStatus(response.status_code).phrase
+            raise ClientError(f"{response.status_code} {phrase}: {detail}")
         return None if response.status_code == 204 or not response.content else response.json()
 
     def device_id(self, ref: str) -> str:

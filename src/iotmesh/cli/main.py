@@ -12,6 +12,7 @@ from rich.table import Table
 
 from iotmesh import __version__
 from iotmesh.cli.client import ApiClient, ClientError
+from iotmesh.cli.config import config_app
 from iotmesh.cli.run import run
 from iotmesh.core.errors import ConfigError
 from iotmesh.core.settings import load_settings
@@ -25,9 +26,12 @@ device_app = typer.Typer(help="Manage devices on a running server.", no_args_is_
 telemetry_app = typer.Typer(help="Read telemetry from a running server.", no_args_is_help=True)
 app.add_typer(device_app, name="device")
 app.add_typer(telemetry_app, name="telemetry")
+app.add_typer(config_app, name="config")
 app.command()(run)
 
 out = Console()
+if not out.is_terminal:
+    out = Console(width=200)  # piped output: never cut ids or tokens to 80 columns
 err = Console(stderr=True)
 
 UrlOpt = Annotated[
@@ -141,8 +145,9 @@ def device_show(
     found = _call(client, "GET", f"/api/v1/devices/{_resolve(client, device)}")
     if as_json:
         print(json.dumps(found))
-    else:
-        out.print(_device_table([found]))
+        return
+    for field in ("id", "name", "type", "label", "created_ts", "access_token"):
+        out.print(f"{field:<13} {found.get(field) or ''}", highlight=False)
 
 
 @device_app.command("delete")

@@ -12,7 +12,6 @@ from typing import Annotated
 import typer
 
 from iotmesh import __version__
-from iotmesh.app import Platform
 from iotmesh.core.errors import IotmeshError
 from iotmesh.core.settings import Settings, load_settings
 
@@ -28,6 +27,9 @@ def _configure_logging(level: str) -> None:
 
 
 async def _serve(settings: Settings) -> None:
+    # Imported here so that client commands (`iotmesh device ...`) start fast.
+    from iotmesh.app import Platform
+
     async with Platform(settings) as platform:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

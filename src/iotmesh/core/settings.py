@@ -55,13 +55,23 @@ class HttpSettings(_Section):
 class MqttSettings(_Section):
     """The MQTT server (device API over MQTT)."""
 
-    port: int = Field(1883, ge=0, le=65535, description="TCP port; 0 picks a free port.")
+    port: int = Field(
+        1883,
+        ge=0,
+        le=65535,
+        description="TCP port (0 picks a free one); reserved: the MQTT server is not built yet.",
+    )
 
 
 class CoapSettings(_Section):
     """The CoAP server (device API over CoAP/UDP)."""
 
-    port: int = Field(5683, ge=0, le=65535, description="UDP port; 0 picks a free port.")
+    port: int = Field(
+        5683,
+        ge=0,
+        le=65535,
+        description="UDP port (0 picks a free one); reserved: the CoAP server is not built yet.",
+    )
 
 
 class BusSettings(_Section):

@@ -61,7 +61,11 @@ class TsPoint(msgspec.Struct, gc=False):
 
 
 class Device(msgspec.Struct):
-    """A registered device with its access token."""
+    """A registered device with its access token.
+
+    `gateway` marks a ThingsBoard-style gateway, which may speak for other devices;
+    `gateway_id` names the gateway a device was created by (None for direct devices).
+    """
 
     id: str
     name: str
@@ -69,6 +73,26 @@ class Device(msgspec.Struct):
     label: str | None
     created_ts: int
     access_token: str
+    gateway: bool = False
+    gateway_id: str | None = None
+
+
+class AttributeScope(enum.StrEnum):
+    """Who writes an attribute: the device (CLIENT), users for the device (SHARED, pushed
+    to it), or users for themselves (SERVER, never shown to the device)."""
+
+    CLIENT = "CLIENT"
+    SHARED = "SHARED"
+    SERVER = "SERVER"
+
+
+class Attribute(msgspec.Struct, array_like=False):
+    """One attribute value; `version` grows by one with every change of the key."""
+
+    key: str
+    value: Value
+    last_update_ts: int
+    version: int
 
 
 class DevicePage(msgspec.Struct):

@@ -33,6 +33,7 @@ class DeviceUpdate(msgspec.Struct, omit_defaults=True):
     name: str | msgspec.UnsetType = msgspec.UNSET
     type: str | msgspec.UnsetType = msgspec.UNSET
     label: str | msgspec.UnsetType | None = msgspec.UNSET
+    gateway: bool | msgspec.UnsetType = msgspec.UNSET
 
 
 def _check_name(name: str) -> str:
@@ -72,6 +73,8 @@ class DeviceRegistry(Service):
         type: str = "default",
         label: str | None = None,
         access_token: str | None = None,
+        gateway: bool = False,
+        gateway_id: str | None = None,
     ) -> Device:
         """Register a device; a token is generated when none is given.
 
@@ -86,6 +89,8 @@ class DeviceRegistry(Service):
             label=label,
             created_ts=now_ms(),
             access_token=_check_token(access_token) if access_token else new_access_token(),
+            gateway=gateway,
+            gateway_id=gateway_id,
         )
         await self._state.create_device(device)
         return device
@@ -115,7 +120,9 @@ class DeviceRegistry(Service):
     async def update(self, device_id: str, update: DeviceUpdate) -> Device:
         """Change name, type or label."""
         device = await self.get(device_id)
-        changes = msgspec.structs.asdict(update)
+        changes = {
+            k: v for k, v in msgspec.structs.asdict(update).items() if v is not msgspec.UNSET
+        }
         if "name" in changes:
             changes["name"] = _check_name(changes["name"])
         updated = msgspec.structs.replace(device, **changes)

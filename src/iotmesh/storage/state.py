@@ -1,4 +1,4 @@
-"""The state store interface: devices and their credentials (attributes and RPC later).
+"""The state store interface: devices, their credentials and attributes.
 
 Implementations: SQLite (`storage/sqlite/state.py`), PostgreSQL later. Unique names and
 tokens are enforced by the store, which raises `Conflict` naming the field.
@@ -6,9 +6,10 @@ tokens are enforced by the store, which raises `Conflict` naming the field.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Any, Protocol
 
-from iotmesh.core.types import Device
+from iotmesh.core.types import Attribute, AttributeScope, Device
 
 
 class StateStore(Protocol):
@@ -29,6 +30,9 @@ class StateStore(Protocol):
 
     async def get_device(self, device_id: str) -> Device | None:
         """The device with this id, or None."""
+
+    async def device_by_name(self, name: str) -> Device | None:
+        """The device with this unique name, or None."""
 
     async def device_by_token(self, access_token: str) -> Device | None:
         """The device whose access token this is, or None."""
@@ -55,4 +59,19 @@ class StateStore(Protocol):
         """
 
     async def delete_device(self, device_id: str) -> bool:
-        """Delete the device and its credentials; False when it did not exist."""
+        """Delete the device, its credentials and attributes; False when it did not exist."""
+
+    async def get_attributes(
+        self, device_id: str, scope: AttributeScope, keys: Sequence[str] | None = None
+    ) -> list[Attribute]:
+        """Attributes of one scope, sorted by key; all keys when `keys` is None."""
+
+    async def save_attributes(
+        self, device_id: str, scope: AttributeScope, values: dict[str, Any], ts: int
+    ) -> list[Attribute]:
+        """Insert or replace attributes (one transaction); return them with new versions."""
+
+    async def delete_attributes(
+        self, device_id: str, scope: AttributeScope, keys: Sequence[str]
+    ) -> int:
+        """Delete some attributes of one scope; return how many existed."""

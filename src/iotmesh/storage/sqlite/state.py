@@ -1,4 +1,4 @@
-"""SQLite state store: devices and credentials in `state.db` of the data dir.
+"""SQLite state store: devices, credentials and attributes in `state.db` of the data dir.
 
 Schema changes are numbered migrations applied at start-up (`PRAGMA user_version` holds
 the number applied), so a data dir made by an older release opens and upgrades.
@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
+
 from iotmesh.core.errors import Conflict, NotFound, StorageError
-from iotmesh.core.types import Device
+from iotmesh.core.types import Attribute, AttributeScope, Device
 
 T = TypeVar("T")
 
@@ -36,17 +38,39 @@ MIGRATIONS: tuple[str, ...] = (
         access_token  TEXT NOT NULL UNIQUE
     );
     """,
+    # 2: gateways (a device may be one, and may belong to one) and device attributes.
+    """
+    ALTER TABLE devices ADD COLUMN gateway INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE devices ADD COLUMN gateway_id TEXT REFERENCES devices (id) ON DELETE SET NULL;
+    CREATE INDEX devices_gateway ON devices (gateway_id) WHERE gateway_id IS NOT NULL;
+    CREATE TABLE attributes (
+        device_id       TEXT NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+        scope           TEXT NOT NULL,
+        key             TEXT NOT NULL,
+        value           BLOB NOT NULL,
+        last_update_ts  INTEGER NOT NULL,
+        version         INTEGER NOT NULL,
+        PRIMARY KEY (device_id, scope, key)
+    ) WITHOUT ROWID;
+    """,
 )
 
 _SELECT_DEVICE = """
-    SELECT d.id, d.name, d.type, d.label, d.created_ts, c.access_token
+    SELECT d.id, d.name, d.type, d.label, d.created_ts, c.access_token, d.gateway, d.gateway_id
     FROM devices d JOIN credentials c ON c.device_id = d.id
 """
 
 
 def _device(row: tuple[Any, ...]) -> Device:
     return Device(
-        id=row[0], name=row[1], type=row[2], label=row[3], created_ts=row[4], access_token=row[5]
+        id=row[0],
+        name=row[1],
+        type=row[2],
+        label=row[3],
+        created_ts=row[4],
+        access_token=row[5],
+        gateway=bool(row[6]),
+        gateway_id=row[7],
     )
 
 
@@ -129,8 +153,17 @@ class SqliteStateStore:
         await self._run(
             lambda: self._transaction(
                 (
-                    "INSERT INTO devices (id, name, type, label, created_ts) VALUES (?,?,?,?,?)",
-                    (device.id, device.name, device.type, device.label, device.created_ts),
+                    "INSERT INTO devices (id, name, type, label, created_ts, gateway, gateway_id)"
+                    " VALUES (?,?,?,?,?,?,?)",
+                    (
+                        device.id,
+                        device.name,
+                        device.type,
+                        device.label,
+                        device.created_ts,
+                        int(device.gateway),
+                        device.gateway_id,
+                    ),
                 ),
                 (
                     "INSERT INTO credentials (device_id, access_token) VALUES (?, ?)",
@@ -142,6 +175,12 @@ class SqliteStateStore:
     async def get_device(self, device_id: str) -> Device | None:
         row = await self._run(
             lambda: self._db.execute(_SELECT_DEVICE + " WHERE d.id = ?", (device_id,)).fetchone()
+        )
+        return None if row is None else _device(row)
+
+    async def device_by_name(self, name: str) -> Device | None:
+        row = await self._run(
+            lambda: self._db.execute(_SELECT_DEVICE + " WHERE d.name = ?", (name,)).fetchone()
         )
         return None if row is None else _device(row)
 
@@ -175,8 +214,8 @@ class SqliteStateStore:
         (count,) = await self._run(
             lambda: self._transaction(
                 (
-                    "UPDATE devices SET name = ?, type = ?, label = ? WHERE id = ?",
-                    (device.name, device.type, device.label, device.id),
+                    "UPDATE devices SET name = ?, type = ?, label = ?, gateway = ? WHERE id = ?",
+                    (device.name, device.type, device.label, int(device.gateway), device.id),
                 )
             )
         )
@@ -200,6 +239,60 @@ class SqliteStateStore:
             lambda: self._transaction(("DELETE FROM devices WHERE id = ?", (device_id,)))
         )
         return count > 0
+
+    async def get_attributes(
+        self, device_id: str, scope: AttributeScope, keys: Sequence[str] | None = None
+    ) -> list[Attribute]:
+        sql = "SELECT key, value, last_update_ts, version FROM attributes"
+        sql += " WHERE device_id = ? AND scope = ?"
+        params: tuple[Any, ...] = (device_id, scope.value)
+        if keys is not None:
+            sql += f" AND key IN ({','.join('?' * len(keys))})"
+            params += tuple(keys)
+        rows = await self._run(lambda: self._db.execute(sql + " ORDER BY key", params).fetchall())
+        return [Attribute(r[0], _json_decode(r[1]), r[2], r[3]) for r in rows]
+
+    async def save_attributes(
+        self, device_id: str, scope: AttributeScope, values: dict[str, Any], ts: int
+    ) -> list[Attribute]:
+        def save() -> list[Attribute]:
+            saved = []
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                for key, value in values.items():
+                    (version,) = self._db.execute(
+                        "INSERT INTO attributes VALUES (?, ?, ?, ?, ?, 1)"
+                        " ON CONFLICT (device_id, scope, key) DO UPDATE SET"
+                        " value = excluded.value, last_update_ts = excluded.last_update_ts,"
+                        " version = attributes.version + 1 RETURNING version",
+                        (device_id, scope.value, key, _json_encode(value), ts),
+                    ).fetchone()
+                    saved.append(Attribute(key, value, ts, version))
+            return saved
+
+        return await self._run(save)
+
+    async def delete_attributes(
+        self, device_id: str, scope: AttributeScope, keys: Sequence[str]
+    ) -> int:
+        (count,) = await self._run(
+            lambda: self._transaction(
+                (
+                    "DELETE FROM attributes WHERE device_id = ? AND scope = ?"
+                    f" AND key IN ({','.join('?' * len(keys))})",
+                    (device_id, scope.value, *keys),
+                )
+            )
+        )
+        return count
+
+
+def _json_encode(value: Any) -> bytes:
+    return msgspec.json.encode(value)
+
+
+def _json_decode(blob: bytes) -> Any:
+    return msgspec.json.decode(blob)
 
 
 def _like(text: str) -> str:

@@ -1,0 +1,113 @@
+"""Attributes: CLIENT (reported by the device), SHARED (set by users, pushed to the
+device), SERVER (set by users, never shown to the device).
+
+Pushing SHARED changes: a transport that holds a live session for a device (an MQTT
+client subscribed to `v1/devices/me/attributes`, later a CoAP observer or an HTTP
+long-poll) registers a listener for that device; every committed change of shared
+attributes is handed to each listener of the device. Listeners are called after the
+store committed, so a device is never told about a value that could still be lost.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from iotmesh.core.clock import now_ms
+from iotmesh.core.errors import PayloadError
+from iotmesh.core.lifecycle import Service
+from iotmesh.core.types import Attribute, AttributeScope
+from iotmesh.proto.thingsboard import MAX_KEY_LENGTH
+from iotmesh.storage.state import StateStore
+
+log = logging.getLogger(__name__)
+
+SharedListener = Callable[[dict[str, Any], list[str]], Awaitable[None]]
+"""Called with (changed shared values, deleted shared keys) of one device."""
+
+MAX_ATTRIBUTES_PER_WRITE = 1000
+
+
+def _check(values: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(values, dict) or not values:
+        raise PayloadError("attributes must be a non-empty JSON object")
+    if len(values) > MAX_ATTRIBUTES_PER_WRITE:
+        raise PayloadError(f"at most {MAX_ATTRIBUTES_PER_WRITE} attributes per write")
+    for key, value in values.items():
+        if not key or len(key) > MAX_KEY_LENGTH:
+            raise PayloadError(f"attribute keys must be 1 to {MAX_KEY_LENGTH} characters")
+        if value is None:
+            raise PayloadError(f"value of attribute {key!r} is null")
+    return values
+
+
+class AttributeService(Service):
+    """Reads and writes attributes; pushes shared changes to live device sessions."""
+
+    name = "attributes"
+
+    def __init__(self, state: StateStore) -> None:
+        self._state = state
+        self._listeners: dict[str, list[SharedListener]] = collections.defaultdict(list)
+
+    async def start(self) -> None:
+        """Nothing to start: the state store is opened by the registry."""
+
+    async def stop(self) -> None:
+        self._listeners.clear()
+
+    def listen_shared(self, device_id: str, listener: SharedListener) -> Callable[[], None]:
+        """Register a live session's listener; returns the function that unregisters it."""
+        self._listeners[device_id].append(listener)
+
+        def remove() -> None:
+            listeners = self._listeners.get(device_id)
+            if listeners and listener in listeners:
+                listeners.remove(listener)
+                if not listeners:
+                    del self._listeners[device_id]
+
+        return remove
+
+    async def get(
+        self, device_id: str, scope: AttributeScope, keys: Sequence[str] | None = None
+    ) -> list[Attribute]:
+        """Attributes of one scope (all keys when None), sorted by key."""
+        return await self._state.get_attributes(device_id, scope, keys)
+
+    async def values(
+        self, device_id: str, scope: AttributeScope, keys: Sequence[str] | None = None
+    ) -> dict[str, Any]:
+        """Like `get`, as a plain key → value map (the form devices receive)."""
+        return {a.key: a.value for a in await self.get(device_id, scope, keys)}
+
+    async def save(
+        self, device_id: str, scope: AttributeScope, values: dict[str, Any]
+    ) -> list[Attribute]:
+        """Store attributes; SHARED changes are then pushed to the device's sessions.
+
+        Raises:
+            PayloadError: empty, null values, bad keys, too many.
+        """
+        saved = await self._state.save_attributes(device_id, scope, _check(values), now_ms())
+        if scope is AttributeScope.SHARED:
+            await self._notify(device_id, {a.key: a.value for a in saved}, [])
+        return saved
+
+    async def delete(self, device_id: str, scope: AttributeScope, keys: Sequence[str]) -> int:
+        """Delete attributes; deleted SHARED keys are pushed as `{"deleted": [...]}`."""
+        if not keys:
+            raise PayloadError("name at least one attribute key to delete")
+        count = await self._state.delete_attributes(device_id, scope, keys)
+        if scope is AttributeScope.SHARED and count:
+            await self._notify(device_id, {}, list(keys))
+        return count
+
+    async def _notify(self, device_id: str, changed: dict[str, Any], deleted: list[str]) -> None:
+        for listener in list(self._listeners.get(device_id, ())):
+            try:
+                await listener(changed, deleted)
+            except Exception:
+                log.exception("pushing shared attributes to device %s failed", device_id)

@@ -1,0 +1,54 @@
+"""The SQLite state store upgrades a data dir made by an older schema."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from iotmesh.core.errors import StorageError
+from iotmesh.core.types import AttributeScope
+from iotmesh.storage.sqlite.state import MIGRATIONS, SqliteStateStore
+
+
+def _old_database(path: Path, version: int) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    for number, script in enumerate(MIGRATIONS[:version], start=1):
+        conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+    conn.execute(
+        "INSERT INTO devices (id, name, type, label, created_ts)"
+        " VALUES ('5f0e6f6a-3c53-4a56-9d1c-7d1d2b5a0001', 'old', 'default', NULL, 1)"
+    )
+    conn.execute(
+        "INSERT INTO credentials VALUES ('5f0e6f6a-3c53-4a56-9d1c-7d1d2b5a0001', 'old-token')"
+    )
+    conn.close()
+
+
+async def test_schema_1_upgrades_and_keeps_devices(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    _old_database(path, 1)
+    store = SqliteStateStore(path)
+    await store.open()
+    try:
+        device = await store.device_by_token("old-token")
+        assert device is not None
+        assert device.name == "old"
+        assert device.gateway is False
+        assert device.gateway_id is None
+        saved = await store.save_attributes(device.id, AttributeScope.CLIENT, {"fw": "1.0"}, 5)
+        assert saved[0].version == 1
+    finally:
+        await store.close()
+    (version,) = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()
+    assert version == len(MIGRATIONS)
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    sqlite3.connect(path).execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    store = SqliteStateStore(path)
+    with pytest.raises(StorageError, match="newer than this release"):
+        await store.open()
+    await store.close()
