@@ -20,6 +20,7 @@ from typing import Any, Self
 from iotmesh import __version__
 from iotmesh.api import ApiContext, create_app
 from iotmesh.bus.memory import MemoryBus
+from iotmesh.commands import RpcService
 from iotmesh.core.lifecycle import Health, Service
 from iotmesh.core.settings import Settings
 from iotmesh.datadir import DataDir
@@ -32,6 +33,7 @@ from iotmesh.storage.sqlite.tsdb import SqliteTimeSeriesStore
 from iotmesh.storage.timeseries import TimeSeriesStore
 from iotmesh.storage.writer import BatchWriter
 from iotmesh.transports.http import HttpServer
+from iotmesh.transports.mqtt import MqttServer
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,7 @@ class Platform:
         self._services: list[Service] = []
         self._shutdown = asyncio.Event()
         self.http: HttpServer | None = None
+        self.mqtt: MqttServer | None = None
 
     async def __aenter__(self) -> Self:
         self.data_dir.acquire()
@@ -120,25 +123,38 @@ class Platform:
         state = SqliteStateStore(path / "state.db", sync)
         registry = DeviceRegistry(state)
         attributes = AttributeService(state)
+        rpc = RpcService()
         store = SqliteTimeSeriesStore(path / "timeseries.db", settings.storage.sqlite)
         writer = BatchWriter(store, settings.writer)
         bus = MemoryBus(settings.bus)
         latest = LatestValues()
         await self._enter(registry)
         await self._enter(attributes)
+        await self._enter(rpc)
         await self._enter(_StoreService(store))
         await self._enter(writer)
         await self._enter(_BusService(bus))
         await self._enter(Pipeline(bus, writer, latest))
 
+        ingest = TelemetryIngest(bus, settings.http.enqueue_timeout_s)
+        self.mqtt = MqttServer(
+            settings.host,
+            settings.mqtt,
+            registry,
+            TelemetryIngest(bus, None),  # MQTT waits for room: slow acks, not errors
+            attributes,
+            rpc,
+        )
+        await self._enter(self.mqtt)
         ctx = ApiContext(
             settings=settings,
             admin_token=self.admin_token,
             registry=registry,
             attributes=attributes,
+            rpc=rpc,
             timeseries=store,
             latest=latest,
-            ingest=TelemetryIngest(bus, settings.http.enqueue_timeout_s),
+            ingest=ingest,
             health=self.health,
         )
         self.http = HttpServer(create_app(ctx), settings.host, settings.http)
@@ -152,8 +168,12 @@ class Platform:
     def run_info(self) -> dict[str, Any]:
         """Where this process listens; written to run.json for the CLI and tests."""
         assert self.http is not None
+        assert self.mqtt is not None
         host = self.settings.host
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        mqtt: dict[str, Any] = {"host": host, "port": self.mqtt.port}
+        if self.mqtt.tls_port is not None:
+            mqtt["tls_port"] = self.mqtt.tls_port
         return {
             "pid": os.getpid(),
             "version": __version__,
@@ -163,6 +183,7 @@ class Platform:
                 "port": self.http.port,
                 "url": f"http://{shown}:{self.http.port}",
             },
+            "mqtt": mqtt,
         }
 
     def shutdown(self) -> None:

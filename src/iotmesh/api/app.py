@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from iotmesh import __version__
-from iotmesh.api import attributes, device_http, devices, health, problems, telemetry
+from iotmesh.api import attributes, device_http, devices, health, problems, rpc, telemetry
 from iotmesh.api.context import ApiContext
 
 
@@ -25,5 +25,6 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(devices.router)
     app.include_router(telemetry.router)
     app.include_router(attributes.router)
+    app.include_router(rpc.router)
     app.include_router(device_http.router)
     return app

@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 from fastapi import Request, Response
 
+from iotmesh.commands.rpc import RpcService
 from iotmesh.core.lifecycle import Health
 from iotmesh.core.settings import Settings
 from iotmesh.devicestate import AttributeService
@@ -26,6 +27,7 @@ class ApiContext:
     admin_token: str
     registry: DeviceRegistry
     attributes: AttributeService
+    rpc: RpcService
     timeseries: TimeSeriesStore
     latest: LatestValues
     ingest: TelemetryIngest

@@ -30,6 +30,7 @@ _STATUS: tuple[tuple[type[errors.IotmeshError], int], ...] = (
     (errors.Conflict, 409),
     (errors.Overloaded, 503),
     (errors.StorageError, 503),
+    (errors.DeviceTimeout, 504),
     (DeadLettered, 422),
 )
 

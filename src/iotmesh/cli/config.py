@@ -28,12 +28,14 @@ def _fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, Fie
 
 def _type_name(info: FieldInfo) -> str:
     text = str(info.annotation)
-    for noise in ("typing.", "pathlib.", "pydantic.types."):
+    for noise in ("typing.", "pathlib.", "pydantic.types.", "iotmesh.core.settings."):
         text = text.replace(noise, "")
     return text.replace("<class '", "").replace("'>", "")
 
 
 def _default(info: FieldInfo) -> str:
+    if info.default_factory is list:
+        return "[]"
     if info.default_factory is not None:
         return "~/.local/share/iotmesh" if "data_dir" in repr(info.default_factory) else "computed"
     return json.dumps(info.default) if info.default is not None else "unset"

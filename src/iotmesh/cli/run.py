@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -34,10 +35,17 @@ async def _serve(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, platform.shutdown)
+        # Everything alive now lives as long as the process: keep the cyclic GC from
+        # scanning it again and again on the hot path.
+        gc.freeze()
         info = platform.run_info()
         url = info["http"]["url"]
         print(f"iotmesh {__version__} is running (pid {info['pid']})", flush=True)
         print(f"  REST API and device HTTP API  {url}   (OpenAPI: {url}/api/docs)")
+        mqtt = info["mqtt"]
+        print(f"  MQTT (ThingsBoard device API) {mqtt['host']}:{mqtt['port']}")
+        if "tls_port" in mqtt:
+            print(f"  MQTT over TLS                 {mqtt['host']}:{mqtt['tls_port']}")
         print(f"  data dir                      {platform.data_dir.path}")
         if platform.admin_token_generated:
             print(f"  admin token (shown once)      {platform.admin_token}")

@@ -13,6 +13,7 @@ catch one root. The HTTP layer maps each leaf to a status code in one place
     ├── NotFound               the named device (or other object) does not exist
     ├── Conflict               a unique name or token is already taken
     ├── Overloaded             back-pressure: try again later (HTTP 503, CoAP 5.03, MQTT 0x97)
+    ├── DeviceTimeout          a device did not answer in time (HTTP 504)
     └── StorageError           the storage backend failed (local fault)
 """
 
@@ -62,6 +63,10 @@ class Overloaded(IotmeshError):
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class DeviceTimeout(IotmeshError):
+    """A device did not answer (or was not reachable) within the allowed time."""
 
 
 class StorageError(IotmeshError):

@@ -52,15 +52,61 @@ class HttpSettings(_Section):
     keep_alive_s: float = Field(75.0, gt=0, description="Idle keep-alive of HTTP connections.")
 
 
-class MqttSettings(_Section):
-    """The MQTT server (device API over MQTT)."""
+class AclRule(_Section):
+    """One MQTT access rule for topics outside a device's own `v1/devices/me/...`."""
 
-    port: int = Field(
-        1883,
-        ge=0,
-        le=65535,
-        description="TCP port (0 picks a free one); reserved: the MQTT server is not built yet.",
+    topic: str = Field(description="Topic filter the rule covers (`+` and `#` allowed).")
+    action: Literal["publish", "subscribe", "all"] = "all"
+    clients: Literal["any", "anonymous", "devices", "gateways"] = "any"
+    allow: bool = True
+
+
+class MqttSettings(_Section):
+    """The MQTT server (device API over MQTT, and a broker between clients)."""
+
+    port: int = Field(1883, ge=0, le=65535, description="TCP port; 0 picks a free port.")
+    tls_port: int | None = Field(
+        None, ge=0, le=65535, description="TLS port (8883 is usual); unset: no TLS listener."
     )
+    certfile: Path | None = Field(None, description="Server certificate (PEM) for TLS.")
+    keyfile: Path | None = Field(None, description="Private key (PEM) of the certificate.")
+    cafile: Path | None = Field(
+        None, description="CA bundle to verify client certificates (X.509 device login)."
+    )
+    allow_anonymous: bool = Field(
+        False, description="Accept clients without credentials (for broker use and tests)."
+    )
+    acl: list[AclRule] = Field(
+        default_factory=list,
+        description="Rules for topics outside v1/devices/me/ and v1/gateway/; first match wins,"
+        " no match denies.",
+    )
+    max_connections: int = Field(100_000, ge=1, description="Connections accepted at once.")
+    max_packet_size: int = Field(
+        256 * 1024, ge=64, le=268_435_455, description="Largest packet accepted, in bytes."
+    )
+    receive_maximum: int = Field(
+        64, ge=1, le=65535, description="Unacknowledged QoS 1/2 messages a client may send."
+    )
+    max_inflight: int = Field(
+        32, ge=1, le=65535, description="Unacknowledged QoS 1/2 messages sent to a client."
+    )
+    max_queued_messages: int = Field(
+        1000, ge=0, description="Messages kept for an offline persistent session."
+    )
+    max_keep_alive_s: int = Field(
+        300, ge=0, le=65535, description="Longest keep-alive granted (v5: server keep-alive)."
+    )
+    max_session_expiry_s: int = Field(
+        7 * 24 * 3600, ge=0, description="Longest time a persistent session outlives its client."
+    )
+    topic_alias_maximum: int = Field(
+        16, ge=0, le=65535, description="Topic aliases a v5 client may use towards us."
+    )
+    rate_limit: float = Field(
+        0.0, ge=0, description="Messages per second a client may publish (0: no limit)."
+    )
+    rate_burst: int = Field(100, ge=1, description="Publishes a client may send in a burst.")
 
 
 class CoapSettings(_Section):

@@ -100,9 +100,34 @@ def parse_telemetry(body: bytes, now: int) -> list[TsRecord]:
     Raises:
         PayloadError: malformed JSON or a payload that breaks the rules above.
     """
-    doc = decode_json(body)
+    return telemetry_from_json(decode_json(body), now)
+
+
+def telemetry_from_json(doc: Any, now: int) -> list[TsRecord]:
+    """Records from an already decoded telemetry document (e.g. one device's part of a
+    gateway message). Raises `PayloadError` as `parse_telemetry`."""
     if isinstance(doc, list):
         if not doc:
             raise PayloadError("payload: empty array")
         return [_entry(item, now, f"payload[{i}]") for i, item in enumerate(doc)]
     return [_entry(doc, now, "payload")]
+
+
+def attributes_from_json(doc: Any, where: str = "payload") -> dict[str, Any]:
+    """Attribute values from a decoded `{"key": value, ...}` document.
+
+    Raises:
+        PayloadError: not an object, empty, null values, bad keys.
+    """
+    if not isinstance(doc, dict):
+        raise PayloadError(f"{where}: attributes must be a JSON object")
+    return _values(doc, where)
+
+
+def split_keys(value: Any) -> list[str] | None:
+    """ThingsBoard key lists: "a,b,c" (or a JSON array) → ["a", "b", "c"]; None if absent."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return [str(k) for k in value if str(k)]
+    return [k.strip() for k in str(value).split(",") if k.strip()]

@@ -106,6 +106,10 @@ class DeviceRegistry(Service):
             raise NotFound(f"device {device_id} does not exist")
         return device
 
+    async def by_name(self, name: str) -> Device | None:
+        """The device with this exact name, or None."""
+        return await self._state.device_by_name(name)
+
     async def list(self, page: int, page_size: int, text_search: str | None = None) -> DevicePage:
         """One page (0-based) of devices, oldest first."""
         devices, total = await self._state.list_devices(page * page_size, page_size, text_search)

@@ -1,0 +1,5 @@
+"""Commands to devices: server-side RPC (users → device) and client-side RPC."""
+
+from iotmesh.commands.rpc import RpcRequest, RpcService, RpcSink
+
+__all__ = ["RpcRequest", "RpcService", "RpcSink"]

@@ -1,0 +1,626 @@
+"""One MQTT client connection: an asyncio Protocol driving the sans-IO codec.
+
+Why a Protocol and not streams: `data_received` gets every byte the socket had, the
+reader turns it into all complete packets at once, and the answers (PUBACKs above
+all) leave in one `writelines`. That batching is most of the server's speed.
+
+Order and durability: every QoS 1/2 PUBLISH gets a slot in `_acks`, in arrival order.
+A slot is completed when its message is handled; for telemetry and attributes that is
+after the commit. Acks leave only from the head of the queue, so they are sent in the
+order the PUBLISHes came (MQTT 4.6) and never before the data is durable.
+
+Back-pressure: when `_acks` holds `receive_maximum` unfinished messages, or a client
+is over its rate limit, the connection stops reading from its socket until there is
+room again. The server never buffers an unbounded amount of input.
+
+Error handling: a malformed packet ends the connection (v5: DISCONNECT 0x81 first);
+a packet over `max_packet_size` gets 0x95; protocol breaches 0x82 or their specific
+code. The error is counted and logged; other connections are not affected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from iotmesh.core.types import Device
+from iotmesh.proto.mqtt import (
+    Auth,
+    Connack,
+    Connect,
+    Disconnect,
+    InvalidTopic,
+    MqttError,
+    MqttReader,
+    Packet,
+    Pingreq,
+    Pingresp,
+    Properties,
+    ProtocolError,
+    Puback,
+    Pubcomp,
+    Publish,
+    Pubrec,
+    Pubrel,
+    ReasonCode,
+    Suback,
+    Subscribe,
+    Unsuback,
+    Unsubscribe,
+    UnsupportedProtocolVersion,
+    encode,
+    parse_shared,
+    validate_topic_filter,
+)
+from iotmesh.transports.mqtt.auth import LoginRefused, Principal, allowed, authenticate
+from iotmesh.transports.mqtt.broker import granted_copy
+from iotmesh.transports.mqtt.session import Session, SubscriptionEntry
+
+if TYPE_CHECKING:
+    from iotmesh.transports.mqtt.server import ServerContext
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+class AckSlot:
+    """The acknowledgement owed for one incoming QoS 1/2 PUBLISH."""
+
+    __slots__ = ("done", "packet_id", "qos", "reason")
+
+    def __init__(self, packet_id: int, qos: int) -> None:
+        self.packet_id = packet_id
+        self.qos = qos
+        self.reason = ReasonCode.SUCCESS
+        self.done = False
+
+
+class MqttConnection(asyncio.Protocol):
+    """Protocol instance for one TCP (or TLS) connection."""
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        settings = ctx.settings
+        self.reader = MqttReader(settings.max_packet_size)
+        self.transport: asyncio.Transport | None = None
+        self.version = 4
+        self.session: Session | None = None
+        self.principal = Principal(None)
+        self.state = "new"  # new → connecting → connected → closed
+        self.keep_alive = 0
+        self.last_rx = time.monotonic()
+        self.client_receive_max = 65535
+        self.client_max_packet: int | None = None
+        self._aliases: dict[int, str] = {}
+        self._acks: collections.deque[AckSlot] = collections.deque()
+        self._backlog: list[Packet] = []
+        self._out: list[bytes] = []
+        self._corked = False
+        self._reading_paused = False
+        self._writing_paused = False
+        self._graceful = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._tokens = float(settings.rate_burst)
+        self._tokens_at = time.monotonic()
+        self.pending_telemetry: list[Any] = []  # filled by the device API per read
+        self.peer_certificate: dict[str, Any] | None = None
+        self.push_registered: set[str] = set()  # device-API pushes set up for this client
+        self.gateway_children: dict[str, Device] = {}  # devices a gateway spoke for, by name
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.ctx.connections.add(self)
+        self.ctx.stats.connections += 1
+        self.ctx.stats.connections_total += 1
+        self._timer = self.ctx.loop.call_later(CONNECT_TIMEOUT_S, self._connect_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_rx = time.monotonic()
+        self.ctx.stats.bytes_in += len(data)
+        self.reader.feed(data)
+        self._corked = True
+        try:
+            self._drain_reader()
+        finally:
+            self._corked = False
+        if self.pending_telemetry:
+            self.ctx.device_api.flush_telemetry(self)
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        previous, self.state = self.state, "closed"
+        self.ctx.connections.discard(self)
+        self.ctx.stats.connections -= 1
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in self._tasks:
+            task.cancel()
+        session = self.session
+        if session is None or session.connection is not self:
+            return
+        if previous == "connected" and not self._graceful and session.will is not None:
+            self.ctx.publish_will(session, session.will)
+        session.will = None
+        session.detach()
+        self.ctx.device_api.on_disconnect(self)
+        if not session.persistent:
+            self.ctx.end_session(session)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self.session is not None:
+            self.session.pump()
+            self._flush()
+
+    # -- sending --------------------------------------------------------------------------
+
+    def send(self, packet: Packet) -> None:
+        """Queue a packet for the socket (written at the end of the current batch)."""
+        if self.state == "closed" or self.transport is None:
+            return
+        self._out.append(encode(packet, self.version))
+        if not self._corked:
+            self._flush()
+
+    def send_publish(self, message: Publish) -> None:
+        """Send a message the session routed to this client."""
+        if self.client_max_packet is not None:
+            data = encode(message, self.version)
+            if len(data) > self.client_max_packet:
+                return  # MQTT 3.1.2.25: discard what the client said it cannot take
+        self.ctx.stats.messages_out += 1
+        self.send(message)
+
+    def can_send(self, inflight: int) -> bool:
+        """Whether another QoS 1/2 message may go out now."""
+        if self._writing_paused or self.state != "connected":
+            return False
+        return inflight < min(self.client_receive_max, self.ctx.settings.max_inflight)
+
+    def _flush(self) -> None:
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(self._out)
+        self._out = []
+
+    def close(self, reason: ReasonCode | None = None, message: str = "") -> None:
+        """End the connection; v5 clients get a DISCONNECT with `reason` first."""
+        if self.state == "closed" or self.transport is None:
+            return
+        if reason is not None and self.version == 5 and self.state == "connected":
+            props = Properties(reason_string=message[:200]) if message else Properties()
+            self.send(Disconnect(reason, props))
+            self._flush()
+        self.transport.close()
+
+    def fail(self, exc: MqttError) -> None:
+        """The client broke the protocol: count, log, disconnect."""
+        self.ctx.stats.protocol_errors += 1
+        reason = getattr(exc, "reason_code", ReasonCode.PROTOCOL_ERROR)
+        log.info("mqtt %s: %s (reason 0x%02x)", self._who(), exc, reason)
+        if isinstance(exc, UnsupportedProtocolVersion) and self.state == "new":
+            self.version = 4
+            self.send(Connack(False, ReasonCode.UNSUPPORTED_PROTOCOL_VERSION))
+            self._flush()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self.close(ReasonCode(reason), str(exc))
+
+    @property
+    def session_id(self) -> str:
+        """The client id, for logs."""
+        return self.session.client_id if self.session else "(connecting)"
+
+    def _who(self) -> str:
+        return self.session_id
+
+    # -- acknowledgements -----------------------------------------------------------------
+
+    def ack_slot(self, packet: Publish) -> AckSlot | None:
+        """Reserve the ack of a QoS 1/2 PUBLISH in arrival order (None for QoS 0)."""
+        if packet.qos == 0 or packet.packet_id is None:
+            return None
+        slot = AckSlot(packet.packet_id, packet.qos)
+        self._acks.append(slot)
+        if len(self._acks) >= self.ctx.settings.receive_maximum:
+            self._pause_reading()
+        return slot
+
+    def complete(self, slot: AckSlot | None, reason: ReasonCode = ReasonCode.SUCCESS) -> None:
+        """The message of `slot` is handled; send every ack that is now due, in order."""
+        if slot is None:
+            return
+        slot.reason = reason
+        slot.done = True
+        acks = self._acks
+        sent = False
+        while acks and acks[0].done:
+            head = acks.popleft()
+            sent = True
+            if head.qos == 1:
+                self._out.append(encode(Puback(head.packet_id, head.reason), self.version))
+            else:
+                if head.reason < 0x80 and self.session is not None:
+                    self.session.incoming_qos2.add(head.packet_id)
+                self._out.append(encode(Pubrec(head.packet_id, head.reason), self.version))
+        if sent and not self._corked:
+            self._flush()
+        if self._reading_paused and len(acks) < self.ctx.settings.receive_maximum // 2 + 1:
+            self._resume_reading()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and self.state != "closed":
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def spawn(self, coro: Any, name: str) -> None:
+        """Run work owned by this connection (cancelled when it closes)."""
+        task = self.ctx.loop.create_task(coro, name=f"mqtt.{self._who()}.{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("mqtt %s: task failed", self._who(), exc_info=task.exception())
+            self.close(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, "internal error")
+
+    # -- incoming packets -----------------------------------------------------------------
+
+    def _drain_reader(self) -> None:
+        while self.state != "closed":
+            try:
+                packets = self.reader.read_packets()
+            except MqttError as exc:
+                self.fail(exc)
+                return
+            if not packets:
+                return
+            for packet in packets:
+                if self.state == "connecting":
+                    self._backlog.append(packet)
+                elif self.state == "closed":
+                    return
+                else:
+                    self._handle(packet)
+
+    def _handle(self, packet: Packet) -> None:
+        try:
+            if self.state == "new":
+                if not isinstance(packet, Connect):
+                    raise ProtocolError("the first packet must be CONNECT")
+                self.state = "connecting"
+                self._pause_reading()
+                self.spawn(self._on_connect(packet), "connect")
+                return
+            handler = self._handlers.get(type(packet))
+            if handler is None:
+                raise ProtocolError(f"unexpected {type(packet).__name__} from a client")
+            handler(self, packet)
+        except MqttError as exc:
+            self.fail(exc)
+
+    def _on_publish(self, packet: Publish) -> None:
+        stats = self.ctx.stats
+        stats.messages_in[packet.qos] += 1
+        if packet.qos == 2 and packet.packet_id in self._incoming_qos2():
+            self.send(Pubrec(packet.packet_id))  # a resent QoS 2 message: already handled
+            return
+        self._resolve_alias(packet)
+        self._rate_limit()
+        slot = self.ack_slot(packet)
+        topic = packet.topic
+        if not allowed(self.principal, topic, "publish", self.ctx.settings.acl):
+            stats.dropped_by_acl += 1
+            log.info("mqtt %s: publish to %r refused by ACL", self._who(), topic)
+            self.complete(slot, ReasonCode.NOT_AUTHORIZED)
+            return
+        if self.ctx.device_api.handles(topic):
+            self.ctx.device_api.on_publish(self, packet, slot)
+            return
+        count = self.ctx.broker.publish(packet, self.session)
+        self.complete(slot, ReasonCode.SUCCESS if count else ReasonCode.NO_MATCHING_SUBSCRIBERS)
+
+    def _incoming_qos2(self) -> set[int]:
+        return self.session.incoming_qos2 if self.session is not None else set()
+
+    def _resolve_alias(self, packet: Publish) -> None:
+        alias = packet.properties.topic_alias
+        if alias is None:
+            if not packet.topic:
+                raise ProtocolError("empty topic without a topic alias")
+            return
+        if self.version != 5 or not 0 < alias <= self.ctx.settings.topic_alias_maximum:
+            raise ProtocolError(
+                f"topic alias {alias} is out of range", reason_code=ReasonCode.TOPIC_ALIAS_INVALID
+            )
+        if packet.topic:
+            self._aliases[alias] = packet.topic
+        elif alias in self._aliases:
+            packet.topic = self._aliases[alias]
+        else:
+            raise ProtocolError(f"topic alias {alias} was never set")
+
+    def _rate_limit(self) -> None:
+        rate = self.ctx.settings.rate_limit
+        if not rate:
+            return
+        now = time.monotonic()
+        burst = self.ctx.settings.rate_burst
+        self._tokens = min(burst, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        self._tokens -= 1
+        if self._tokens < 0 and not self._reading_paused:
+            # Over the limit: stop reading until the bucket has refilled (slow, never drop).
+            self._pause_reading()
+            self.ctx.loop.call_later(-self._tokens / rate, self._resume_after_rate_limit)
+
+    def _resume_after_rate_limit(self) -> None:
+        if len(self._acks) < self.ctx.settings.receive_maximum:
+            self._resume_reading()
+
+    def _on_puback(self, packet: Puback) -> None:
+        if self.session is not None:
+            self.session.acknowledged(packet.packet_id)
+
+    def _on_pubrec(self, packet: Pubrec) -> None:
+        if self.session is not None and packet.reason_code >= 0x80:
+            self.session.acknowledged(packet.packet_id)  # the receiver refused it: done
+        elif self.session is not None and self.session.received(packet.packet_id):
+            self.send(Pubrel(packet.packet_id))
+        else:
+            self.send(Pubrel(packet.packet_id, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND))
+
+    def _on_pubrel(self, packet: Pubrel) -> None:
+        known = self._incoming_qos2()
+        if packet.packet_id in known:
+            known.discard(packet.packet_id)
+            self.send(Pubcomp(packet.packet_id))
+        else:
+            self.send(Pubcomp(packet.packet_id, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND))
+
+    def _on_pubcomp(self, packet: Pubcomp) -> None:
+        if self.session is not None:
+            self.session.acknowledged(packet.packet_id)
+
+    def _on_subscribe(self, packet: Subscribe) -> None:
+        session = self.session
+        assert session is not None
+        ids = packet.properties.subscription_identifiers
+        identifier = ids[0] if ids else None
+        codes: list[ReasonCode] = []
+        retained: list[Publish] = []
+        for sub in packet.subscriptions:
+            code, messages = self._subscribe_one(session, sub, identifier)
+            codes.append(code)
+            retained.extend(messages)
+        self.send(Suback(packet.packet_id, codes))
+        for message in retained:
+            session.deliver(message)
+
+    def _subscribe_one(
+        self, session: Session, sub: Any, identifier: int | None
+    ) -> tuple[ReasonCode, list[Publish]]:
+        topic_filter = sub.topic_filter
+        try:
+            validate_topic_filter(topic_filter)
+        except InvalidTopic:
+            return ReasonCode.TOPIC_FILTER_INVALID, []
+        shared = parse_shared(topic_filter)
+        if shared is not None and sub.no_local:
+            raise ProtocolError("no local is not allowed on a shared subscription")
+        if not allowed(self.principal, topic_filter, "subscribe", self.ctx.settings.acl):
+            self.ctx.stats.dropped_by_acl += 1
+            return ReasonCode.UNSPECIFIED_ERROR, []
+        qos = min(sub.qos, 2)
+        granted = type(sub)(
+            topic_filter, qos, sub.no_local, sub.retain_as_published, sub.retain_handling
+        )
+        entry = SubscriptionEntry(granted, identifier, shared.group if shared else None)
+        new = topic_filter not in session.subscriptions
+        session.subscriptions[topic_filter] = entry
+        if self.ctx.device_api.handles(topic_filter):
+            self.ctx.device_api.on_subscribe(self, topic_filter)
+            return ReasonCode(qos), []
+        self.ctx.broker.subscribe(session, topic_filter, entry)
+        if sub.retain_handling == 2 or (sub.retain_handling == 1 and not new):
+            return ReasonCode(qos), []
+        messages = [
+            granted_copy(m, granted, identifier) for m in self.ctx.broker.retained_for(topic_filter)
+        ]
+        return ReasonCode(qos), messages
+
+    def _on_unsubscribe(self, packet: Unsubscribe) -> None:
+        session = self.session
+        assert session is not None
+        codes = []
+        for topic_filter in packet.topic_filters:
+            existed = session.subscriptions.pop(topic_filter, None) is not None
+            if not self.ctx.device_api.handles(topic_filter):
+                self.ctx.broker.unsubscribe(session, topic_filter)
+            codes.append(ReasonCode.SUCCESS if existed else ReasonCode.NO_SUBSCRIPTION_EXISTED)
+        self.send(Unsuback(packet.packet_id, codes))
+
+    def _on_pingreq(self, packet: Pingreq) -> None:
+        self.send(Pingresp())
+
+    def _on_disconnect(self, packet: Disconnect) -> None:
+        session = self.session
+        if session is not None:
+            expiry = packet.properties.session_expiry_interval
+            if expiry is not None:
+                if session.expiry_s == 0 and expiry > 0:
+                    raise ProtocolError("session expiry cannot be set after a zero one")
+                session.expiry_s = min(expiry, self.ctx.settings.max_session_expiry_s)
+            if packet.reason_code != ReasonCode.DISCONNECT_WITH_WILL_MESSAGE:
+                session.will = None
+                self._graceful = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def _on_auth(self, packet: Auth) -> None:
+        raise ProtocolError(
+            "enhanced authentication is not supported",
+            reason_code=ReasonCode.BAD_AUTHENTICATION_METHOD,
+        )
+
+    def _on_second_connect(self, packet: Connect) -> None:
+        raise ProtocolError("a second CONNECT on one connection")
+
+    _handlers: ClassVar[dict[type, Any]] = {
+        Publish: _on_publish,
+        Puback: _on_puback,
+        Pubrec: _on_pubrec,
+        Pubrel: _on_pubrel,
+        Pubcomp: _on_pubcomp,
+        Subscribe: _on_subscribe,
+        Unsubscribe: _on_unsubscribe,
+        Pingreq: _on_pingreq,
+        Disconnect: _on_disconnect,
+        Auth: _on_auth,
+        Connect: _on_second_connect,
+    }
+
+    # -- CONNECT --------------------------------------------------------------------------
+
+    async def _on_connect(self, packet: Connect) -> None:
+        ctx = self.ctx
+        self.version = packet.protocol_level
+        props = packet.properties
+        try:
+            if len(ctx.connections) > ctx.settings.max_connections:
+                raise LoginRefused(ReasonCode.SERVER_BUSY, "too many connections")
+            self.principal = await authenticate(packet, ctx.registry, ctx.settings.allow_anonymous)
+            client_id = packet.client_id
+            if not client_id:
+                if self.version == 4 and not packet.clean_start:
+                    raise LoginRefused(
+                        ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
+                        "an empty client id needs a clean session",
+                    )
+                client_id = ctx.new_client_id()
+        except LoginRefused as refused:
+            ctx.stats.auth_failures += 1
+            log.info("mqtt: CONNECT refused: %s", refused)
+            reply = Properties(reason_string=str(refused)) if self.version == 5 else Properties()
+            self.send(Connack(False, refused.reason, reply))
+            self._flush()
+            self.state = "closed"
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.version == 5:
+            self.client_receive_max = props.receive_maximum or 65535
+            self.client_max_packet = props.maximum_packet_size
+            expiry = props.session_expiry_interval or 0
+        else:
+            expiry = 0 if packet.clean_start else ctx.settings.max_session_expiry_s
+        session, present = ctx.open_session(client_id, packet.clean_start, self)
+        session.expiry_s = min(expiry, ctx.settings.max_session_expiry_s)
+        session.will = packet.will
+        session.device = self.principal.device
+        self.session = session
+        self.reader.set_version(self.version)
+        self.keep_alive = self._agree_keep_alive(packet.keep_alive)
+        connack = Properties()
+        if self.version == 5:
+            s = ctx.settings
+            connack = Properties(
+                receive_maximum=s.receive_maximum,
+                maximum_packet_size=s.max_packet_size,
+                topic_alias_maximum=s.topic_alias_maximum,
+                retain_available=1,
+                wildcard_subscription_available=1,
+                subscription_identifier_available=1,
+                shared_subscription_available=1,
+            )
+            if not packet.client_id:
+                connack.assigned_client_identifier = client_id
+            if self.keep_alive != packet.keep_alive:
+                connack.server_keep_alive = self.keep_alive
+            if props.session_expiry_interval and session.expiry_s != expiry:
+                connack.session_expiry_interval = session.expiry_s
+        self.state = "connected"
+        self.send(Connack(present, ReasonCode.SUCCESS, connack))
+        self._flush()
+        if self.keep_alive:
+            self._timer = ctx.loop.call_later(self.keep_alive, self._check_keep_alive)
+        ctx.device_api.on_connect(self)
+        if present:
+            for topic_filter in session.subscriptions:
+                if ctx.device_api.handles(topic_filter):
+                    ctx.device_api.on_subscribe(self, topic_filter)
+            session.resend_inflight()
+        backlog, self._backlog = self._backlog, []
+        self._corked = True
+        try:
+            for queued in backlog:
+                if self.state != "connected":
+                    break
+                self._handle(queued)
+        finally:
+            self._corked = False
+        if self.pending_telemetry:
+            ctx.device_api.flush_telemetry(self)
+        self._flush()
+        self._resume_reading()
+        self._drain_after_connect()
+
+    def _drain_after_connect(self) -> None:
+        """Packets that arrived in the same reads as CONNECT are already buffered."""
+        if self.reader.buffered:
+            self.data_received(b"")
+
+    def _agree_keep_alive(self, requested: int) -> int:
+        limit = self.ctx.settings.max_keep_alive_s
+        if self.version == 5 and limit and (requested == 0 or requested > limit):
+            return limit
+        return requested
+
+    def _check_keep_alive(self) -> None:
+        if self.state != "connected" or not self.keep_alive:
+            return
+        idle = time.monotonic() - self.last_rx
+        if idle > self.keep_alive * 1.5:
+            log.info("mqtt %s: keep-alive timeout after %.0fs", self._who(), idle)
+            self.close(ReasonCode.KEEP_ALIVE_TIMEOUT, "keep alive timeout")
+            return
+        wait = max(0.1, self.keep_alive * 1.5 - idle)
+        self._timer = self.ctx.loop.call_later(wait, self._check_keep_alive)
+
+    def _connect_timeout(self) -> None:
+        if self.state in ("new", "connecting") and self.transport is not None:
+            log.info("mqtt: no CONNECT within %ss; closing", CONNECT_TIMEOUT_S)
+            self.transport.close()
+
+    @property
+    def busy(self) -> bool:
+        """Whether messages of this client are still being committed."""
+        return bool(self._acks) or bool(self._tasks)
+
+    def takeover(self) -> None:
+        """Another connection took this client id over (MQTT 3.1.4-3)."""
+        self._graceful = False
+        self.close(ReasonCode.SESSION_TAKEN_OVER, "session taken over")
+
+    def flush_later(self) -> None:
+        """Write what async work queued (callbacks outside `data_received`)."""
+        self._flush()

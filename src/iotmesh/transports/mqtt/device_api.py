@@ -1,0 +1,260 @@
+"""The ThingsBoard device API over MQTT (`v1/devices/me/...`), and the hooks gateways use.
+
+Topics a device publishes to:
+    v1/devices/me/telemetry                  telemetry (every ThingsBoard JSON form)
+    v1/devices/me/attributes                 client attributes
+    v1/devices/me/attributes/request/{id}    {"clientKeys": "a,b", "sharedKeys": "c"}
+    v1/devices/me/rpc/response/{id}          reply to a server-side RPC request
+    v1/devices/me/rpc/request/{id}           client-side RPC {"method", "params"}
+Topics it subscribes to:
+    v1/devices/me/attributes                 shared attribute changes, pushed
+    v1/devices/me/attributes/response/+      answers to attribute requests
+    v1/devices/me/rpc/request/+              server-side RPC requests
+    v1/devices/me/rpc/response/+             answers to client-side RPC
+
+Durability: telemetry and attribute PUBLISHes are acknowledged after their commit.
+All telemetry a connection sent in one socket read goes to the pipeline as one message
+(`flush_telemetry`), so a burst costs one bus message and one share of a commit.
+
+Errors: a payload that is not valid gets PUBACK/PUBREC 0x99 (payload format invalid)
+in v5; v3.1.1 has no negative acknowledgement, so the connection is closed, as
+ThingsBoard does. Either way nothing of that message is stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from iotmesh.commands.client_rpc import answer_client_rpc
+from iotmesh.commands.rpc import RpcRequest, RpcService
+from iotmesh.core.clock import now_ms
+from iotmesh.core.errors import IotmeshError, PayloadError
+from iotmesh.core.types import AttributeScope, Device, TsRecord
+from iotmesh.devicestate import AttributeService
+from iotmesh.pipeline.ingest import TelemetryIngest
+from iotmesh.proto.mqtt import Publish, ReasonCode, topic_matches
+from iotmesh.proto.thingsboard import attributes_from_json, decode_json, parse_telemetry, split_keys
+from iotmesh.registry.service import DeviceRegistry
+from iotmesh.transports.mqtt.auth import DEVICE_PREFIX, GATEWAY_PREFIX
+
+if TYPE_CHECKING:
+    from iotmesh.transports.mqtt.connection import AckSlot, MqttConnection
+    from iotmesh.transports.mqtt.gateway import GatewayApi
+
+log = logging.getLogger(__name__)
+
+TELEMETRY = "v1/devices/me/telemetry"
+ATTRIBUTES = "v1/devices/me/attributes"
+ATTRIBUTES_REQUEST = "v1/devices/me/attributes/request/"
+ATTRIBUTES_RESPONSE = "v1/devices/me/attributes/response/"
+RPC_REQUEST = "v1/devices/me/rpc/request/"
+RPC_RESPONSE = "v1/devices/me/rpc/response/"
+
+_json = msgspec.json.Encoder()
+
+
+def json_payload(value: Any) -> bytes:
+    """Encode a JSON payload for a device."""
+    return _json.encode(value)
+
+
+class DeviceApi:
+    """Handles device-API publishes and subscriptions of MQTT connections."""
+
+    def __init__(
+        self,
+        registry: DeviceRegistry,
+        ingest: TelemetryIngest,
+        attributes: AttributeService,
+        rpc: RpcService,
+        session_limits: dict[str, Any] | None = None,
+    ) -> None:
+        self.session_limits = session_limits
+        self.registry = registry
+        self.ingest = ingest
+        self.attributes = attributes
+        self.rpc = rpc
+        self.gateway: GatewayApi | None = None
+
+    @staticmethod
+    def handles(topic: str) -> bool:
+        """Whether a topic (or filter) is part of the device API, not the broker."""
+        return topic.startswith(DEVICE_PREFIX) or topic.startswith(GATEWAY_PREFIX)
+
+    # -- publishes from devices -----------------------------------------------------------
+
+    def on_publish(self, conn: MqttConnection, packet: Publish, slot: AckSlot | None) -> None:
+        device = conn.principal.device
+        assert device is not None  # the ACL lets only devices use these topics
+        topic = packet.topic
+        try:
+            if topic == TELEMETRY:
+                records = parse_telemetry(packet.payload, now_ms())
+                conn.pending_telemetry.append((device.id, records, slot))
+            elif topic == ATTRIBUTES:
+                values = attributes_from_json(decode_json(packet.payload))
+                self.run(conn, slot, self.attributes.save(device.id, AttributeScope.CLIENT, values))
+            elif topic.startswith(ATTRIBUTES_REQUEST):
+                request_id = topic[len(ATTRIBUTES_REQUEST) :]
+                doc = decode_json(packet.payload) if packet.payload else {}
+                self.run(conn, slot, self._answer_attributes(conn, device, request_id, doc))
+            elif topic.startswith(RPC_RESPONSE):
+                reply_to = _int_id(topic[len(RPC_RESPONSE) :])
+                self.rpc.reply(device.id, reply_to, _json_or_text(packet.payload))
+                conn.complete(slot)
+            elif topic.startswith(RPC_REQUEST):
+                request_id = topic[len(RPC_REQUEST) :]
+                doc = decode_json(packet.payload)
+                method = doc.get("method") if isinstance(doc, dict) else None
+                params = doc.get("params") if isinstance(doc, dict) else None
+                answer = answer_client_rpc(method, params, self.session_limits)
+                self.send(conn, RPC_RESPONSE + request_id, json_payload(answer))
+                conn.complete(slot)
+            elif topic.startswith(GATEWAY_PREFIX) and self.gateway is not None:
+                self.gateway.on_publish(conn, packet, slot)
+            else:
+                self.reject(conn, slot, ReasonCode.TOPIC_NAME_INVALID, f"unknown topic {topic}")
+        except PayloadError as exc:
+            self.reject(conn, slot, ReasonCode.PAYLOAD_FORMAT_INVALID, str(exc))
+
+    def reject(
+        self, conn: MqttConnection, slot: AckSlot | None, reason: ReasonCode, message: str
+    ) -> None:
+        """Refuse one message: a negative ack in v5, closing the connection in v3.1.1."""
+        log.info("mqtt %s: message refused (0x%02x): %s", conn.session_id, reason, message)
+        if conn.version == 5:
+            conn.complete(slot, reason)
+        else:
+            conn.close()
+
+    def run(self, conn: MqttConnection, slot: AckSlot | None, work: Awaitable[Any]) -> None:
+        """Do async work for a message; ack when it is done (refuse if it fails)."""
+
+        async def run() -> None:
+            try:
+                await work
+            except PayloadError as exc:
+                self.reject(conn, slot, ReasonCode.PAYLOAD_FORMAT_INVALID, str(exc))
+            except IotmeshError as exc:
+                self.reject(conn, slot, ReasonCode.UNSPECIFIED_ERROR, str(exc))
+            else:
+                conn.complete(slot)
+
+        conn.spawn(run(), "device-api")
+
+    def flush_telemetry(self, conn: MqttConnection) -> None:
+        """Hand all telemetry of this read to the pipeline, one message per device."""
+        items, conn.pending_telemetry = conn.pending_telemetry, []
+        by_device: dict[str, tuple[list[TsRecord], list[AckSlot | None]]] = {}
+        for device_id, records, slot in items:
+            entry = by_device.setdefault(device_id, ([], []))
+            entry[0].extend(records)
+            entry[1].append(slot)
+        for device_id, (records, slots) in by_device.items():
+            conn.spawn(self._submit(conn, device_id, records, slots), "telemetry")
+
+    async def _submit(
+        self,
+        conn: MqttConnection,
+        device_id: str,
+        records: list[TsRecord],
+        slots: list[AckSlot | None],
+    ) -> None:
+        try:
+            await self.ingest.submit(device_id, records)
+        except IotmeshError as exc:
+            for slot in slots:
+                self.reject(conn, slot, ReasonCode.UNSPECIFIED_ERROR, str(exc))
+            return
+        conn.ctx.stats.telemetry_batches += 1
+        for slot in slots:
+            conn.complete(slot)
+
+    async def _answer_attributes(
+        self, conn: MqttConnection, device: Device, request_id: str, doc: Any
+    ) -> None:
+        if not isinstance(doc, dict):
+            raise PayloadError("attribute request must be a JSON object")
+        client_keys = split_keys(doc.get("clientKeys"))
+        shared_keys = split_keys(doc.get("sharedKeys"))
+        everything = client_keys is None and shared_keys is None
+        answer: dict[str, Any] = {}
+        if everything or client_keys:
+            answer["client"] = await self.attributes.values(
+                device.id, AttributeScope.CLIENT, client_keys
+            )
+        if everything or shared_keys:
+            answer["shared"] = await self.attributes.values(
+                device.id, AttributeScope.SHARED, shared_keys
+            )
+        self.send(conn, ATTRIBUTES_RESPONSE + request_id, json_payload(answer))
+
+    # -- messages to devices --------------------------------------------------------------
+
+    @staticmethod
+    def send(conn: MqttConnection, topic: str, payload: bytes) -> bool:
+        """Publish to the client if it subscribed to `topic`; False when it did not."""
+        session = conn.session
+        if session is None:
+            return False
+        qos = -1
+        for topic_filter, entry in session.subscriptions.items():
+            if topic_matches(topic_filter, topic):
+                qos = max(qos, entry.options.qos)
+        if qos < 0:
+            return False
+        session.deliver(Publish(topic, payload, qos))
+        conn.flush_later()
+        return True
+
+    def on_subscribe(self, conn: MqttConnection, topic_filter: str) -> None:
+        """A device subscribed to a device-API topic: start pushing to it."""
+        device = conn.principal.device
+        session = conn.session
+        if device is None or session is None:
+            return
+        registered = conn.push_registered
+        if "attributes" not in registered and topic_matches(topic_filter, ATTRIBUTES):
+            registered.add("attributes")
+
+            async def push(changed: dict[str, Any], deleted: list[str]) -> None:
+                body = changed if not deleted else {"deleted": deleted}
+                self.send(conn, ATTRIBUTES, json_payload(body))
+
+            session.cleanups.append(self.attributes.listen_shared(device.id, push))
+        if "rpc" not in registered and topic_matches(topic_filter, RPC_REQUEST + "1"):
+            registered.add("rpc")
+
+            async def deliver(target: Device, request: RpcRequest) -> None:
+                body = {"method": request.method, "params": request.params}
+                if not self.send(conn, f"{RPC_REQUEST}{request.id}", json_payload(body)):
+                    raise PayloadError("the device is not subscribed to RPC requests")
+
+            session.cleanups.append(self.rpc.attach(device.id, deliver))
+        if self.gateway is not None and topic_filter.startswith(GATEWAY_PREFIX):
+            self.gateway.on_subscribe(conn, topic_filter)
+
+    def on_connect(self, conn: MqttConnection) -> None:
+        """A client finished CONNECT (hook for connectivity state)."""
+
+    def on_disconnect(self, conn: MqttConnection) -> None:
+        """A client's connection ended; its pushes were undone by the session."""
+        conn.push_registered.clear()
+
+
+def _int_id(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise PayloadError(f"request id {text!r} is not a number") from None
+
+
+def _json_or_text(payload: bytes) -> Any:
+    try:
+        return decode_json(payload)
+    except PayloadError:
+        return payload.decode("utf-8", "replace")

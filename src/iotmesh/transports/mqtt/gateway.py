@@ -1,0 +1,167 @@
+"""The ThingsBoard gateway API over MQTT (`v1/gateway/...`), for gateway devices.
+
+A gateway speaks for devices behind it, by name. A device named for the first time is
+created and belongs to the gateway (`gateway_id`).
+
+    v1/gateway/connect             {"device": "A", "type": "thermostat"}
+    v1/gateway/disconnect          {"device": "A"}
+    v1/gateway/telemetry           {"A": [{"ts": ..., "values": {...}}, ...], "B": ...}
+    v1/gateway/attributes          {"A": {"fw": "1.2"}}            (client attributes)
+    v1/gateway/attributes/request  {"id": 1, "device": "A", "client": true, "key": "k"}
+                                   (or "keys": [...]) → v1/gateway/attributes/response
+    v1/gateway/rpc                 {"device": "A", "id": 1, "data": {...}}  (RPC reply)
+The server publishes to the gateway:
+    v1/gateway/attributes          {"device": "A", "data": {...}}   (shared changes)
+    v1/gateway/rpc                 {"device": "A", "data": {"id", "method", "params"}}
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from iotmesh.commands.rpc import RpcRequest
+from iotmesh.core.clock import now_ms
+from iotmesh.core.errors import Conflict, PayloadError
+from iotmesh.core.types import AttributeScope, Device
+from iotmesh.proto.mqtt import Publish, ReasonCode, topic_matches
+from iotmesh.proto.thingsboard import attributes_from_json, decode_json, telemetry_from_json
+from iotmesh.transports.mqtt.device_api import DeviceApi, json_payload
+
+if TYPE_CHECKING:
+    from iotmesh.transports.mqtt.connection import AckSlot, MqttConnection
+
+CONNECT = "v1/gateway/connect"
+DISCONNECT = "v1/gateway/disconnect"
+TELEMETRY = "v1/gateway/telemetry"
+ATTRIBUTES = "v1/gateway/attributes"
+ATTRIBUTES_REQUEST = "v1/gateway/attributes/request"
+ATTRIBUTES_RESPONSE = "v1/gateway/attributes/response"
+RPC = "v1/gateway/rpc"
+
+
+def _device_name(doc: Any) -> str:
+    name = doc.get("device") if isinstance(doc, dict) else None
+    if not isinstance(name, str) or not name.strip():
+        raise PayloadError("'device' must name the device")
+    return name.strip()
+
+
+class GatewayApi:
+    """Handles gateway topics for connections of gateway devices."""
+
+    def __init__(self, device_api: DeviceApi) -> None:
+        self._api = device_api
+
+    async def child(self, conn: MqttConnection, name: str, type_: str = "default") -> Device:
+        """The device `name` behind this gateway, created on first sight."""
+        cache: dict[str, Device] = conn.gateway_children
+        device = cache.get(name)
+        if device is not None:
+            return device
+        gateway = conn.principal.device
+        assert gateway is not None
+        registry = self._api.registry
+        device = await registry.by_name(name)
+        if device is None:
+            try:
+                device = await registry.create(name, type=type_, gateway_id=gateway.id)
+            except Conflict:  # created meanwhile by another message
+                device = await registry.by_name(name)
+                assert device is not None
+        cache[name] = device
+        self._watch_shared(conn, device)
+        return device
+
+    def on_publish(self, conn: MqttConnection, packet: Publish, slot: AckSlot | None) -> None:
+        doc = decode_json(packet.payload)
+        topic = packet.topic
+        api = self._api
+        if topic == TELEMETRY:
+            api.run(conn, slot, self._telemetry(conn, doc))
+        elif topic == ATTRIBUTES:
+            api.run(conn, slot, self._attributes(conn, doc))
+        elif topic == ATTRIBUTES_REQUEST:
+            api.run(conn, slot, self._attribute_request(conn, doc))
+        elif topic == CONNECT:
+            name = _device_name(doc)
+            type_ = doc.get("type") or "default"
+            api.run(conn, slot, self.child(conn, name, str(type_)))
+        elif topic == DISCONNECT:
+            conn.gateway_children.pop(_device_name(doc), None)
+            conn.complete(slot)
+        elif topic == RPC:
+            api.run(conn, slot, self._rpc_reply(conn, doc))
+        else:
+            api.reject(conn, slot, ReasonCode.TOPIC_NAME_INVALID, f"unknown gateway topic {topic}")
+
+    async def _telemetry(self, conn: MqttConnection, doc: Any) -> None:
+        if not isinstance(doc, dict) or not doc:
+            raise PayloadError("gateway telemetry must map device names to entries")
+        now = now_ms()
+        parsed = [(name, telemetry_from_json(entries, now)) for name, entries in doc.items()]
+        for name, records in parsed:
+            device = await self.child(conn, name)
+            await self._api.ingest.submit(device.id, records)
+
+    async def _attributes(self, conn: MqttConnection, doc: Any) -> None:
+        if not isinstance(doc, dict) or not doc:
+            raise PayloadError("gateway attributes must map device names to objects")
+        parsed = [(name, attributes_from_json(values, name)) for name, values in doc.items()]
+        for name, values in parsed:
+            device = await self.child(conn, name)
+            await self._api.attributes.save(device.id, AttributeScope.CLIENT, values)
+
+    async def _attribute_request(self, conn: MqttConnection, doc: Any) -> None:
+        device = await self.child(conn, _device_name(doc))
+        request_id = doc.get("id")
+        scope = AttributeScope.CLIENT if doc.get("client") else AttributeScope.SHARED
+        if "keys" in doc:
+            keys = [str(k) for k in doc.get("keys") or []]
+            values = await self._api.attributes.values(device.id, scope, keys)
+            answer: dict[str, Any] = {"id": request_id, "device": device.name, "values": values}
+        else:
+            key = str(doc.get("key", ""))
+            values = await self._api.attributes.values(device.id, scope, [key])
+            answer = {"id": request_id, "device": device.name, "value": values.get(key)}
+        self._api.send(conn, ATTRIBUTES_RESPONSE, json_payload(answer))
+
+    async def _rpc_reply(self, conn: MqttConnection, doc: Any) -> None:
+        device = await self.child(conn, _device_name(doc))
+        request_id = doc.get("id")
+        if not isinstance(request_id, int):
+            raise PayloadError("'id' must be the number of the RPC request")
+        self._api.rpc.reply(device.id, request_id, doc.get("data"))
+
+    def on_subscribe(self, conn: MqttConnection, topic_filter: str) -> None:
+        gateway = conn.principal.device
+        session = conn.session
+        if gateway is None or session is None or not gateway.gateway:
+            return
+        if "gateway-rpc" not in conn.push_registered and topic_matches(topic_filter, RPC):
+            conn.push_registered.add("gateway-rpc")
+
+            async def deliver(target: Device, request: RpcRequest) -> None:
+                data = {"id": request.id, "method": request.method, "params": request.params}
+                body = {"device": target.name, "data": data}
+                if not self._api.send(conn, RPC, json_payload(body)):
+                    raise PayloadError("the gateway is not subscribed to v1/gateway/rpc")
+
+            session.cleanups.append(self._api.rpc.attach_gateway(gateway.id, deliver))
+        if topic_matches(topic_filter, ATTRIBUTES):
+            for device in conn.gateway_children.values():
+                self._watch_shared(conn, device)
+
+    def _watch_shared(self, conn: MqttConnection, device: Device) -> None:
+        key = f"shared:{device.id}"
+        session = conn.session
+        if key in conn.push_registered or session is None:
+            return
+        if not any(topic_matches(f, ATTRIBUTES) for f in session.subscriptions):
+            return
+        conn.push_registered.add(key)
+
+        async def push(changed: dict[str, Any], deleted: list[str]) -> None:
+            data: dict[str, Any] = changed if not deleted else {"deleted": deleted}
+            self._api.send(conn, ATTRIBUTES, json_payload({"device": device.name, "data": data}))
+
+        session.cleanups.append(self._api.attributes.listen_shared(device.id, push))

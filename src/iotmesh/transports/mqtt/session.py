@@ -1,0 +1,174 @@
+"""MQTT sessions: what the server remembers of a client, connected or not.
+
+A session outlives its connection when the client asked for it (v3.1.1 Clean Session 0,
+v5 Session Expiry Interval > 0): its subscriptions stay, and QoS 1/2 messages for it
+are queued (at most `max_queued_messages`; beyond that the oldest QoS 0 message, or
+else the new one, is dropped and counted, as Mosquitto does) until it returns.
+
+Outgoing flow control: at most `min(max_inflight, client's Receive Maximum)` QoS 1/2
+messages are unacknowledged at once; the rest wait in the queue. When the socket's
+write buffer is full (`pause_writing`), delivery waits too: a slow subscriber cannot
+make the server buffer without bound.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from iotmesh.core.types import Device
+from iotmesh.proto.mqtt import Properties, Publish, Pubrel, Subscription, Will
+
+if TYPE_CHECKING:
+    from iotmesh.transports.mqtt.connection import MqttConnection
+
+
+class SubscriptionEntry:
+    """A granted subscription: its options and the v5 subscription identifier."""
+
+    __slots__ = ("identifier", "options", "shared_group")
+
+    def __init__(
+        self, options: Subscription, identifier: int | None, shared_group: str | None
+    ) -> None:
+        self.options = options
+        self.identifier = identifier
+        self.shared_group = shared_group
+
+
+class Session:
+    """State of one client id."""
+
+    def __init__(self, client_id: str, max_queued: int) -> None:
+        self.client_id = client_id
+        self.device: Device | None = None
+        self.connection: MqttConnection | None = None
+        self.subscriptions: dict[str, SubscriptionEntry] = {}
+        self.expiry_s = 0  # how long the session outlives its connection
+        self.disconnected_at: float | None = None
+        self.will: Will | None = None
+        self._max_queued = max_queued
+        self.queue: collections.deque[Publish] = collections.deque()
+        self.inflight: dict[int, Publish | Pubrel] = {}
+        self.incoming_qos2: set[int] = set()  # PUBREC sent, waiting for PUBREL
+        self._next_id = 1
+        self.dropped = 0
+        self.cleanups: list[Callable[[], None]] = []  # undo listener registrations
+
+    @property
+    def persistent(self) -> bool:
+        return self.expiry_s > 0
+
+    def expired(self, now: float) -> bool:
+        return (
+            self.connection is None
+            and self.disconnected_at is not None
+            and now - self.disconnected_at >= self.expiry_s
+        )
+
+    def next_packet_id(self) -> int:
+        """A packet id not in use by an unacknowledged outgoing message."""
+        for _ in range(65535):
+            packet_id = self._next_id
+            self._next_id = packet_id % 65535 + 1
+            if packet_id not in self.inflight:
+                return packet_id
+        raise RuntimeError("no free packet id")  # cannot happen: inflight ≤ 65535
+
+    def deliver(self, message: Publish) -> None:
+        """Send now if the client is connected and has room, else queue (QoS > 0)."""
+        conn = self.connection
+        if conn is not None and not self.queue and conn.can_send(len(self.inflight)):
+            self._send(conn, message)
+            return
+        if message.qos == 0 and conn is None:
+            return  # QoS 0 is not kept for offline clients (MQTT 3.1.2.4)
+        self._enqueue(message)
+
+    def _enqueue(self, message: Publish) -> None:
+        if len(self.queue) >= self._max_queued:
+            oldest_qos0 = next((m for m in self.queue if m.qos == 0), None)
+            if oldest_qos0 is None:
+                self.dropped += 1
+                return
+            self.queue.remove(oldest_qos0)
+            self.dropped += 1
+        self.queue.append(message)
+
+    def _send(self, conn: MqttConnection, message: Publish) -> None:
+        if message.qos > 0:
+            packet_id = self.next_packet_id()
+            message = Publish(
+                message.topic,
+                message.payload,
+                message.qos,
+                message.retain,
+                False,
+                packet_id,
+                message.properties,
+            )
+            self.inflight[packet_id] = message
+        conn.send_publish(message)
+
+    def pump(self) -> None:
+        """Send queued messages while the client has room (after an ack, on resume)."""
+        conn = self.connection
+        while conn is not None and self.queue and conn.can_send(len(self.inflight)):
+            self._send(conn, self.queue.popleft())
+
+    def acknowledged(self, packet_id: int) -> bool:
+        """PUBACK or PUBCOMP arrived: the message is done."""
+        if self.inflight.pop(packet_id, None) is None:
+            return False
+        self.pump()
+        return True
+
+    def received(self, packet_id: int) -> bool:
+        """PUBREC arrived for a QoS 2 message: it becomes a PUBREL in flight."""
+        if not isinstance(self.inflight.get(packet_id), Publish):
+            return False
+        self.inflight[packet_id] = Pubrel(packet_id)
+        return True
+
+    def resend_inflight(self) -> None:
+        """On a resumed session, send unacknowledged messages again (DUP set)."""
+        conn = self.connection
+        assert conn is not None
+        for packet_id, item in list(self.inflight.items()):
+            if isinstance(item, Publish):
+                item.dup = True
+                conn.send_publish(item)
+            else:
+                conn.send(Pubrel(packet_id))
+        self.pump()
+
+    def detach(self) -> None:
+        """The connection is gone."""
+        self.connection = None
+        self.disconnected_at = time.monotonic()
+        for cleanup in self.cleanups:
+            cleanup()
+        self.cleanups.clear()
+
+
+def copy_for(message: Publish, qos: int, retain: bool, identifiers: list[int]) -> Publish:
+    """The copy of a routed message one subscriber gets."""
+    props = message.properties
+    if identifiers or props.topic_alias is not None:
+        fresh = Properties()
+        for name in (
+            "payload_format_indicator",
+            "message_expiry_interval",
+            "content_type",
+            "response_topic",
+            "correlation_data",
+        ):
+            value = getattr(props, name)
+            if value is not None:
+                setattr(fresh, name, value)
+        fresh.user_properties = list(props.user_properties)
+        fresh.subscription_identifiers = identifiers
+        props = fresh
+    return Publish(message.topic, message.payload, qos, retain, False, None, props)
