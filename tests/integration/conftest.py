@@ -45,3 +45,10 @@ def device(admin: httpx.Client) -> dict[str, Any]:
     assert r.status_code == 201, r.text
     body: dict[str, Any] = r.json()
     return body
+
+
+@pytest.fixture
+def rest(srv: RunningServer) -> Iterator[httpx.Client]:
+    """An admin REST client of the module's shared server `srv`."""
+    with srv.admin() as client:
+        yield client

@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-from iotmesh.core.errors import DeviceTimeout, PayloadError
+from iotmesh.core.errors import DeviceGone, DeviceTimeout, PayloadError
 from iotmesh.core.lifecycle import Service
 from iotmesh.core.types import Device
 
@@ -139,8 +139,13 @@ class RpcService(Service):
             self._pending[key] = future
         try:
             async with asyncio.timeout(timeout_ms / 1000):
-                sink = await self._wait_for_sink(device)
-                await sink(device, request)
+                while True:
+                    sink = await self._wait_for_sink(device)
+                    try:
+                        await sink(device, request)
+                        break
+                    except DeviceGone:  # that session just lost interest: try another
+                        await asyncio.sleep(0.05)
                 if oneway:
                     return None
                 return await future

@@ -14,6 +14,7 @@ catch one root. The HTTP layer maps each leaf to a status code in one place
     ├── Conflict               a unique name or token is already taken
     ├── Overloaded             back-pressure: try again later (HTTP 503, CoAP 5.03, MQTT 0x97)
     ├── DeviceTimeout          a device did not answer in time (HTTP 504)
+    ├── DeviceGone             a device's session cannot take a message any more
     └── StorageError           the storage backend failed (local fault)
 """
 
@@ -67,6 +68,10 @@ class Overloaded(IotmeshError):
 
 class DeviceTimeout(IotmeshError):
     """A device did not answer (or was not reachable) within the allowed time."""
+
+
+class DeviceGone(IotmeshError):
+    """The live session meant to reach a device can no longer deliver to it."""
 
 
 class StorageError(IotmeshError):

@@ -9,10 +9,12 @@ meanwhile. Batches commit in the order they were submitted, which keeps per-devi
 Back-pressure: at most `max_pending_records` records wait for commit. A sender that
 would go over waits for room; nothing is dropped and memory stays bounded.
 
-Error handling: a failed commit (`StorageError`, e.g. the disk is full or the server is
-down) is retried with exponential back-off, up to `retry_backoff_max_s` between tries,
-until it succeeds or the writer stops. Meanwhile the queue fills and senders wait: the
-platform slows down instead of losing acknowledged data. On stop, pending batches are
+Error handling: a batch the store refuses as data (`PayloadError`) fails only its
+own sender: the others are committed without it. A failed commit (`StorageError`, e.g.
+the disk is full or the server is down) is retried with exponential back-off, up to
+`retry_backoff_max_s` between tries, until it succeeds or the writer stops. Meanwhile
+the queue fills and senders wait: the platform slows down instead of losing
+acknowledged data. On stop, pending batches are
 flushed once more; any that still fail are failed back to their senders, unacknowledged.
 """
 
@@ -26,7 +28,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from iotmesh.core.errors import Overloaded, StorageError
+from iotmesh.core.errors import Overloaded, PayloadError, StorageError
 from iotmesh.core.lifecycle import Health, Service
 from iotmesh.core.settings import WriterSettings
 from iotmesh.storage.timeseries import SeriesWrite, TimeSeriesStore
@@ -167,6 +169,10 @@ class BatchWriter(Service):
             started = time.perf_counter()
             try:
                 await self._store.write(batch)
+            except PayloadError as exc:
+                # One sender's data cannot be stored at all: commit the others without it.
+                await self._isolate_bad(taken, exc)
+                return
             except StorageError as exc:
                 self.stats.failed_commits += 1
                 if self._failing_since is None:
@@ -188,6 +194,14 @@ class BatchWriter(Service):
                 if not item.future.done():
                     item.future.set_result(None)
             return
+
+    async def _isolate_bad(self, taken: list[_Pending], exc: PayloadError) -> None:
+        if len(taken) == 1:
+            if not taken[0].future.done():
+                taken[0].future.set_exception(exc)
+            return
+        for item in taken:
+            await self._commit_with_retry([item])
 
     async def _release(self, taken: list[_Pending]) -> None:
         async with self._room:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from iotmesh.core.errors import Overloaded, StorageError
+from iotmesh.core.errors import Overloaded, PayloadError, StorageError
 from iotmesh.core.settings import WriterSettings
 from iotmesh.core.types import TsPoint, TsRecord
 from iotmesh.storage.timeseries import Query, SeriesWrite
@@ -321,3 +321,30 @@ async def test_delay_ms_still_commits(monkeypatch: pytest.MonkeyPatch) -> None:
     assert sorted(store.entities()) == ["d0", "d1", "d2"]
     assert pauses
     assert set(pauses) == {0.005}  # the pause asked for before each commit, not a timing
+
+
+async def test_a_refused_batch_fails_only_its_own_sender() -> None:
+    """A batch the store refuses as data does not take the others down with it."""
+
+    class PickyStore(RecordingStore):
+        async def write(self, batch: Sequence[SeriesWrite]) -> None:
+            if any(s.entity_id == "bad" for s in batch):
+                raise PayloadError("cannot store this")
+            await super().write(batch)
+
+    store = PickyStore()
+    writer = BatchWriter(store, WriterSettings())
+    await writer.start()
+    try:
+        results = await asyncio.gather(
+            writer.write([SeriesWrite("good-1", [TsRecord(1, {"v": 1})])]),
+            writer.write([SeriesWrite("bad", [TsRecord(1, {"v": 1})])]),
+            writer.write([SeriesWrite("good-2", [TsRecord(1, {"v": 1})])]),
+            return_exceptions=True,
+        )
+    finally:
+        await writer.stop()
+    assert results[0] is None
+    assert isinstance(results[1], PayloadError)
+    assert results[2] is None
+    assert set(store.entities()) == {"good-1", "good-2"}

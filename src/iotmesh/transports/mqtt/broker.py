@@ -11,10 +11,21 @@ the group, round robin, preferring members that are connected.
 from __future__ import annotations
 
 import itertools
+import logging
+from collections.abc import Callable
 from typing import Any
 
-from iotmesh.proto.mqtt import Publish, Subscription, TopicTree, parse_shared, topic_matches
+from iotmesh.proto.mqtt import (
+    MqttError,
+    Publish,
+    Subscription,
+    TopicTree,
+    parse_shared,
+    topic_matches,
+)
 from iotmesh.transports.mqtt.session import Session, SubscriptionEntry, copy_for
+
+log = logging.getLogger(__name__)
 
 
 class _SharedGroup:
@@ -33,9 +44,14 @@ class _SharedGroup:
 
 
 class Broker:
-    """Subscriptions of every session, and the retained messages."""
+    """Subscriptions of every session, and the retained messages.
 
-    def __init__(self) -> None:
+    `may_receive(session, topic)` is asked for every delivery: a subscription granted
+    on a wildcard must not carry a topic the ACL forbids that client to subscribe to.
+    """
+
+    def __init__(self, may_receive: Callable[[Session, str], bool] | None = None) -> None:
+        self._may_receive = may_receive or (lambda session, topic: True)
         self._tree: TopicTree[Any, Any] = TopicTree()
         self.retained: dict[str, Publish] = {}
         self.routed = 0
@@ -103,10 +119,18 @@ class Broker:
                 retain = retain or known[2]
                 ids = known[3] + ids
             targets[session.client_id] = (session, qos, retain, ids)
+        delivered = 0
         for session, qos, retain, ids in targets.values():
-            session.deliver(copy_for(message, qos, retain, ids))
-        self.routed += len(targets)
-        return len(targets)
+            if not self._may_receive(session, message.topic):
+                continue
+            try:
+                session.deliver(copy_for(message, qos, retain, ids))
+            except MqttError:  # our own fault (an unencodable copy): skip this one only
+                log.exception("delivering %r to %s failed", message.topic, session.client_id)
+                continue
+            delivered += 1
+        self.routed += delivered
+        return delivered
 
     def retained_for(self, topic_filter: str) -> list[Publish]:
         """Retained messages a new subscription to `topic_filter` receives."""
@@ -114,6 +138,10 @@ class Broker:
         if shared is not None:
             return []  # MQTT 4.8.2: retained messages are not sent to shared subscriptions
         return [m for topic, m in self.retained.items() if topic_matches(topic_filter, topic)]
+
+    def retained_for_session(self, session: Session, topic_filter: str) -> list[Publish]:
+        """Like `retained_for`, without topics the session may not receive."""
+        return [m for m in self.retained_for(topic_filter) if self._may_receive(session, m.topic)]
 
 
 def granted_copy(message: Publish, options: Subscription, identifier: int | None) -> Publish:

@@ -24,6 +24,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from iotmesh.core.types import Device
@@ -103,13 +104,15 @@ class MqttConnection(asyncio.Protocol):
         self._reading_paused = False
         self._writing_paused = False
         self._graceful = False
+        self._closing = False  # close() was called: handle no more packets
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._tokens = float(settings.rate_burst)
         self._tokens_at = time.monotonic()
         self.pending_telemetry: list[Any] = []  # filled by the device API per read
         self.peer_certificate: dict[str, Any] | None = None
-        self.push_registered: set[str] = set()  # device-API pushes set up for this client
+        # Device-API pushes set up for this client, by kind, with the function undoing each.
+        self.pushes: dict[str, Callable[[], None]] = {}
         self.gateway_children: dict[str, Device] = {}  # devices a gateway spoke for, by name
 
     # -- asyncio.Protocol -----------------------------------------------------------------
@@ -146,13 +149,13 @@ class MqttConnection(asyncio.Protocol):
         session = self.session
         if session is None or session.connection is not self:
             return
-        if previous == "connected" and not self._graceful and session.will is not None:
-            self.ctx.publish_will(session, session.will)
-        session.will = None
+        will, session.will = session.will, None
         session.detach()
         self.ctx.device_api.on_disconnect(self)
         if not session.persistent:
             self.ctx.end_session(session)
+        if previous == "connected" and not self._graceful and will is not None:
+            self.ctx.publish_will(session, will)
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -201,6 +204,7 @@ class MqttConnection(asyncio.Protocol):
             props = Properties(reason_string=message[:200]) if message else Properties()
             self.send(Disconnect(reason, props))
             self._flush()
+        self._closing = True
         self.transport.close()
 
     def fail(self, exc: MqttError) -> None:
@@ -284,7 +288,7 @@ class MqttConnection(asyncio.Protocol):
     # -- incoming packets -----------------------------------------------------------------
 
     def _drain_reader(self) -> None:
-        while self.state != "closed":
+        while self.state != "closed" and not self._closing:
             try:
                 packets = self.reader.read_packets()
             except MqttError as exc:
@@ -295,7 +299,7 @@ class MqttConnection(asyncio.Protocol):
             for packet in packets:
                 if self.state == "connecting":
                     self._backlog.append(packet)
-                elif self.state == "closed":
+                elif self.state == "closed" or self._closing:
                     return
                 else:
                     self._handle(packet)
@@ -442,7 +446,8 @@ class MqttConnection(asyncio.Protocol):
         if sub.retain_handling == 2 or (sub.retain_handling == 1 and not new):
             return ReasonCode(qos), []
         messages = [
-            granted_copy(m, granted, identifier) for m in self.ctx.broker.retained_for(topic_filter)
+            granted_copy(m, granted, identifier)
+            for m in self.ctx.broker.retained_for_session(session, topic_filter)
         ]
         return ReasonCode(qos), messages
 
@@ -452,7 +457,9 @@ class MqttConnection(asyncio.Protocol):
         codes = []
         for topic_filter in packet.topic_filters:
             existed = session.subscriptions.pop(topic_filter, None) is not None
-            if not self.ctx.device_api.handles(topic_filter):
+            if self.ctx.device_api.handles(topic_filter):
+                self.ctx.device_api.on_unsubscribe(self)
+            else:
                 self.ctx.broker.unsubscribe(session, topic_filter)
             codes.append(ReasonCode.SUCCESS if existed else ReasonCode.NO_SUBSCRIPTION_EXISTED)
         self.send(Unsuback(packet.packet_id, codes))

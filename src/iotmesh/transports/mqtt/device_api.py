@@ -32,7 +32,7 @@ import msgspec
 from iotmesh.commands.client_rpc import answer_client_rpc
 from iotmesh.commands.rpc import RpcRequest, RpcService
 from iotmesh.core.clock import now_ms
-from iotmesh.core.errors import IotmeshError, PayloadError
+from iotmesh.core.errors import AuthError, DeviceGone, IotmeshError, PayloadError
 from iotmesh.core.types import AttributeScope, Device, TsRecord
 from iotmesh.devicestate import AttributeService
 from iotmesh.pipeline.ingest import TelemetryIngest
@@ -139,6 +139,8 @@ class DeviceApi:
                 await work
             except PayloadError as exc:
                 self.reject(conn, slot, ReasonCode.PAYLOAD_FORMAT_INVALID, str(exc))
+            except AuthError as exc:
+                self.reject(conn, slot, ReasonCode.NOT_AUTHORIZED, str(exc))
             except IotmeshError as exc:
                 self.reject(conn, slot, ReasonCode.UNSPECIFIED_ERROR, str(exc))
             else:
@@ -214,36 +216,54 @@ class DeviceApi:
     def on_subscribe(self, conn: MqttConnection, topic_filter: str) -> None:
         """A device subscribed to a device-API topic: start pushing to it."""
         device = conn.principal.device
-        session = conn.session
-        if device is None or session is None:
+        if device is None or conn.session is None:
             return
-        registered = conn.push_registered
-        if "attributes" not in registered and topic_matches(topic_filter, ATTRIBUTES):
-            registered.add("attributes")
+        if subscribed(conn, ATTRIBUTES) and "attributes" not in conn.pushes:
 
             async def push(changed: dict[str, Any], deleted: list[str]) -> None:
                 body = changed if not deleted else {"deleted": deleted}
                 self.send(conn, ATTRIBUTES, json_payload(body))
 
-            session.cleanups.append(self.attributes.listen_shared(device.id, push))
-        if "rpc" not in registered and topic_matches(topic_filter, RPC_REQUEST + "1"):
-            registered.add("rpc")
+            conn.pushes["attributes"] = self.attributes.listen_shared(device.id, push)
+        if subscribed(conn, RPC_REQUEST + "1") and "rpc" not in conn.pushes:
 
             async def deliver(target: Device, request: RpcRequest) -> None:
                 body = {"method": request.method, "params": request.params}
                 if not self.send(conn, f"{RPC_REQUEST}{request.id}", json_payload(body)):
-                    raise PayloadError("the device is not subscribed to RPC requests")
+                    raise DeviceGone("the device is not subscribed to RPC requests")
 
-            session.cleanups.append(self.rpc.attach(device.id, deliver))
+            conn.pushes["rpc"] = self.rpc.attach(device.id, deliver)
         if self.gateway is not None and topic_filter.startswith(GATEWAY_PREFIX):
             self.gateway.on_subscribe(conn, topic_filter)
+
+    def on_unsubscribe(self, conn: MqttConnection) -> None:
+        """Stop the pushes no remaining subscription of the client asks for."""
+        wanted = {
+            "attributes": ATTRIBUTES,
+            "rpc": RPC_REQUEST + "1",
+            "gateway-rpc": "v1/gateway/rpc",
+        }
+        for kind, topic in wanted.items():
+            if kind in conn.pushes and not subscribed(conn, topic):
+                conn.pushes.pop(kind)()
+        if not subscribed(conn, "v1/gateway/attributes"):
+            for kind in [k for k in conn.pushes if k.startswith("shared:")]:
+                conn.pushes.pop(kind)()
 
     def on_connect(self, conn: MqttConnection) -> None:
         """A client finished CONNECT (hook for connectivity state)."""
 
     def on_disconnect(self, conn: MqttConnection) -> None:
-        """A client's connection ended; its pushes were undone by the session."""
-        conn.push_registered.clear()
+        """A client's connection ended: stop every push to it."""
+        pushes, conn.pushes = conn.pushes, {}
+        for undo in pushes.values():
+            undo()
+
+
+def subscribed(conn: MqttConnection, topic: str) -> bool:
+    """Whether any subscription of the client's session matches `topic`."""
+    session = conn.session
+    return session is not None and any(topic_matches(f, topic) for f in session.subscriptions)
 
 
 def _int_id(text: str) -> int:

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 from iotmesh.commands.rpc import RpcRequest
 from iotmesh.core.clock import now_ms
-from iotmesh.core.errors import Conflict, PayloadError
+from iotmesh.core.errors import AuthError, Conflict, DeviceGone, PayloadError
 from iotmesh.core.types import AttributeScope, Device
 from iotmesh.proto.mqtt import Publish, ReasonCode, topic_matches
 from iotmesh.proto.thingsboard import attributes_from_json, decode_json, telemetry_from_json
-from iotmesh.transports.mqtt.device_api import DeviceApi, json_payload
+from iotmesh.transports.mqtt.device_api import DeviceApi, json_payload, subscribed
 
 if TYPE_CHECKING:
     from iotmesh.transports.mqtt.connection import AckSlot, MqttConnection
@@ -62,6 +62,8 @@ class GatewayApi:
         assert gateway is not None
         registry = self._api.registry
         device = await registry.by_name(name)
+        if device is not None and device.gateway_id != gateway.id:
+            raise AuthError(f"device {name!r} does not belong to this gateway")
         if device is None:
             try:
                 device = await registry.create(name, type=type_, gateway_id=gateway.id)
@@ -137,31 +139,26 @@ class GatewayApi:
         session = conn.session
         if gateway is None or session is None or not gateway.gateway:
             return
-        if "gateway-rpc" not in conn.push_registered and topic_matches(topic_filter, RPC):
-            conn.push_registered.add("gateway-rpc")
+        if "gateway-rpc" not in conn.pushes and subscribed(conn, RPC):
 
             async def deliver(target: Device, request: RpcRequest) -> None:
                 data = {"id": request.id, "method": request.method, "params": request.params}
                 body = {"device": target.name, "data": data}
                 if not self._api.send(conn, RPC, json_payload(body)):
-                    raise PayloadError("the gateway is not subscribed to v1/gateway/rpc")
+                    raise DeviceGone("the gateway is not subscribed to v1/gateway/rpc")
 
-            session.cleanups.append(self._api.rpc.attach_gateway(gateway.id, deliver))
+            conn.pushes["gateway-rpc"] = self._api.rpc.attach_gateway(gateway.id, deliver)
         if topic_matches(topic_filter, ATTRIBUTES):
             for device in conn.gateway_children.values():
                 self._watch_shared(conn, device)
 
     def _watch_shared(self, conn: MqttConnection, device: Device) -> None:
         key = f"shared:{device.id}"
-        session = conn.session
-        if key in conn.push_registered or session is None:
+        if key in conn.pushes or not subscribed(conn, ATTRIBUTES):
             return
-        if not any(topic_matches(f, ATTRIBUTES) for f in session.subscriptions):
-            return
-        conn.push_registered.add(key)
 
         async def push(changed: dict[str, Any], deleted: list[str]) -> None:
             data: dict[str, Any] = changed if not deleted else {"deleted": deleted}
             self._api.send(conn, ATTRIBUTES, json_payload({"device": device.name, "data": data}))
 
-        session.cleanups.append(self._api.attributes.listen_shared(device.id, push))
+        conn.pushes[key] = self._api.attributes.listen_shared(device.id, push)

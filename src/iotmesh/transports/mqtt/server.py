@@ -28,7 +28,7 @@ from iotmesh.transports.mqtt.auth import Principal, allowed
 from iotmesh.transports.mqtt.broker import Broker
 from iotmesh.transports.mqtt.connection import MqttConnection
 from iotmesh.transports.mqtt.device_api import DeviceApi
-from iotmesh.transports.mqtt.session import Session
+from iotmesh.transports.mqtt.session import Session, copy_for
 from iotmesh.transports.mqtt.stats import MqttStats
 from iotmesh.transports.sockets import bind_tcp
 
@@ -46,7 +46,7 @@ class ServerContext:
         self.settings = settings
         self.registry = registry
         self.device_api = device_api
-        self.broker = Broker()
+        self.broker = Broker(self._may_receive)
         self.sessions: dict[str, Session] = {}
         self.connections: set[MqttConnection] = set()
         self.stats = MqttStats()
@@ -54,6 +54,9 @@ class ServerContext:
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4).hex()
         self._will_timers: dict[str, asyncio.TimerHandle] = {}
+
+    def _may_receive(self, session: Session, topic: str) -> bool:
+        return allowed(Principal(session.device), topic, "subscribe", self.settings.acl)
 
     def new_client_id(self) -> str:
         """A client id for a client that sent an empty one."""
@@ -94,9 +97,9 @@ class ServerContext:
 
     def publish_will(self, session: Session, will: Will) -> None:
         """Publish a will now, or after its v5 Will Delay Interval."""
-        delay = will.properties.will_delay_interval or 0
-        if session.expiry_s:
-            delay = min(delay, session.expiry_s)
+        # MQTT 5 3.1.3.2.2: the will goes out when the delay ends or the session ends,
+        # whichever is first.
+        delay = min(will.properties.will_delay_interval or 0, session.expiry_s)
         if delay:
             self._will_timers[session.client_id] = self.loop.call_later(
                 delay, self._send_will, session, will
@@ -109,8 +112,9 @@ class ServerContext:
         if not allowed(Principal(session.device), will.topic, "publish", self.settings.acl):
             self.stats.dropped_by_acl += 1
             return
-        props = will.properties
-        message = Publish(will.topic, will.payload, will.qos, will.retain, False, None, props)
+        message = Publish(will.topic, will.payload, will.qos, will.retain)
+        # The will's own properties minus Will Delay Interval, which PUBLISH cannot carry.
+        message = copy_for(message, will.qos, will.retain, [], source=will.properties)
         self.broker.publish(message, session)
         for conn in self.connections:
             conn.flush_later()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from iotmesh.core.types import Device
@@ -55,7 +54,6 @@ class Session:
         self.incoming_qos2: set[int] = set()  # PUBREC sent, waiting for PUBREL
         self._next_id = 1
         self.dropped = 0
-        self.cleanups: list[Callable[[], None]] = []  # undo listener registrations
 
     @property
     def persistent(self) -> bool:
@@ -148,23 +146,33 @@ class Session:
         """The connection is gone."""
         self.connection = None
         self.disconnected_at = time.monotonic()
-        for cleanup in self.cleanups:
-            cleanup()
-        self.cleanups.clear()
 
 
-def copy_for(message: Publish, qos: int, retain: bool, identifiers: list[int]) -> Publish:
-    """The copy of a routed message one subscriber gets."""
-    props = message.properties
-    if identifiers or props.topic_alias is not None:
+_FORWARDED = (
+    "payload_format_indicator",
+    "message_expiry_interval",
+    "content_type",
+    "response_topic",
+    "correlation_data",
+)
+
+
+def copy_for(
+    message: Publish,
+    qos: int,
+    retain: bool,
+    identifiers: list[int],
+    source: Properties | None = None,
+) -> Publish:
+    """The copy of a routed message one subscriber gets.
+
+    Only the properties a receiver may see are forwarded (not the sender's topic alias;
+    `source` lets a will's properties be used, without its Will Delay Interval).
+    """
+    props = message.properties if source is None else source
+    if source is not None or identifiers or props.topic_alias is not None:
         fresh = Properties()
-        for name in (
-            "payload_format_indicator",
-            "message_expiry_interval",
-            "content_type",
-            "response_topic",
-            "correlation_data",
-        ):
+        for name in _FORWARDED:
             value = getattr(props, name)
             if value is not None:
                 setattr(fresh, name, value)

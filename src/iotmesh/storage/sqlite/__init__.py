@@ -1,0 +1,1 @@
+"""SQLite storage: the state store (`state.py`) and the time-series store (`tsdb.py`)."""

@@ -1,0 +1,153 @@
+"""The schema of the time-series database and the SQL the store runs on it.
+
+Schema changes are numbered migrations applied at open (`PRAGMA user_version` holds the
+number applied), like `state.db`. Why the tables look like this is explained in the
+module docstring of `tsdb.py`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import msgspec
+
+from iotmesh.core.errors import StorageError
+from iotmesh.storage.points import Kind
+
+# Migration N turns schema N-1 into schema N. Append only; never edit a released one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE ts_key (
+        id   INTEGER PRIMARY KEY,
+        key  TEXT NOT NULL UNIQUE
+    );
+    CREATE TABLE ts_series (
+        id         INTEGER PRIMARY KEY,
+        entity_id  TEXT NOT NULL,
+        key_id     INTEGER NOT NULL REFERENCES ts_key (id),
+        UNIQUE (entity_id, key_id)
+    );
+    -- A write transaction's points, sorted by (series, ts), as columns, in parts that
+    -- each hold the series min_sid..max_sid. id is write order.
+    CREATE TABLE ts_batch (
+        id       INTEGER PRIMARY KEY,
+        batch    INTEGER NOT NULL,
+        min_sid  INTEGER NOT NULL,
+        max_sid  INTEGER NOT NULL,
+        min_ts   INTEGER NOT NULL,
+        max_ts   INTEGER NOT NULL,
+        n        INTEGER NOT NULL,
+        sids     BLOB NOT NULL,
+        starts   BLOB NOT NULL,
+        ts       BLOB NOT NULL,
+        kinds    BLOB NOT NULL,
+        doubles  BLOB NOT NULL,
+        longs    BLOB,
+        objects  BLOB
+    );
+    CREATE INDEX ts_batch_series ON ts_batch (max_sid, min_sid);
+    -- Points of one series and one kind. id is write order: a new row gets max(id) + 1
+    -- and compaction only reuses the ids of the rows it merges.
+    CREATE TABLE ts_chunk (
+        id         INTEGER PRIMARY KEY,
+        series_id  INTEGER NOT NULL,
+        min_ts     INTEGER NOT NULL,
+        max_ts     INTEGER NOT NULL,
+        n          INTEGER NOT NULL,
+        kind       INTEGER NOT NULL,
+        ts         BLOB NOT NULL,
+        vals       BLOB NOT NULL
+    );
+    CREATE INDEX ts_chunk_range ON ts_chunk (series_id, max_ts, min_ts, n);
+    -- value has no declared type, so SQLite keeps what it is given (REAL stays REAL).
+    CREATE TABLE ts_latest (
+        series_id  INTEGER PRIMARY KEY,
+        ts         INTEGER NOT NULL,
+        kind       INTEGER NOT NULL,
+        value
+    );
+    """,
+)
+
+INSERT_BATCH = """
+    INSERT INTO ts_batch (
+        batch, min_sid, max_sid, min_ts, max_ts, n, sids, starts, ts, kinds, doubles, longs,
+        objects
+    )
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+BATCH_COLUMNS = "sids, starts, ts, kinds, doubles, longs, objects"
+SERIES_BATCHES = f"""
+    SELECT {BATCH_COLUMNS} FROM ts_batch
+    WHERE max_sid >= ?1 AND min_sid <= ?1 AND max_ts >= ?2 AND min_ts <= ?3 ORDER BY id
+"""
+INSERT_CHUNK = """
+    INSERT INTO ts_chunk (id, series_id, min_ts, max_ts, n, kind, ts, vals)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+"""
+CHUNK_META = """
+    SELECT id, min_ts, max_ts, n FROM ts_chunk
+    WHERE series_id = ? AND max_ts >= ? AND min_ts <= ?
+"""
+UPSERT_LATEST = """
+    INSERT INTO ts_latest (series_id, ts, kind, value) VALUES (?, ?, ?, ?)
+    ON CONFLICT (series_id) DO UPDATE
+    SET ts = excluded.ts, kind = excluded.kind, value = excluded.value
+    WHERE excluded.ts >= ts_latest.ts
+"""
+SERIES_ID = """
+    SELECT s.id FROM ts_series s JOIN ts_key k ON k.id = s.key_id
+    WHERE s.entity_id = ? AND k.key = ?
+"""
+LATEST = """
+    SELECT k.key, l.ts, l.kind, l.value
+    FROM ts_series s JOIN ts_key k ON k.id = s.key_id JOIN ts_latest l ON l.series_id = s.id
+    WHERE s.entity_id = ?
+"""
+
+_JSON = msgspec.json.Encoder()
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Apply every migration newer than the database's `user_version`."""
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if version > len(MIGRATIONS):
+        raise StorageError(
+            f"timeseries db has schema {version}, newer than this release knows ({len(MIGRATIONS)})"
+        )
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+
+
+def latest_param(kind: int, value: Any) -> Any:
+    """A value as `ts_latest.value` stores it: bool as 0/1, JSON as JSON text."""
+    if kind == Kind.JSON:
+        return _JSON.encode(value).decode()
+    if kind == Kind.BOOL:
+        return int(value)
+    return value
+
+
+def latest_value(kind: int, value: Any) -> Any:
+    """The value of a `ts_latest` row, in its stored type."""
+    if kind == Kind.DOUBLE:
+        return float(value)
+    if kind == Kind.BOOL:
+        return bool(value)
+    if kind == Kind.JSON:
+        return msgspec.json.decode(value)
+    return value
+
+
+def fetch_chunks(db: sqlite3.Connection, ids: list[int]) -> list[tuple[int, int, bytes, bytes]]:
+    """(id, kind, ts, vals) of chunks `ids`, in id order."""
+    rows: list[tuple[int, int, bytes, bytes]] = []
+    for lo in range(0, len(ids), 500):  # far below SQLite's limit of variables
+        part = ids[lo : lo + 500]
+        marks = ",".join("?" * len(part))
+        rows.extend(
+            db.execute(f"SELECT id, kind, ts, vals FROM ts_chunk WHERE id IN ({marks})", part)
+        )
+    rows.sort()
+    return rows

@@ -1,0 +1,416 @@
+"""Everything that runs on the writer thread: writes, deletes and compaction.
+
+`SeriesWriter` owns the write connection and is only ever called from the store's
+single writer thread, so its caches (series ids) and compaction bookkeeping need no
+locks. Each public method is one transaction, rolled back as a whole on error.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from iotmesh.core.errors import PayloadError
+from iotmesh.core.settings import SqliteSettings
+from iotmesh.storage.points import Kind, merge
+from iotmesh.storage.sqlite import chunks as chunking
+from iotmesh.storage.sqlite import schema
+from iotmesh.storage.sqlite.batches import encode_batch, to_chunks
+from iotmesh.storage.sqlite.compaction import ChunkMeta, plan
+from iotmesh.storage.timeseries import SeriesWrite
+
+log = logging.getLogger(__name__)
+
+_STEP_BUDGET_S = 0.05  # longest compaction step, so that a queued write waits at most that
+_SERIES_PER_TXN = 64  # series merged per compaction transaction
+_PARTS_PER_TXN = 4096  # batch rows (parts of batches) turned into chunks per transaction
+_MAX_CACHED_SERIES = 1_000_000  # bound on the series-id cache (~100 B an entry)
+
+
+class SeriesWriter:
+    """The write side of the store (see the module docstring of `tsdb.py`).
+
+    Args:
+        conn: the write connection, used from the writer thread only.
+        settings: chunk size and compaction threshold.
+        submit: queues a callable on the writer thread (behind pending writes).
+        committed: called after each commit (the store then checkpoints the WAL).
+    """
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        settings: SqliteSettings,
+        submit: Callable[[Callable[[], None]], object],
+        committed: Callable[[], None],
+    ) -> None:
+        self._db = conn
+        self._settings = settings
+        self._submit = submit
+        self._committed = committed
+        # Batch rows are cheap to keep (a query finds a series in one with a binary
+        # search), and the more a flush takes, the bigger the chunks it makes and the
+        # fewer merges follow; so more of them are let wait than small chunks.
+        self._flush_rows = 4 * settings.compact_min_chunks
+        self._series_ids: dict[str, dict[str, int]] = {}
+        self._cached_series = 0
+        self._key_ids: dict[str, int] = {}
+        self._batches = self._pending_batches()
+        (self._next_batch,) = conn.execute(
+            "SELECT coalesce(max(batch), 0) + 1 FROM ts_batch"
+        ).fetchone()
+        self._new_chunks: dict[int, int] = {}  # series -> chunks made since its last merge
+        self._to_merge: dict[int, None] = {}  # an ordered set of series ids
+        self._step_queued = False
+        self.closing = False
+        self._schedule()
+
+    def close(self) -> None:
+        """Close the connection; queued compaction steps then do nothing."""
+        self.closing = True
+        self._db.close()
+
+    def _pending_batches(self) -> int:
+        """Write transactions whose batch rows are not yet turned into chunks."""
+        (count,) = self._db.execute("SELECT count(DISTINCT batch) FROM ts_batch").fetchone()
+        return int(count)
+
+    def _transaction(self, body: Callable[[], Any]) -> Any:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = body()
+            db.execute("COMMIT")
+            self._committed()
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+                # The body may have counted batch rows as moved that now are not.
+                self._batches = self._pending_batches()
+            raise
+        return result
+
+    # -- writes ----------------------------------------------------------------------
+
+    def write(self, batch: Sequence[SeriesWrite]) -> None:
+        """Store `batch` as batch rows and update latest values, in one transaction."""
+        added: list[tuple[str, str]] = []
+        try:
+            stored: bool = self._transaction(lambda: self._write(batch, added))
+        except BaseException:
+            for entity, key in added:  # ids of series that were rolled back
+                self._series_ids[entity].pop(key, None)
+            self._key_ids.clear()
+            raise
+        self._cached_series += len(added)
+        if self._cached_series > _MAX_CACHED_SERIES:
+            self._series_ids.clear()
+            self._cached_series = 0
+        if stored:
+            self._batches += 1
+            self._next_batch += 1
+            self._schedule()
+
+    def _write(self, batch: Sequence[SeriesWrite], added: list[tuple[str, str]]) -> bool:
+        sids: list[int] = []
+        values: list[Any] = []
+        stamps: list[int] = []
+        counts: list[int] = []
+        # The loop runs once per record: bound methods, no per-point Python work.
+        add_sids, add_values = sids.extend, values.extend
+        add_stamp, add_count = stamps.append, counts.append
+        cache = self._series_ids
+        for series in batch:
+            entity = series.entity_id
+            ids = cache.get(entity)
+            if ids is None:
+                ids = cache[entity] = {}
+            lookup = ids.__getitem__
+            for record in series.records:
+                record_values = record.values
+                mark = len(sids)
+                try:
+                    add_sids(map(lookup, record_values))
+                except KeyError:
+                    del sids[mark:]
+                    add_sids(self._ids_of(entity, ids, record_values, added))
+                add_values(record_values.values())
+                add_stamp(record.ts)
+                add_count(len(record_values))
+        if not sids:
+            return False
+        try:
+            ts = np.repeat(np.array(stamps, np.int64), counts)
+            rows, latest = encode_batch(sids, ts, values)
+        except (OverflowError, TypeError, msgspec.EncodeError) as exc:
+            raise PayloadError(f"a telemetry value or timestamp cannot be stored: {exc}") from exc
+        batch_no = self._next_batch
+        self._db.executemany(
+            schema.INSERT_BATCH,
+            [
+                (
+                    batch_no,
+                    r.min_sid,
+                    r.max_sid,
+                    r.min_ts,
+                    r.max_ts,
+                    r.n,
+                    r.sids,
+                    r.starts,
+                    r.ts,
+                    r.kinds,
+                    r.doubles,
+                    r.longs,
+                    r.objects,
+                )
+                for r in rows
+            ],
+        )
+        self._db.executemany(schema.UPSERT_LATEST, latest)
+        return True
+
+    def _ids_of(
+        self,
+        entity: str,
+        ids: dict[str, int],
+        keys: Iterable[str],
+        added: list[tuple[str, str]],
+    ) -> list[int]:
+        """The series ids of `keys` of `entity`, creating the missing series."""
+        out = []
+        for key in keys:
+            sid = ids.get(key)
+            if sid is None:
+                sid = ids[key] = self._create_series(entity, key)
+                added.append((entity, key))
+            out.append(sid)
+        return out
+
+    def _create_series(self, entity: str, key: str) -> int:
+        """The id of a series not in the cache: looked up, or inserted."""
+        db = self._db
+        kid = self._key_ids.get(key)
+        if kid is None:
+            row = db.execute("SELECT id FROM ts_key WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                row = db.execute(
+                    "INSERT INTO ts_key (key) VALUES (?) RETURNING id", (key,)
+                ).fetchone()
+            kid = self._key_ids[key] = int(row[0])
+        row = db.execute(
+            "SELECT id FROM ts_series WHERE entity_id = ? AND key_id = ?", (entity, kid)
+        ).fetchone()
+        if row is None:
+            row = db.execute(
+                "INSERT INTO ts_series (entity_id, key_id) VALUES (?, ?) RETURNING id",
+                (entity, kid),
+            ).fetchone()
+        return int(row[0])
+
+    # -- deletes ---------------------------------------------------------------------
+
+    def delete(self, entity_id: str, keys: Sequence[str], start_ts: int, end_ts: int) -> int:
+        """Delete points of some keys in a range; return how many were deleted."""
+        result: int = self._transaction(lambda: self._delete(entity_id, keys, start_ts, end_ts))
+        return result
+
+    def _delete(self, entity_id: str, keys: Sequence[str], start_ts: int, end_ts: int) -> int:
+        # Batch rows hold many series; rather than rewrite them, move everything into
+        # chunks first (rare: deletes are rare), then delete from chunks only.
+        self._flush_batches(everything=True)
+        deleted = 0
+        for key in dict.fromkeys(keys):
+            row = self._db.execute(schema.SERIES_ID, (entity_id, key)).fetchone()
+            if row is not None:
+                deleted += self._delete_series(int(row[0]), start_ts, end_ts)
+        return deleted
+
+    def _delete_series(self, sid: int, start_ts: int, end_ts: int) -> int:
+        db = self._db
+        metas = db.execute(schema.CHUNK_META, (sid, start_ts, end_ts)).fetchall()
+        gone: set[int] = set()
+        for cid, kind, ts_blob, vals in schema.fetch_chunks(db, [m[0] for m in metas]):
+            points = chunking.decode(kind, ts_blob, vals)
+            inside = (points.ts >= start_ts) & (points.ts <= end_ts)
+            if not inside.any():
+                continue
+            gone.update(points.ts[inside].tolist())
+            if inside.all():
+                db.execute("DELETE FROM ts_chunk WHERE id = ?", (cid,))
+                continue
+            # Rewritten in place (same id), so its points keep their write order.
+            keep = points.take(np.flatnonzero(~inside))
+            c = chunking.encode_run(keep, Kind(kind), 0, len(keep))
+            db.execute(
+                "UPDATE ts_chunk SET min_ts = ?, max_ts = ?, n = ?, ts = ?, vals = ? WHERE id = ?",
+                (c.min_ts, c.max_ts, c.n, c.ts, c.vals, cid),
+            )
+        if gone:
+            self._recompute_latest(sid)
+        return len(gone)
+
+    def _recompute_latest(self, sid: int) -> None:
+        row = self._db.execute(
+            "SELECT kind, ts, vals FROM ts_chunk WHERE series_id = ?1 AND max_ts ="
+            " (SELECT max(max_ts) FROM ts_chunk WHERE series_id = ?1) ORDER BY id DESC LIMIT 1",
+            (sid,),
+        ).fetchone()
+        if row is None:
+            self._db.execute("DELETE FROM ts_latest WHERE series_id = ?", (sid,))
+            return
+        points = chunking.decode(*row)
+        (value,) = points.values(len(points) - 1)
+        kind = int(points.kinds[-1])
+        self._db.execute(
+            "INSERT OR REPLACE INTO ts_latest (series_id, ts, kind, value) VALUES (?, ?, ?, ?)",
+            (sid, int(points.ts[-1]), kind, schema.latest_param(kind, value)),
+        )
+
+    def delete_entity(self, entity_id: str) -> None:
+        """Delete every series of an entity."""
+        sids: list[int] = self._transaction(lambda: self._delete_entity(entity_id))
+        cached = self._series_ids.pop(entity_id, None)
+        self._cached_series -= 0 if cached is None else len(cached)
+        for sid in sids:
+            self._new_chunks.pop(sid, None)
+            self._to_merge.pop(sid, None)
+
+    def _delete_entity(self, entity_id: str) -> list[int]:
+        self._flush_batches(everything=True)
+        db = self._db
+        rows = db.execute("SELECT id FROM ts_series WHERE entity_id = ?", (entity_id,))
+        sids = [int(row[0]) for row in rows]
+        db.executemany("DELETE FROM ts_chunk WHERE series_id = ?", [(s,) for s in sids])
+        db.executemany("DELETE FROM ts_latest WHERE series_id = ?", [(s,) for s in sids])
+        db.execute("DELETE FROM ts_series WHERE entity_id = ?", (entity_id,))
+        return sids
+
+    # -- compaction ------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        """Queue a compaction step behind pending writes, if there is work and none is."""
+        due = self._batches >= self._flush_rows or self._to_merge
+        if due and not self._step_queued and not self.closing:
+            self._step_queued = True
+            self._submit(self._step)
+
+    def _step(self) -> None:
+        """One compaction step of at most about `_STEP_BUDGET_S`."""
+        self._step_queued = False
+        if self.closing:
+            return
+        deadline = time.perf_counter() + _STEP_BUDGET_S
+        try:
+            if self._batches >= self._flush_rows:
+                self._transaction(lambda: self._flush_batches(everything=False))
+            while self._to_merge and time.perf_counter() < deadline:
+                self._merge_some()
+        except sqlite3.Error as exc:
+            # Nothing is lost: the rows stay as they were; the next write queues a retry.
+            log.warning("time-series compaction failed: %s", exc)
+            return
+        except Exception:
+            # Nobody awaits this step: log here, or the error would vanish with its future.
+            log.exception("time-series compaction failed")
+            return
+        self._schedule()
+
+    def compact_all(self) -> int:
+        """Turn every batch row into chunks and merge every series due; return merges."""
+        self._transaction(lambda: self._flush_batches(everything=True))
+        merged = 0
+        while self._to_merge:
+            merged += self._merge_some()
+        return merged
+
+    def _flush_batches(self, everything: bool) -> None:
+        """Move the oldest batch rows (all of them if `everything`) into chunks.
+
+        Rows are taken in id (write) order; a cut inside one batch is harmless, since
+        its rows hold different series.
+        """
+        db = self._db
+        while self._batches:
+            rows = db.execute(
+                f"SELECT id, {schema.BATCH_COLUMNS} FROM ts_batch ORDER BY id LIMIT ?",
+                (_PARTS_PER_TXN,),
+            ).fetchall()
+            if rows:
+                made = to_chunks([row[1:] for row in rows], self._settings.chunk_max_points)
+                db.executemany(
+                    schema.INSERT_CHUNK,
+                    [(None, s, c.min_ts, c.max_ts, c.n, c.kind, c.ts, c.vals) for s, c in made],
+                )
+                db.execute("DELETE FROM ts_batch WHERE id <= ?", (rows[-1][0],))
+                self._count_chunks([s for s, _ in made])
+            self._batches = self._pending_batches()
+            if not everything:
+                break
+
+    def _count_chunks(self, sids: list[int]) -> None:
+        threshold = self._settings.compact_min_chunks
+        new_chunks = self._new_chunks
+        for sid in sids:
+            count = new_chunks.get(sid, 0) + 1
+            new_chunks[sid] = count
+            if count >= threshold:
+                self._to_merge[sid] = None
+
+    def _merge_some(self) -> int:
+        """Merge the small chunks of up to `_SERIES_PER_TXN` due series, in one transaction.
+
+        The statements are shared by all those series (one select of chunk metadata,
+        one fetch of the blobs, one delete, one insert): per-statement overhead, not
+        per-row work, is what a merge of a few small chunks mostly costs.
+        """
+        sids = list(self._to_merge)[:_SERIES_PER_TXN]
+        for sid in sids:
+            del self._to_merge[sid]
+            self._new_chunks.pop(sid, None)
+        merged: int = self._transaction(lambda: self._merge_series(sids))
+        return merged
+
+    def _merge_series(self, sids: list[int]) -> int:
+        db = self._db
+        max_points = self._settings.chunk_max_points
+        marks = ",".join("?" * len(sids))
+        metas: dict[int, list[ChunkMeta]] = {sid: [] for sid in sids}
+        for sid, *meta in db.execute(
+            "SELECT series_id, id, n, kind, min_ts, max_ts FROM ts_chunk"
+            f" WHERE series_id IN ({marks}) ORDER BY series_id, id",
+            sids,
+        ):
+            metas[sid].append(ChunkMeta(*meta))
+        groups = [
+            (sid, ids)
+            for sid in sids
+            for ids in plan(metas[sid], max_points, self._settings.compact_min_chunks)
+        ]
+        if not groups:
+            return 0
+        blobs = {
+            row[0]: row[1:]
+            for row in schema.fetch_chunks(db, [i for _, ids in groups for i in ids])
+        }
+        by_id = {m.id: m for sid, _ in groups for m in metas[sid]}
+        inserts: list[tuple[Any, ...]] = []
+        for sid, ids in groups:
+            group = [by_id[i] for i in ids]
+            out = chunking.concat_chunks(group, [blobs[i][1:] for i in ids], max_points)
+            if out is None:  # overlapping, or of several kinds: decode, sort, encode
+                points = merge([chunking.decode(*blobs[i]) for i in ids])
+                out = chunking.encode_points(points, max_points)
+            reuse = ids[len(ids) - len(out) :]  # ids stay in the merged run's id range
+            inserts.extend(
+                (cid, sid, c.min_ts, c.max_ts, c.n, c.kind, c.ts, c.vals)
+                for cid, c in zip(reuse, out, strict=True)
+            )
+        db.executemany("DELETE FROM ts_chunk WHERE id = ?", [(i,) for i in blobs])
+        db.executemany(schema.INSERT_CHUNK, inserts)
+        return len(groups)

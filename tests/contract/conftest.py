@@ -1,0 +1,65 @@
+"""The `store` fixture: one TimeSeriesStore per backend, fresh for each test.
+
+To add a backend, append a `Backend` to `BACKENDS`: a name (the pytest id), a factory
+building an unopened store from a tmp dir, and `settle`, which waits until background
+work (compaction, rollups) has finished so tests can check it changes no answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from iotmesh.core.settings import SqliteSettings
+from iotmesh.storage.sqlite.tsdb import SqliteTimeSeriesStore
+from iotmesh.storage.timeseries import TimeSeriesStore
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How the contract suite builds and settles one backend."""
+
+    name: str
+    make: Callable[[Path], TimeSeriesStore]
+    settle: Callable[[TimeSeriesStore], Awaitable[None]]
+
+
+async def no_background_work(store: TimeSeriesStore) -> None:
+    """`settle` of a backend that does nothing in the background."""
+
+
+async def _sqlite_settle(store: TimeSeriesStore) -> None:
+    assert isinstance(store, SqliteTimeSeriesStore)
+    await store.compact()
+
+
+def _sqlite(tmp_path: Path) -> TimeSeriesStore:
+    # Small chunks and an early compaction, so a test's few points exercise both.
+    settings = SqliteSettings(chunk_max_points=16, compact_min_chunks=3)
+    return SqliteTimeSeriesStore(tmp_path / "timeseries.db", settings)
+
+
+BACKENDS = [
+    Backend("sqlite", _sqlite, _sqlite_settle),
+]
+
+
+@pytest.fixture(params=BACKENDS, ids=lambda b: b.name)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """The backend under test."""
+    b: Backend = request.param
+    return b
+
+
+@pytest.fixture
+async def store(backend: Backend, tmp_path: Path) -> AsyncIterator[TimeSeriesStore]:
+    """An opened, empty store; closed after the test."""
+    s = backend.make(tmp_path)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
