@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -58,7 +59,7 @@ from iotmesh.proto.mqtt import (
 )
 from iotmesh.transports.mqtt.auth import LoginRefused, Principal, allowed, authenticate
 from iotmesh.transports.mqtt.broker import granted_copy
-from iotmesh.transports.mqtt.session import Session, SubscriptionEntry
+from iotmesh.transports.mqtt.session import Session, SubscriptionEntry, copy_for
 
 if TYPE_CHECKING:
     from iotmesh.transports.mqtt.server import ServerContext
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
+LINGER_S = 0.5
 
 
 class AckSlot:
@@ -96,6 +98,8 @@ class MqttConnection(asyncio.Protocol):
         self.last_rx = time.monotonic()
         self.client_receive_max = 65535
         self.client_max_packet: int | None = None
+        self.client_alias_max = 0  # topic aliases the client lets us use (v5)
+        self._out_aliases: dict[str, int] = {}
         self._aliases: dict[int, str] = {}
         self._acks: collections.deque[AckSlot] = collections.deque()
         self._backlog: list[Packet] = []
@@ -105,6 +109,7 @@ class MqttConnection(asyncio.Protocol):
         self._writing_paused = False
         self._graceful = False
         self._closing = False  # close() was called: handle no more packets
+        self._eof = False  # our side of the socket is shut: write nothing more
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._tokens = float(settings.rate_burst)
@@ -178,12 +183,40 @@ class MqttConnection(asyncio.Protocol):
 
     def send_publish(self, message: Publish) -> None:
         """Send a message the session routed to this client."""
+        if self.client_alias_max:
+            message = self._with_alias(message)
         if self.client_max_packet is not None:
             data = encode(message, self.version)
             if len(data) > self.client_max_packet:
                 return  # MQTT 3.1.2.25: discard what the client said it cannot take
         self.ctx.stats.messages_out += 1
         self.send(message)
+
+    def _with_alias(self, message: Publish) -> Publish:
+        """Use a v5 topic alias towards a client that allows them: the first message
+        on a topic sets the alias, later ones send it with an empty topic name."""
+        alias = self._out_aliases.get(message.topic)
+        topic = ""
+        if alias is None:
+            if len(self._out_aliases) >= self.client_alias_max:
+                return message
+            alias = len(self._out_aliases) + 1
+            self._out_aliases[message.topic] = alias
+            topic = message.topic
+        props = copy_for(message, message.qos, message.retain, [], source=message.properties)
+        props.properties.subscription_identifiers = list(
+            message.properties.subscription_identifiers
+        )
+        props.properties.topic_alias = alias
+        return Publish(
+            topic,
+            message.payload,
+            message.qos,
+            message.retain,
+            message.dup,
+            message.packet_id,
+            props.properties,
+        )
 
     def can_send(self, inflight: int) -> bool:
         """Whether another QoS 1/2 message may go out now."""
@@ -192,19 +225,34 @@ class MqttConnection(asyncio.Protocol):
         return inflight < min(self.client_receive_max, self.ctx.settings.max_inflight)
 
     def _flush(self) -> None:
-        if self._out and self.transport is not None and not self.transport.is_closing():
+        if (
+            self._out
+            and self.transport is not None
+            and not self._eof
+            and not self.transport.is_closing()
+        ):
             self.transport.writelines(self._out)
         self._out = []
 
     def close(self, reason: ReasonCode | None = None, message: str = "") -> None:
         """End the connection; v5 clients get a DISCONNECT with `reason` first."""
-        if self.state == "closed" or self.transport is None:
+        if self.state == "closed" or self.transport is None or self._closing:
             return
+        self._closing = True
         if reason is not None and self.version == 5 and self.state == "connected":
             props = Properties(reason_string=message[:200]) if message else Properties()
             self.send(Disconnect(reason, props))
             self._flush()
-        self._closing = True
+            # Linger: the client may still be sending (e.g. PUBRELs) and must get to read
+            # the DISCONNECT instead of a broken pipe. Our side is finished; the socket is
+            # closed shortly after, whatever the client does.
+            self._pause_reading()
+            self._eof = True
+            with contextlib.suppress(OSError):
+                if self.transport.can_write_eof():
+                    self.transport.write_eof()
+            self.ctx.loop.call_later(LINGER_S, self.transport.close)
+            return
         self.transport.close()
 
     def fail(self, exc: MqttError) -> None:
@@ -328,6 +376,15 @@ class MqttConnection(asyncio.Protocol):
             return
         self._resolve_alias(packet)
         self._rate_limit()
+        if (
+            packet.qos
+            and self.version == 5
+            and self._unfinished() >= self.ctx.settings.receive_maximum
+        ):
+            raise ProtocolError(
+                "more unacknowledged QoS 1/2 messages than the receive maximum",
+                reason_code=ReasonCode.RECEIVE_MAXIMUM_EXCEEDED,
+            )
         slot = self.ack_slot(packet)
         topic = packet.topic
         if not allowed(self.principal, topic, "publish", self.ctx.settings.acl):
@@ -340,6 +397,10 @@ class MqttConnection(asyncio.Protocol):
             return
         count = self.ctx.broker.publish(packet, self.session)
         self.complete(slot, ReasonCode.SUCCESS if count else ReasonCode.NO_MATCHING_SUBSCRIBERS)
+
+    def _unfinished(self) -> int:
+        """Incoming QoS 1/2 messages not yet finished (no PUBACK / PUBCOMP sent)."""
+        return len(self._acks) + len(self._incoming_qos2())
 
     def _incoming_qos2(self) -> set[int]:
         return self.session.incoming_qos2 if self.session is not None else set()
@@ -537,6 +598,7 @@ class MqttConnection(asyncio.Protocol):
         if self.version == 5:
             self.client_receive_max = props.receive_maximum or 65535
             self.client_max_packet = props.maximum_packet_size
+            self.client_alias_max = props.topic_alias_maximum or 0
             expiry = props.session_expiry_interval or 0
         else:
             expiry = 0 if packet.clean_start else ctx.settings.max_session_expiry_s

@@ -73,7 +73,10 @@ class ServerContext:
         if session is not None and session.connection is not None:
             old = session.connection
             session.connection = None
-            old.takeover()
+            try:
+                old.takeover()
+            except Exception:  # the old socket's state must not cost the new client its login
+                log.exception("closing the taken-over connection of %s failed", client_id)
             if session.will is not None:
                 self.publish_will(session, session.will)
                 session.will = None

@@ -49,7 +49,8 @@ class Session:
         self.disconnected_at: float | None = None
         self.will: Will | None = None
         self._max_queued = max_queued
-        self.queue: collections.deque[Publish] = collections.deque()
+        # Waiting messages with the time they were queued (for v5 message expiry).
+        self.queue: collections.deque[tuple[Publish, float]] = collections.deque()
         self.inflight: dict[int, Publish | Pubrel] = {}
         self.incoming_qos2: set[int] = set()  # PUBREC sent, waiting for PUBREL
         self._next_id = 1
@@ -87,13 +88,13 @@ class Session:
 
     def _enqueue(self, message: Publish) -> None:
         if len(self.queue) >= self._max_queued:
-            oldest_qos0 = next((m for m in self.queue if m.qos == 0), None)
+            oldest_qos0 = next((item for item in self.queue if item[0].qos == 0), None)
             if oldest_qos0 is None:
                 self.dropped += 1
                 return
             self.queue.remove(oldest_qos0)
             self.dropped += 1
-        self.queue.append(message)
+        self.queue.append((message, time.monotonic()))
 
     def _send(self, conn: MqttConnection, message: Publish) -> None:
         if message.qos > 0:
@@ -114,7 +115,10 @@ class Session:
         """Send queued messages while the client has room (after an ack, on resume)."""
         conn = self.connection
         while conn is not None and self.queue and conn.can_send(len(self.inflight)):
-            self._send(conn, self.queue.popleft())
+            message, queued_at = self.queue.popleft()
+            fresh = _unexpired(message, time.monotonic() - queued_at)
+            if fresh is not None:
+                self._send(conn, fresh)
 
     def acknowledged(self, packet_id: int) -> bool:
         """PUBACK or PUBCOMP arrived: the message is done."""
@@ -146,6 +150,21 @@ class Session:
         """The connection is gone."""
         self.connection = None
         self.disconnected_at = time.monotonic()
+
+
+def _unexpired(message: Publish, waited_s: float) -> Publish | None:
+    """The message with its v5 Message Expiry Interval reduced by the time it waited,
+    or None when it expired meanwhile (MQTT 3.3.2.3.3: it must not be sent)."""
+    expiry = message.properties.message_expiry_interval
+    if expiry is None or waited_s < 1:
+        return message
+    remaining = expiry - int(waited_s)
+    if remaining <= 0:
+        return None
+    fresh = copy_for(message, message.qos, message.retain, [], source=message.properties)
+    fresh.properties.subscription_identifiers = list(message.properties.subscription_identifiers)
+    fresh.properties.message_expiry_interval = remaining
+    return fresh
 
 
 _FORWARDED = (
