@@ -44,6 +44,11 @@ class CredentialsRotate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     access_token: str | None = Field(None, description="Generated when absent.")
+    certificate_pem: str | None = Field(
+        None,
+        description="An X.509 client certificate (PEM) the device may log in with over"
+        " MQTT/TLS; given alone it is added and the access token is kept.",
+    )
 
 
 class DeviceOut(BaseModel):
@@ -57,6 +62,7 @@ class DeviceOut(BaseModel):
     access_token: str
     gateway: bool
     gateway_id: str | None
+    cert_fingerprint: str | None
 
 
 class DevicePageOut(BaseModel):
@@ -129,6 +135,11 @@ async def delete_device(device_id: str, ctx: Ctx) -> None:
 async def rotate_credentials(
     device_id: str, ctx: Ctx, body: CredentialsRotate | None = None
 ) -> MsgspecResponse:
-    """Give the device a new access token; the old one stops working at once."""
+    """Give the device a new access token (the old one stops working at once), or
+    register its X.509 client certificate."""
+    if body is not None and body.certificate_pem is not None:
+        device = await ctx.registry.set_certificate(device_id, body.certificate_pem)
+        if body.access_token is None:
+            return MsgspecResponse(device)
     token = body.access_token if body else None
     return MsgspecResponse(await ctx.registry.rotate_token(device_id, token))

@@ -75,6 +75,7 @@ class Device(msgspec.Struct):
     access_token: str
     gateway: bool = False
     gateway_id: str | None = None
+    cert_fingerprint: str | None = None  # SHA-256 of an X.509 client certificate (hex)
 
 
 class AttributeScope(enum.StrEnum):

@@ -9,7 +9,9 @@ writer of its state store in the all-in-one mode).
 from __future__ import annotations
 
 import collections
+import hashlib
 import re
+import ssl
 
 import msgspec
 
@@ -25,6 +27,24 @@ from iotmesh.storage.state import StateStore
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9._~\-]{1,128}$")
 _MAX_NAME = 255
 _CACHE_SIZE = 100_000
+
+
+def der_fingerprint(der: bytes) -> str:
+    """The SHA-256 fingerprint (hex) of a DER certificate, as credentials store it."""
+    return hashlib.sha256(der).hexdigest()
+
+
+def pem_fingerprint(pem: str) -> str:
+    """The fingerprint of a PEM certificate.
+
+    Raises:
+        PayloadError: not a PEM certificate.
+    """
+    try:
+        der = ssl.PEM_cert_to_DER_cert(pem.strip())
+    except ValueError as exc:
+        raise PayloadError(f"not a PEM certificate: {exc}") from None
+    return der_fingerprint(der)
 
 
 class DeviceUpdate(msgspec.Struct, omit_defaults=True):
@@ -141,6 +161,30 @@ class DeviceRegistry(Service):
         await self._state.set_access_token(device_id, token)
         self._forget(device.access_token)
         return msgspec.structs.replace(device, access_token=token)
+
+    async def set_certificate(self, device_id: str, certificate_pem: str | None) -> Device:
+        """Let the device log in with this X.509 certificate (None: remove it).
+
+        Raises:
+            PayloadError: the text is not a PEM certificate.
+            Conflict: another device uses this certificate.
+        """
+        device = await self.get(device_id)
+        fingerprint = None if certificate_pem is None else pem_fingerprint(certificate_pem)
+        await self._state.set_certificate(device_id, fingerprint)
+        self._forget(device.access_token)
+        return msgspec.structs.replace(device, cert_fingerprint=fingerprint)
+
+    async def authenticate_certificate(self, der: bytes) -> Device:
+        """The device a client certificate (DER bytes) belongs to.
+
+        Raises:
+            AuthError: no device has this certificate.
+        """
+        device = await self._state.device_by_certificate(der_fingerprint(der))
+        if device is None:
+            raise AuthError("unknown client certificate")
+        return device
 
     async def delete(self, device_id: str) -> Device:
         """Delete the device; its token stops working at once."""

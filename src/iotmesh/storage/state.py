@@ -50,6 +50,17 @@ class StateStore(Protocol):
             Conflict: the new name is taken.
         """
 
+    async def device_by_certificate(self, fingerprint: str) -> Device | None:
+        """The device whose X.509 certificate has this SHA-256 fingerprint, or None."""
+
+    async def set_certificate(self, device_id: str, fingerprint: str | None) -> None:
+        """Set (or clear, with None) the device's certificate fingerprint.
+
+        Raises:
+            NotFound: no such device.
+            Conflict: another device has this certificate.
+        """
+
     async def set_access_token(self, device_id: str, access_token: str) -> None:
         """Replace the device's access token.
 

@@ -53,10 +53,17 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (device_id, scope, key)
     ) WITHOUT ROWID;
     """,
+    # 3: X.509 client certificates as device credentials (SHA-256 fingerprint, hex).
+    """
+    ALTER TABLE credentials ADD COLUMN cert_fingerprint TEXT;
+    CREATE UNIQUE INDEX credentials_cert ON credentials (cert_fingerprint)
+        WHERE cert_fingerprint IS NOT NULL;
+    """,
 )
 
 _SELECT_DEVICE = """
-    SELECT d.id, d.name, d.type, d.label, d.created_ts, c.access_token, d.gateway, d.gateway_id
+    SELECT d.id, d.name, d.type, d.label, d.created_ts, c.access_token, d.gateway, d.gateway_id,
+           c.cert_fingerprint
     FROM devices d JOIN credentials c ON c.device_id = d.id
 """
 
@@ -71,6 +78,7 @@ def _device(row: tuple[Any, ...]) -> Device:
         access_token=row[5],
         gateway=bool(row[6]),
         gateway_id=row[7],
+        cert_fingerprint=row[8],
     )
 
 
@@ -80,6 +88,8 @@ def _conflict(exc: sqlite3.IntegrityError) -> Conflict:
         return Conflict("a device with this name already exists")
     if "credentials.access_token" in text:
         return Conflict("this access token is already used by another device")
+    if "credentials.cert_fingerprint" in text:
+        return Conflict("this certificate is already used by another device")
     return Conflict(text)
 
 
@@ -221,6 +231,26 @@ class SqliteStateStore:
         )
         if count == 0:
             raise NotFound(f"device {device.id} does not exist")
+
+    async def device_by_certificate(self, fingerprint: str) -> Device | None:
+        row = await self._run(
+            lambda: self._db.execute(
+                _SELECT_DEVICE + " WHERE c.cert_fingerprint = ?", (fingerprint,)
+            ).fetchone()
+        )
+        return None if row is None else _device(row)
+
+    async def set_certificate(self, device_id: str, fingerprint: str | None) -> None:
+        (count,) = await self._run(
+            lambda: self._transaction(
+                (
+                    "UPDATE credentials SET cert_fingerprint = ? WHERE device_id = ?",
+                    (fingerprint, device_id),
+                )
+            )
+        )
+        if count == 0:
+            raise NotFound(f"device {device_id} does not exist")
 
     async def set_access_token(self, device_id: str, access_token: str) -> None:
         (count,) = await self._run(

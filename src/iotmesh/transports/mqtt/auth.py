@@ -1,9 +1,11 @@
 """Who a client is (CONNECT authentication) and what it may touch (ACL).
 
 Authentication, as ThingsBoard devices expect: the MQTT user name is the device's
-access token (the password is ignored). Without a user name the client is anonymous,
-accepted only when `mqtt.allow_anonymous` is set. An unknown token is refused with
-"not authorized" (v5 0x87, v3.1.1 return code 5), like ThingsBoard.
+access token (the password is ignored), or, over TLS, a client certificate whose
+SHA-256 fingerprint is registered for the device (X.509 credentials). Without either
+the client is anonymous, accepted only when `mqtt.allow_anonymous` is set. An unknown
+token is refused with "not authorized" (v5 0x87, v3.1.1 return code 5), like
+ThingsBoard.
 
 Authorisation: a device may use its own `v1/devices/me/...` topics; a gateway also
 `v1/gateway/...`. Every other topic is decided by `mqtt.acl`: the first rule whose
@@ -50,13 +52,28 @@ class LoginRefused(Exception):
 
 
 async def authenticate(
-    connect: Connect, registry: DeviceRegistry, allow_anonymous: bool
+    connect: Connect,
+    registry: DeviceRegistry,
+    allow_anonymous: bool,
+    client_certificate: bytes | None = None,
 ) -> Principal:
     """Decide who the client is.
+
+    Args:
+        client_certificate: the DER certificate the client presented over TLS, if any;
+            a registered one identifies the device without a token.
 
     Raises:
         LoginRefused: unknown token, or no credentials where anonymous is not allowed.
     """
+    if client_certificate is not None:
+        try:
+            return Principal(await registry.authenticate_certificate(client_certificate))
+        except AuthError:
+            if not connect.username:
+                raise LoginRefused(
+                    ReasonCode.NOT_AUTHORIZED, "unknown client certificate"
+                ) from None
     if connect.username:
         try:
             return Principal(await registry.authenticate(connect.username))

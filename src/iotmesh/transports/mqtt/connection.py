@@ -115,7 +115,7 @@ class MqttConnection(asyncio.Protocol):
         self._tokens = float(settings.rate_burst)
         self._tokens_at = time.monotonic()
         self.pending_telemetry: list[Any] = []  # filled by the device API per read
-        self.peer_certificate: dict[str, Any] | None = None
+        self.client_certificate: bytes | None = None  # DER, from a TLS client
         # Device-API pushes set up for this client, by kind, with the function undoing each.
         self.pushes: dict[str, Callable[[], None]] = {}
         self.gateway_children: dict[str, Device] = {}  # devices a gateway spoke for, by name
@@ -125,6 +125,9 @@ class MqttConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        tls = transport.get_extra_info("ssl_object")
+        if tls is not None:
+            self.client_certificate = tls.getpeercert(binary_form=True)
         self.ctx.connections.add(self)
         self.ctx.stats.connections += 1
         self.ctx.stats.connections_total += 1
@@ -574,7 +577,9 @@ class MqttConnection(asyncio.Protocol):
         try:
             if len(ctx.connections) > ctx.settings.max_connections:
                 raise LoginRefused(ReasonCode.SERVER_BUSY, "too many connections")
-            self.principal = await authenticate(packet, ctx.registry, ctx.settings.allow_anonymous)
+            self.principal = await authenticate(
+                packet, ctx.registry, ctx.settings.allow_anonymous, self.client_certificate
+            )
             client_id = packet.client_id
             if not client_id:
                 if self.version == 4 and not packet.clean_start:
