@@ -8,6 +8,8 @@ device after `submit` returns and never before.
 
 from __future__ import annotations
 
+import itertools
+
 from iotmesh.bus import subjects
 from iotmesh.bus.interface import Publisher
 from iotmesh.core.clock import now_ms
@@ -22,6 +24,10 @@ class TelemetryIngest:
     def __init__(self, bus: Publisher, enqueue_timeout_s: float | None) -> None:
         self._bus = bus
         self._timeout = enqueue_timeout_s
+        # Message ids: unique per process start and message, far cheaper than a uuid4
+        # per message on the hot path.
+        self._prefix = new_id()
+        self._counter = itertools.count()
 
     async def submit(self, device_id: str, records: list[TsRecord]) -> None:
         """Publish one upload; return when it is durable.
@@ -31,7 +37,10 @@ class TelemetryIngest:
             BusError: the pipeline gave the message up.
         """
         message = TelemetryMessage(
-            msg_id=new_id(), device_id=device_id, received_ts=now_ms(), records=records
+            msg_id=f"{self._prefix}-{next(self._counter)}",
+            device_id=device_id,
+            received_ts=now_ms(),
+            records=records,
         )
         await self._bus.publish(
             subjects.telemetry_subject(device_id),

@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
+MAX_SUBMITS = 2  # telemetry batches of one connection in the pipeline at once
 LINGER_S = 0.5
 
 
@@ -111,6 +112,8 @@ class MqttConnection(asyncio.Protocol):
         self._closing = False  # close() was called: handle no more packets
         self._eof = False  # our side of the socket is shut: write nothing more
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._detached: set[asyncio.Task[Any]] = set()  # run on after the connection ends
+        self._submits = 0  # telemetry submits in flight
         self._timer: asyncio.TimerHandle | None = None
         self._tokens = float(settings.rate_burst)
         self._tokens_at = time.monotonic()
@@ -311,7 +314,11 @@ class MqttConnection(asyncio.Protocol):
                 self._out.append(encode(Pubrec(head.packet_id, head.reason), self.version))
         if sent and not self._corked:
             self._flush()
-        if self._reading_paused and len(acks) < self.ctx.settings.receive_maximum // 2 + 1:
+        if (
+            self._reading_paused
+            and len(acks) < self.ctx.settings.receive_maximum // 2 + 1
+            and self._submits < MAX_SUBMITS
+        ):
             self._resume_reading()
 
     def _pause_reading(self) -> None:
@@ -324,14 +331,37 @@ class MqttConnection(asyncio.Protocol):
             self._reading_paused = False
             self.transport.resume_reading()
 
-    def spawn(self, coro: Any, name: str) -> None:
-        """Run work owned by this connection (cancelled when it closes)."""
+    def spawn(self, coro: Any, name: str, *, finish_after_close: bool = False) -> None:
+        """Run work owned by this connection.
+
+        It is cancelled when the connection closes, unless `finish_after_close`: data
+        handed to the pipeline is stored even if its client vanished meanwhile.
+        """
         task = self.ctx.loop.create_task(coro, name=f"mqtt.{self._who()}.{name}")
-        self._tasks.add(task)
+        (self._detached if finish_after_close else self._tasks).add(task)
         task.add_done_callback(self._task_done)
+
+    def submit_started(self) -> None:
+        """A telemetry submit began: past `MAX_SUBMITS` in flight, stop reading.
+
+        QoS 0 has no acks to count, so this is what bounds what a flooding client can
+        make the server hold."""
+        self._submits += 1
+        if self._submits >= MAX_SUBMITS:
+            self._pause_reading()
+
+    def submit_finished(self) -> None:
+        self._submits -= 1
+        if (
+            self._reading_paused
+            and self._submits < MAX_SUBMITS // 2
+            and len(self._acks) < self.ctx.settings.receive_maximum
+        ):
+            self._resume_reading()
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
+        self._detached.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("mqtt %s: task failed", self._who(), exc_info=task.exception())
             self.close(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, "internal error")
@@ -440,7 +470,7 @@ class MqttConnection(asyncio.Protocol):
             self.ctx.loop.call_later(-self._tokens / rate, self._resume_after_rate_limit)
 
     def _resume_after_rate_limit(self) -> None:
-        if len(self._acks) < self.ctx.settings.receive_maximum:
+        if len(self._acks) < self.ctx.settings.receive_maximum and self._submits < MAX_SUBMITS:
             self._resume_reading()
 
     def _on_puback(self, packet: Puback) -> None:
@@ -688,7 +718,7 @@ class MqttConnection(asyncio.Protocol):
     @property
     def busy(self) -> bool:
         """Whether messages of this client are still being committed."""
-        return bool(self._acks) or bool(self._tasks)
+        return bool(self._acks) or bool(self._tasks) or bool(self._detached)
 
     def takeover(self) -> None:
         """Another connection took this client id over (MQTT 3.1.4-3)."""

@@ -157,7 +157,10 @@ class DeviceApi:
             entry[0].extend(records)
             entry[1].append(slot)
         for device_id, (records, slots) in by_device.items():
-            conn.spawn(self._submit(conn, device_id, records, slots), "telemetry")
+            conn.submit_started()
+            conn.spawn(
+                self._submit(conn, device_id, records, slots), "telemetry", finish_after_close=True
+            )
 
     async def _submit(
         self,
@@ -172,6 +175,8 @@ class DeviceApi:
             for slot in slots:
                 self.reject(conn, slot, ReasonCode.UNSPECIFIED_ERROR, str(exc))
             return
+        finally:
+            conn.submit_finished()
         conn.ctx.stats.telemetry_batches += 1
         for slot in slots:
             conn.complete(slot)
