@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -40,26 +38,12 @@ from iotmesh.storage.sqlite.tsdb import SqliteTimeSeriesStore
 from iotmesh.storage.timeseries import Query, SeriesWrite
 from iotmesh.storage.writer import BatchWriter
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import machine
+
 RESULTS = Path(__file__).parent / "results" / "storage.json"
 T0 = 1_700_000_000_000  # a fixed start, so runs are comparable
 KEYS_PER_MESSAGE = 3
-
-
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu,
-        "python": sys.version.split()[0],
-    }
 
 
 def value_pool(size: int = 4096) -> list[dict[str, Any]]:

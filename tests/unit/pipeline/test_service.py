@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -16,8 +16,9 @@ from iotmesh.core.types import TelemetryMessage, TsPoint, TsRecord
 from iotmesh.pipeline.latest import LatestValues
 from iotmesh.pipeline.service import Pipeline
 from iotmesh.pipeline.stages import encode_message
-from iotmesh.storage.timeseries import Query, SeriesWrite
+from iotmesh.storage.timeseries import SeriesWrite
 from iotmesh.storage.writer import BatchWriter
+from tests.unit.doubles import RecordingStore
 
 
 class FakeDelivery(Delivery):
@@ -47,40 +48,6 @@ class FakeDelivery(Delivery):
     @property
     def settled(self) -> bool:
         return self.state != "pending"
-
-
-class RecordingStore:
-    """Records each committed batch; `on_write` lets a test look at the world mid-commit."""
-
-    def __init__(self) -> None:
-        self.writes: list[list[SeriesWrite]] = []
-        self.on_write: Callable[[], None] | None = None
-
-    async def open(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    async def write(self, batch: Sequence[SeriesWrite]) -> None:
-        if self.on_write is not None:
-            self.on_write()
-        self.writes.append(list(batch))
-
-    async def query(self, query: Query) -> dict[str, list[TsPoint]]:
-        raise NotImplementedError
-
-    async def latest(self, entity_id: str, keys: Sequence[str] | None = None) -> dict[str, TsPoint]:
-        raise NotImplementedError
-
-    async def keys(self, entity_id: str) -> list[str]:
-        raise NotImplementedError
-
-    async def delete(self, entity_id: str, keys: Sequence[str], start_ts: int, end_ts: int) -> int:
-        raise NotImplementedError
-
-    async def delete_entity(self, entity_id: str) -> None:
-        raise NotImplementedError
 
 
 def message(msg_id: str, device_id: str, *records: TsRecord) -> FakeDelivery:
