@@ -321,6 +321,17 @@ class MqttConnection(asyncio.Protocol):
         ):
             self._resume_reading()
 
+    def complete_all(self, slots: list[AckSlot | None]) -> None:
+        """Complete several slots with one socket write for all their acks."""
+        corked, self._corked = self._corked, True
+        try:
+            for slot in slots:
+                self.complete(slot)
+        finally:
+            self._corked = corked
+        if not corked:
+            self._flush()
+
     def _pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None:
             self._reading_paused = True

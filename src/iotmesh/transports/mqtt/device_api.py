@@ -178,8 +178,7 @@ class DeviceApi:
         finally:
             conn.submit_finished()
         conn.ctx.stats.telemetry_batches += 1
-        for slot in slots:
-            conn.complete(slot)
+        conn.complete_all(slots)
 
     async def _answer_attributes(
         self, conn: MqttConnection, device: Device, request_id: str, doc: Any
