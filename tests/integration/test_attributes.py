@@ -33,5 +33,6 @@ def test_attribute_errors(admin: httpx.Client, device: dict[str, Any]) -> None:
     assert admin.post(url, json={"a": None}).status_code == 400
     assert admin.post(url, json=[1, 2]).status_code == 400
     assert admin.get(url, params={"scope": "PUBLIC"}).status_code == 400
+    assert admin.get(url, params={"keys": ""}).status_code == 400  # not an SQL error
     missing = "/api/v1/devices/00000000-0000-0000-0000-000000000000/attributes"
     assert admin.get(missing).status_code == 404

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body, Depends, Query
 
 from iotmesh.api.auth import require_admin
 from iotmesh.api.context import ApiContext, MsgspecResponse, context
-from iotmesh.core.errors import PayloadError
+from iotmesh.api.params import query_keys
 from iotmesh.core.types import AttributeScope
 
 router = APIRouter(
@@ -27,12 +27,6 @@ _EXAMPLE = {
 }
 
 
-def _keys(keys: str | None) -> list[str] | None:
-    if keys is None:
-        return None
-    return [k.strip() for k in keys.split(",") if k.strip()]
-
-
 @router.get("", response_class=MsgspecResponse, responses={200: {"content": _EXAMPLE}})
 async def get_attributes(
     device_id: str,
@@ -42,7 +36,7 @@ async def get_attributes(
 ) -> MsgspecResponse:
     """Attributes of one scope with their update time and version."""
     device = await ctx.registry.get(device_id)
-    return MsgspecResponse(await ctx.attributes.get(device.id, scope, _keys(keys)))
+    return MsgspecResponse(await ctx.attributes.get(device.id, scope, query_keys(keys)))
 
 
 @router.post("", response_class=MsgspecResponse, responses={200: {"content": _EXAMPLE}})
@@ -66,7 +60,5 @@ async def delete_attributes(
 ) -> MsgspecResponse:
     """Delete attributes of one scope; returns `{"deleted": n}`."""
     device = await ctx.registry.get(device_id)
-    wanted = _keys(keys)
-    if not wanted:
-        raise PayloadError("keys: name at least one key")
+    wanted = query_keys(keys) or []
     return MsgspecResponse({"deleted": await ctx.attributes.delete(device.id, scope, wanted)})

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Query
 
 from iotmesh.api.auth import require_admin
 from iotmesh.api.context import ApiContext, MsgspecResponse, context
+from iotmesh.api.params import query_keys
 from iotmesh.core.clock import now_ms
 from iotmesh.core.errors import PayloadError
 from iotmesh.core.types import Aggregation, Order
@@ -31,15 +32,6 @@ _POINTS_EXAMPLE = {
 }
 
 
-def _split_keys(keys: str | None) -> list[str] | None:
-    if keys is None:
-        return None
-    parsed = [k.strip() for k in keys.split(",") if k.strip()]
-    if not parsed:
-        raise PayloadError("keys: give at least one key, or leave the parameter out")
-    return parsed
-
-
 @router.get("", response_class=MsgspecResponse, responses={200: {"content": _POINTS_EXAMPLE}})
 async def query_telemetry(
     device_id: str,
@@ -59,7 +51,7 @@ async def query_telemetry(
         raise PayloadError("start_ts must not be after end_ts")
     if agg is not Aggregation.NONE and interval_ms <= 0:
         raise PayloadError("interval_ms must be a positive number of milliseconds with agg")
-    wanted = _split_keys(keys) or await ctx.timeseries.keys(device.id)
+    wanted = query_keys(keys) or await ctx.timeseries.keys(device.id)
     if not wanted:
         return MsgspecResponse({})
     query = timeseries.Query(
@@ -78,7 +70,7 @@ async def latest_telemetry(device_id: str, ctx: Ctx, keys: KeysParam = None) -> 
     if values is None:
         values = await ctx.timeseries.latest(device.id)
         ctx.latest.fill(device.id, values)
-    wanted = _split_keys(keys)
+    wanted = query_keys(keys)
     chosen = values if wanted is None else {k: values[k] for k in wanted if k in values}
     return MsgspecResponse({key: [point] for key, point in sorted(chosen.items())})
 
@@ -109,7 +101,7 @@ async def delete_telemetry(
     """Delete points of some keys (all when absent) in a time range (all time when absent)."""
     device = await ctx.registry.get(device_id)
     end = MAX_TS if end_ts is None else end_ts
-    wanted = _split_keys(keys) or await ctx.timeseries.keys(device.id)
+    wanted = query_keys(keys) or await ctx.timeseries.keys(device.id)
     deleted = await ctx.timeseries.delete(device.id, wanted, start_ts, end) if wanted else 0
     ctx.latest.invalidate(device.id)
     return MsgspecResponse({"deleted": deleted})
