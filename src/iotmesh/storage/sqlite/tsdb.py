@@ -78,8 +78,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import ParamSpec, Self, TypeVar
+from typing import ParamSpec, TypeVar
 
 from iotmesh.core.errors import StorageError
 from iotmesh.core.settings import SqliteSettings
@@ -230,18 +229,6 @@ class SqliteTimeSeriesStore:
                 conn.close()
             self._reader_conns.clear()
         self._local = threading.local()
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # -- running on the threads ------------------------------------------------------
 

@@ -209,10 +209,8 @@ class MqttConnection(asyncio.Protocol):
             alias = len(self._out_aliases) + 1
             self._out_aliases[message.topic] = alias
             topic = message.topic
-        props = copy_for(message, message.qos, message.retain, [], source=message.properties)
-        props.properties.subscription_identifiers = list(
-            message.properties.subscription_identifiers
-        )
+        ids = list(message.properties.subscription_identifiers)
+        props = copy_for(message, message.qos, message.retain, ids, source=message.properties)
         props.properties.topic_alias = alias
         return Publish(
             topic,

@@ -161,8 +161,8 @@ def _unexpired(message: Publish, waited_s: float) -> Publish | None:
     remaining = expiry - int(waited_s)
     if remaining <= 0:
         return None
-    fresh = copy_for(message, message.qos, message.retain, [], source=message.properties)
-    fresh.properties.subscription_identifiers = list(message.properties.subscription_identifiers)
+    ids = list(message.properties.subscription_identifiers)
+    fresh = copy_for(message, message.qos, message.retain, ids, source=message.properties)
     fresh.properties.message_expiry_interval = remaining
     return fresh
 
