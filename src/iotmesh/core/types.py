@@ -78,6 +78,20 @@ class Device(msgspec.Struct):
     cert_fingerprint: str | None = None  # SHA-256 of an X.509 client certificate (hex)
 
 
+class BasicCredentials(msgspec.Struct):
+    """A device's MQTT Basic credentials (ThingsBoard's "MQTT Basic").
+
+    At least one of `client_id` and `username` is set; the pair is unique across
+    devices. `password_hash` is a self-describing hash (see `registry/passwords.py`),
+    never the password; None means any password (or none) is accepted, and needs a
+    `username`.
+    """
+
+    client_id: str | None
+    username: str | None
+    password_hash: str | None = None
+
+
 class AttributeScope(enum.StrEnum):
     """Who writes an attribute: the device (CLIENT), users for the device (SHARED, pushed
     to it), or users for themselves (SERVER, never shown to the device)."""

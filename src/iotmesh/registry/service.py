@@ -3,7 +3,8 @@
 Every transport authenticates each device upload by its access token, so
 `authenticate` is on the hot path: answers come from a bounded in-memory cache that is
 invalidated when a token is rotated or a device deleted (this process is the only
-writer of its state store in the all-in-one mode).
+writer of its state store in the all-in-one mode). MQTT Basic logins have their own
+cache, in `registry/basic.py`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from iotmesh.core.clock import now_ms
 from iotmesh.core.errors import AuthError, NotFound, PayloadError
 from iotmesh.core.ids import is_uuid, new_access_token, new_id
 from iotmesh.core.lifecycle import Service
-from iotmesh.core.types import Device, DevicePage
+from iotmesh.core.types import BasicCredentials, Device, DevicePage
+from iotmesh.registry.basic import BasicLogins, LoginKey, check_basic
 from iotmesh.storage.state import StateStore
 
 # Tokens appear in URL paths (HTTP, CoAP) and as MQTT user names: no '/', '?', '#',
@@ -79,6 +81,7 @@ class DeviceRegistry(Service):
     def __init__(self, state: StateStore) -> None:
         self._state = state
         self._by_token: collections.OrderedDict[str, Device] = collections.OrderedDict()
+        self._basic = BasicLogins(state, _CACHE_SIZE)
 
     async def start(self) -> None:
         await self._state.open()
@@ -151,7 +154,7 @@ class DeviceRegistry(Service):
             changes["name"] = _check_name(changes["name"])
         updated = msgspec.structs.replace(device, **changes)
         await self._state.update_device(updated)
-        self._forget(device.access_token)
+        self._forget(device)
         return updated
 
     async def rotate_token(self, device_id: str, access_token: str | None = None) -> Device:
@@ -159,7 +162,7 @@ class DeviceRegistry(Service):
         device = await self.get(device_id)
         token = _check_token(access_token) if access_token else new_access_token()
         await self._state.set_access_token(device_id, token)
-        self._forget(device.access_token)
+        self._forget(device)
         return msgspec.structs.replace(device, access_token=token)
 
     async def set_certificate(self, device_id: str, certificate_pem: str | None) -> Device:
@@ -172,7 +175,7 @@ class DeviceRegistry(Service):
         device = await self.get(device_id)
         fingerprint = None if certificate_pem is None else pem_fingerprint(certificate_pem)
         await self._state.set_certificate(device_id, fingerprint)
-        self._forget(device.access_token)
+        self._forget(device)
         return msgspec.structs.replace(device, cert_fingerprint=fingerprint)
 
     async def authenticate_certificate(self, der: bytes) -> Device:
@@ -190,7 +193,7 @@ class DeviceRegistry(Service):
         """Delete the device; its token stops working at once."""
         device = await self.get(device_id)
         await self._state.delete_device(device_id)
-        self._forget(device.access_token)
+        self._forget(device)
         return device
 
     async def authenticate(self, access_token: str) -> Device:
@@ -211,5 +214,79 @@ class DeviceRegistry(Service):
             self._by_token.popitem(last=False)
         return device
 
-    def _forget(self, access_token: str) -> None:
-        self._by_token.pop(access_token, None)
+    async def basic_credentials(self, device_id: str) -> BasicCredentials | None:
+        """The device's MQTT Basic credentials (None when it has none).
+
+        Raises:
+            NotFound: no such device.
+        """
+        await self.get(device_id)
+        return await self._state.get_basic_credentials(device_id)
+
+    async def set_basic_credentials(
+        self,
+        device_id: str,
+        *,
+        client_id: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> BasicCredentials:
+        """Give the device these MQTT Basic credentials, replacing any it had (the old
+        ones stop working at once). The password is stored hashed.
+
+        Raises:
+            NotFound: no such device.
+            PayloadError: neither client id nor user name, a password without a user
+                name, or a bad field.
+            Conflict: another device has credentials with this client id and user name.
+        """
+        client_id, username, password = check_basic(client_id, username, password)
+        device = await self.get(device_id)
+        password_hash = None if password is None else await self._basic.hash(password)
+        credentials = BasicCredentials(client_id, username, password_hash)
+        await self._state.set_basic_credentials(device_id, credentials)
+        self._forget(device, (client_id, username))
+        return credentials
+
+    async def clear_basic_credentials(self, device_id: str) -> None:
+        """Remove the device's MQTT Basic credentials (nothing to do when it has none).
+
+        Raises:
+            NotFound: no such device.
+        """
+        device = await self.get(device_id)
+        await self._state.set_basic_credentials(device_id, None)
+        self._forget(device)
+
+    async def authenticate_basic(
+        self, client_id: str | None, username: str | None, password: bytes | None
+    ) -> Device | None:
+        """The device that MQTT Basic credentials log in as, or None when none fit.
+
+        With a user name: the credentials with this client id and user name, else those
+        with this user name and no client id; their password must match (credentials
+        without one accept any). Without a user name: the credentials with this client
+        id and no user name (ThingsBoard's "client id only"; the password is ignored).
+
+        Raises:
+            AuthError: credentials fit, but the password is missing or wrong.
+        """
+        if username:
+            keys: list[LoginKey] = [(client_id, username)] if client_id else []
+            keys.append((None, username))
+            for key in keys:
+                entry = await self._basic.lookup(key)
+                if entry is not None:
+                    if await self._basic.password_matches(entry, password):
+                        return entry.device
+                    raise AuthError("wrong password for these MQTT Basic credentials")
+            return None
+        if client_id:
+            entry = await self._basic.lookup((client_id, None))
+            return None if entry is None else entry.device
+        return None
+
+    def _forget(self, device: Device, *basic_keys: LoginKey) -> None:
+        """Drop every cached login of the device (token and MQTT Basic)."""
+        self._by_token.pop(device.access_token, None)
+        self._basic.forget(device.id, *basic_keys)

@@ -1,7 +1,8 @@
 """The state store interface: devices, their credentials and attributes.
 
-Implementations: SQLite (`storage/sqlite/state.py`), PostgreSQL later. Unique names and
-tokens are enforced by the store, which raises `Conflict` naming the field.
+Implementations: SQLite (`storage/sqlite/state.py`), PostgreSQL later. Unique names,
+tokens, certificates and MQTT Basic logins are enforced by the store, which raises
+`Conflict` naming the field.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from iotmesh.core.types import Attribute, AttributeScope, Device
+from iotmesh.core.types import Attribute, AttributeScope, BasicCredentials, Device
 
 
 class StateStore(Protocol):
@@ -59,6 +60,25 @@ class StateStore(Protocol):
         Raises:
             NotFound: no such device.
             Conflict: another device has this certificate.
+        """
+
+    async def get_basic_credentials(self, device_id: str) -> BasicCredentials | None:
+        """The device's MQTT Basic credentials, or None (also for an unknown device)."""
+
+    async def device_by_basic(
+        self, client_id: str | None, username: str | None
+    ) -> tuple[Device, BasicCredentials] | None:
+        """The device whose MQTT Basic credentials have exactly this client id and user
+        name (None: not set), with those credentials; or None."""
+
+    async def set_basic_credentials(
+        self, device_id: str, credentials: BasicCredentials | None
+    ) -> None:
+        """Replace (or remove, with None) the device's MQTT Basic credentials.
+
+        Raises:
+            NotFound: no such device.
+            Conflict: another device has credentials with this client id and user name.
         """
 
     async def set_access_token(self, device_id: str, access_token: str) -> None:

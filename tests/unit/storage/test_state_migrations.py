@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from iotmesh.core.errors import StorageError
-from iotmesh.core.types import AttributeScope
+from iotmesh.core.types import AttributeScope, BasicCredentials
 from iotmesh.storage.sqlite.state import MIGRATIONS, SqliteStateStore
 
 
@@ -39,6 +39,42 @@ async def test_schema_1_upgrades_and_keeps_devices(tmp_path: Path) -> None:
         assert device.gateway_id is None
         saved = await store.save_attributes(device.id, AttributeScope.CLIENT, {"fw": "1.0"}, 5)
         assert saved[0].version == 1
+    finally:
+        await store.close()
+    (version,) = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()
+    assert version == len(MIGRATIONS)
+
+
+async def test_schema_3_upgrades_to_basic_credentials(tmp_path: Path) -> None:
+    """A data dir with X.509 credentials gains MQTT Basic credentials, keeping the rest."""
+    path = tmp_path / "state.db"
+    device_id = "5f0e6f6a-3c53-4a56-9d1c-7d1d2b5a0003"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for number, script in enumerate(MIGRATIONS[:3], start=1):
+        conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+    conn.execute(
+        "INSERT INTO devices (id, name, type, label, created_ts)"
+        f" VALUES ('{device_id}', 'v3', 'default', NULL, 1)"
+    )
+    conn.execute(f"INSERT INTO credentials VALUES ('{device_id}', 'v3-token', 'ab12')")
+    conn.close()
+
+    store = SqliteStateStore(path)
+    await store.open()
+    try:
+        device = await store.device_by_certificate("ab12")
+        assert device is not None
+        assert (device.id, device.access_token) == (device_id, "v3-token")
+        assert await store.get_basic_credentials(device_id) is None
+        creds = BasicCredentials(client_id="c", username="u", password_hash="$scrypt$x")
+        await store.set_basic_credentials(device_id, creds)
+        found = await store.device_by_basic("c", "u")
+        assert found is not None
+        assert found[0].cert_fingerprint == "ab12"
+        assert found[1] == creds
+        assert await store.device_by_basic(None, "u") is None
+        assert await store.delete_device(device_id)
+        assert await store.device_by_basic("c", "u") is None  # cascaded
     finally:
         await store.close()
     (version,) = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from iotmesh.core.errors import Conflict, NotFound, StorageError
-from iotmesh.core.types import Attribute, AttributeScope, Device
+from iotmesh.core.types import Attribute, AttributeScope, BasicCredentials, Device
 
 T = TypeVar("T")
 
@@ -59,13 +59,33 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX credentials_cert ON credentials (cert_fingerprint)
         WHERE cert_fingerprint IS NOT NULL;
     """,
+    # 4: MQTT Basic credentials (client id, user name, password hash), at most one set per
+    # device; the (client id, user name) pair is unique, a missing part counting as ''.
+    """
+    CREATE TABLE basic_credentials (
+        device_id      TEXT PRIMARY KEY REFERENCES devices (id) ON DELETE CASCADE,
+        client_id      TEXT,
+        username       TEXT,
+        password_hash  TEXT,
+        CHECK (client_id IS NOT NULL OR username IS NOT NULL),
+        CHECK (password_hash IS NULL OR username IS NOT NULL)
+    );
+    CREATE UNIQUE INDEX basic_credentials_login
+        ON basic_credentials (ifnull(client_id, ''), ifnull(username, ''));
+    """,
 )
 
-_SELECT_DEVICE = """
-    SELECT d.id, d.name, d.type, d.label, d.created_ts, c.access_token, d.gateway, d.gateway_id,
-           c.cert_fingerprint
-    FROM devices d JOIN credentials c ON c.device_id = d.id
+_DEVICE_COLUMNS = """
+    d.id, d.name, d.type, d.label, d.created_ts, c.access_token, d.gateway, d.gateway_id,
+    c.cert_fingerprint
 """
+_SELECT_DEVICE = f"SELECT {_DEVICE_COLUMNS} FROM devices d JOIN credentials c ON c.device_id = d.id"
+
+_SELECT_BASIC = (
+    f"SELECT {_DEVICE_COLUMNS}, b.client_id, b.username, b.password_hash"
+    " FROM devices d JOIN credentials c ON c.device_id = d.id"
+    " JOIN basic_credentials b ON b.device_id = d.id"
+)
 
 
 def _device(row: tuple[Any, ...]) -> Device:
@@ -90,6 +110,10 @@ def _conflict(exc: sqlite3.IntegrityError) -> Conflict:
         return Conflict("this access token is already used by another device")
     if "credentials.cert_fingerprint" in text:
         return Conflict("this certificate is already used by another device")
+    if "basic_credentials_login" in text:
+        return Conflict(
+            "another device has MQTT Basic credentials with this client id and user name"
+        )
     return Conflict(text)
 
 
@@ -250,6 +274,54 @@ class SqliteStateStore:
             )
         )
         if count == 0:
+            raise NotFound(f"device {device_id} does not exist")
+
+    async def get_basic_credentials(self, device_id: str) -> BasicCredentials | None:
+        row = await self._run(
+            lambda: self._db.execute(
+                "SELECT client_id, username, password_hash FROM basic_credentials"
+                " WHERE device_id = ?",
+                (device_id,),
+            ).fetchone()
+        )
+        return None if row is None else BasicCredentials(*row)
+
+    async def device_by_basic(
+        self, client_id: str | None, username: str | None
+    ) -> tuple[Device, BasicCredentials] | None:
+        # The same expressions as the unique index, so the lookup uses it.
+        row = await self._run(
+            lambda: self._db.execute(
+                _SELECT_BASIC + " WHERE ifnull(b.client_id, '') = ? AND ifnull(b.username, '') = ?",
+                (client_id or "", username or ""),
+            ).fetchone()
+        )
+        return None if row is None else (_device(row), BasicCredentials(*row[-3:]))
+
+    async def set_basic_credentials(
+        self, device_id: str, credentials: BasicCredentials | None
+    ) -> None:
+        def replace() -> int:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                if not self._db.execute(
+                    "SELECT 1 FROM devices WHERE id = ?", (device_id,)
+                ).fetchone():
+                    return 0
+                self._db.execute("DELETE FROM basic_credentials WHERE device_id = ?", (device_id,))
+                if credentials is not None:
+                    self._db.execute(
+                        "INSERT INTO basic_credentials VALUES (?, ?, ?, ?)",
+                        (
+                            device_id,
+                            credentials.client_id,
+                            credentials.username,
+                            credentials.password_hash,
+                        ),
+                    )
+            return 1
+
+        if await self._run(replace) == 0:
             raise NotFound(f"device {device_id} does not exist")
 
     async def set_access_token(self, device_id: str, access_token: str) -> None:
