@@ -5,7 +5,16 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from iotmesh import __version__
-from iotmesh.api import attributes, device_http, devices, health, problems, rpc, telemetry
+from iotmesh.api import (
+    attributes,
+    credentials,
+    device_http,
+    devices,
+    health,
+    problems,
+    rpc,
+    telemetry,
+)
 from iotmesh.api.context import ApiContext
 
 
@@ -23,6 +32,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     problems.install(app)
     app.include_router(health.router)
     app.include_router(devices.router)
+    app.include_router(credentials.router)
     app.include_router(telemetry.router)
     app.include_router(attributes.router)
     app.include_router(rpc.router)
