@@ -11,7 +11,9 @@ import httpx
 from tests.integration.server import RunningServer, child_env, iotmesh_command
 
 
-def cli(server: RunningServer, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(
+    server: RunningServer, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         iotmesh_command(*args, "--data-dir", str(server.data_dir)),
         capture_output=True,
@@ -19,6 +21,7 @@ def cli(server: RunningServer, *args: str) -> subprocess.CompletedProcess[str]:
         timeout=60,
         env=child_env(),
         check=False,
+        input=stdin,
     )
 
 
@@ -66,6 +69,42 @@ def test_device_and_telemetry_commands(server: RunningServer) -> None:
     missing = cli(server, "device", "show", "pump-7")
     assert missing.returncode == 1
     assert "no device named" in missing.stderr
+
+
+def test_device_credentials_command(server: RunningServer) -> None:
+    assert cli(server, "device", "create", "valve-3", "--token", "valve-3-token").returncode == 0
+    shown = cli(server, "device", "credentials", "valve-3")
+    assert shown.returncode == 0, shown.stderr
+    assert "ACCESS_TOKEN" in shown.stdout
+    assert "valve-3-token" in shown.stdout
+
+    basic = ["device", "credentials", "valve-3", "--basic", "--client-id", "valve-c"]
+    done = cli(server, *basic, "--username", "valve-u", "--password-stdin", stdin="s3cret\n")
+    assert done.returncode == 0, done.stderr
+    assert "MQTT_BASIC" in done.stdout
+    assert "s3cret" not in done.stdout
+    listed = json.loads(cli(server, "device", "credentials", "valve-3", "--json").stdout)
+    assert listed[1] == {
+        "type": "MQTT_BASIC",
+        "client_id": "valve-c",
+        "username": "valve-u",
+        "password_set": True,
+    }
+
+    def publish(*login: str) -> int:
+        cmd = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(server.mqtt_port), "-q", "1"]
+        cmd += ["-t", "v1/devices/me/telemetry", "-m", '{"open": 1}', *login]
+        return subprocess.run(cmd, capture_output=True, timeout=30, check=False).returncode
+
+    assert publish("-i", "valve-c", "-u", "valve-u", "-P", "s3cret") == 0  # no newline kept
+    assert publish("-i", "valve-c", "-u", "valve-u", "-P", "s3cret\n") != 0
+
+    assert cli(server, *basic, "--password", "other").returncode == 1  # needs a user name
+    assert cli(server, "device", "credentials", "valve-3", "--username", "u").returncode == 2
+    cleared = cli(server, "device", "credentials", "valve-3", "--clear-basic")
+    assert cleared.returncode == 0, cleared.stderr
+    assert "MQTT_BASIC" not in cleared.stdout
+    assert publish("-i", "valve-c", "-u", "valve-u", "-P", "s3cret") != 0
 
 
 def test_unreachable_server_is_explained(server: RunningServer) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -179,6 +180,71 @@ def device_rotate(
         client, "POST", f"/api/v1/devices/{_resolve(client, device)}/credentials", json=body
     )
     out.print(f"access token  {found['access_token']}")
+
+
+@device_app.command("credentials")
+def device_credentials(
+    device: Annotated[str, typer.Argument(help="Device id or name.")],
+    basic: Annotated[
+        bool, typer.Option("--basic", help="Set MQTT Basic credentials (replacing any).")
+    ] = False,
+    client_id: Annotated[
+        str | None, typer.Option("--client-id", help="MQTT Basic: the client id.")
+    ] = None,
+    username: Annotated[
+        str | None, typer.Option("--username", help="MQTT Basic: the user name.")
+    ] = None,
+    password: Annotated[
+        str | None,
+        typer.Option("--password", help="MQTT Basic: the password (see --password-stdin)."),
+    ] = None,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+    ] = False,
+    clear_basic: Annotated[
+        bool, typer.Option("--clear-basic", help="Remove the MQTT Basic credentials.")
+    ] = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a device's credentials, or set or remove its MQTT Basic credentials.
+
+    MQTT Basic credentials are a client id, a user name, or both, with an optional
+    password (which needs a user name). A password on the command line shows in the
+    process list; --password-stdin reads it from standard input instead.
+    """
+    given = (client_id, username, password) != (None, None, None) or password_stdin
+    if given and not basic:
+        _usage("--client-id, --username and --password go with --basic")
+    if basic and clear_basic:
+        _usage("--basic and --clear-basic exclude each other")
+    if password is not None and password_stdin:
+        _usage("give --password or --password-stdin, not both")
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    client = _client(url, token, data_dir)
+    path = f"/api/v1/devices/{_resolve(client, device)}/credentials"
+    if basic:
+        body = {"type": "MQTT_BASIC", "client_id": client_id, "username": username}
+        if password is not None:
+            body["password"] = password
+        _call(client, "PUT", path, json=body)
+    elif clear_basic:
+        _call(client, "DELETE", f"{path}/MQTT_BASIC")
+    entries = _call(client, "GET", path)
+    if as_json:
+        print(json.dumps(entries))
+        return
+    for entry in entries:
+        fields = [f"{k}={'' if v is None else v}" for k, v in entry.items() if k != "type"]
+        out.print(f"{entry['type']:<17} {' '.join(fields)}", highlight=False)
+
+
+def _usage(message: str) -> NoReturn:
+    err.print(f"[red]iotmesh: {message}[/red]")
+    raise typer.Exit(2)
 
 
 def _resolve(client: ApiClient, ref: str) -> str:
