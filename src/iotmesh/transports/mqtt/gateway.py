@@ -8,7 +8,7 @@ created and belongs to the gateway (`gateway_id`).
     v1/gateway/telemetry           {"A": [{"ts": ..., "values": {...}}, ...], "B": ...}
     v1/gateway/attributes          {"A": {"fw": "1.2"}}            (client attributes)
     v1/gateway/attributes/request  {"id": 1, "device": "A", "client": true, "key": "k"}
-                                   (or "keys": [...]) → v1/gateway/attributes/response
+                                   (or "keys": [...], [] for all) → v1/gateway/attributes/response
     v1/gateway/rpc                 {"device": "A", "id": 1, "data": {...}}  (RPC reply)
 The server publishes to the gateway:
     v1/gateway/attributes          {"device": "A", "data": {...}}   (shared changes)
@@ -118,7 +118,9 @@ class GatewayApi:
         request_id = doc.get("id")
         scope = AttributeScope.CLIENT if doc.get("client") else AttributeScope.SHARED
         if "keys" in doc:
-            keys = [str(k) for k in doc.get("keys") or []]
+            # An empty list asks for every attribute of the scope, as in ThingsBoard:
+            # thingsboard-gateway syncs all shared attributes of a device that way.
+            keys = [str(k) for k in doc.get("keys") or []] or None
             values = await self._api.attributes.values(device.id, scope, keys)
             answer: dict[str, Any] = {"id": request_id, "device": device.name, "values": values}
         else:
