@@ -96,6 +96,17 @@ UPSERT_LATEST = """
     SET ts = excluded.ts, kind = excluded.kind, value = excluded.value
     WHERE excluded.ts >= ts_latest.ts
 """
+# The same upsert for a whole write in ONE statement: the rows arrive as one JSON array
+# of [series_id, ts, kind, value]. executemany would release and re-take the GIL once
+# per row, and each re-take waits for the event-loop thread (up to the switch
+# interval) while it is busy: a commit of 1000 rows then took ~30 ms instead of ~4.
+UPSERT_LATEST_JSON = """
+    INSERT INTO ts_latest (series_id, ts, kind, value)
+    SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each(?) WHERE true
+    ON CONFLICT (series_id) DO UPDATE
+    SET ts = excluded.ts, kind = excluded.kind, value = excluded.value
+    WHERE excluded.ts >= ts_latest.ts
+"""
 SERIES_ID = """
     SELECT s.id FROM ts_series s JOIN ts_key k ON k.id = s.key_id
     WHERE s.entity_id = ? AND k.key = ?

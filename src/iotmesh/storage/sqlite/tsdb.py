@@ -75,17 +75,19 @@ import concurrent.futures
 import logging
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
-from iotmesh.core.errors import StorageError
+import msgspec
+
+from iotmesh.core.errors import PayloadError, StorageError
 from iotmesh.core.settings import SqliteSettings
-from iotmesh.core.types import TsPoint
+from iotmesh.core.types import TsPoint, TsRecord
 from iotmesh.storage import aggregate as agg
+from iotmesh.storage.points import classify
 from iotmesh.storage.sqlite import reads, schema
-from iotmesh.storage.sqlite.writes import SeriesWriter
+from iotmesh.storage.sqlite.writer_process import WriterClient, connect
 from iotmesh.storage.timeseries import Query, SeriesWrite
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,37 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 _READERS = 2  # reader threads; numpy releases the GIL, so two queries overlap
-_CHECKPOINT_EVERY_S = 1.0
+_batch = msgspec.msgpack.Encoder()
+
+
+def _encode_batch(batch: Sequence[SeriesWrite]) -> bytes:
+    """A write batch as the writer process reads it (MessagePack).
+
+    MessagePack has no ints beyond 64 bits, and a few Python types (int or str
+    subclasses) it does not know: such batches take the slow path, value by value
+    through `classify`, which stores them as the store always has (big ints as doubles).
+
+    Raises:
+        PayloadError: a value or timestamp that cannot be stored at all.
+    """
+    try:
+        return _batch.encode(batch)
+    except (OverflowError, TypeError, msgspec.EncodeError):
+        pass
+    converted = [
+        SeriesWrite(
+            series.entity_id,
+            [
+                TsRecord(record.ts, {k: classify(v)[1] for k, v in record.values.items()})
+                for record in series.records
+            ],
+        )
+        for series in batch
+    ]
+    try:
+        return _batch.encode(converted)
+    except (OverflowError, TypeError, msgspec.EncodeError) as exc:
+        raise PayloadError(f"a telemetry value or timestamp cannot be stored: {exc}") from exc
 
 
 class SqliteTimeSeriesStore:
@@ -110,19 +142,15 @@ class SqliteTimeSeriesStore:
         self._settings = settings
         self._writer_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._reader_pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._writer: SeriesWriter | None = None
+        self._writer: WriterClient | None = None
         self._local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
         self._reader_conns_lock = threading.Lock()
-        self._checkpoint_pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._checkpoint_conn: sqlite3.Connection | None = None
-        self._checkpoint_queued = False
-        self._checkpoint_due = 0.0
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Create or upgrade the schema and open the write connection."""
+        """Start the writer process, which creates or upgrades the schema."""
         if self._writer_pool is not None:
             return
         self._writer_pool = concurrent.futures.ThreadPoolExecutor(
@@ -131,83 +159,18 @@ class SqliteTimeSeriesStore:
         self._reader_pool = concurrent.futures.ThreadPoolExecutor(
             _READERS, thread_name_prefix="tsdb-read"
         )
-        self._checkpoint_pool = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="tsdb-checkpoint"
-        )
+        self._writer = WriterClient(self._path, self._settings)
         try:
-            await self._on(self._writer_pool, self._open_writer)
+            await self._on(self._writer_pool, self._writer.start)
         except BaseException:
             await self._shutdown()
             raise
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        try:
-            conn.execute("PRAGMA busy_timeout = 10000")
-            conn.execute(f"PRAGMA synchronous = {self._settings.synchronous}")
-            conn.execute("PRAGMA cache_size = -65536")  # KiB: 64 MiB of page cache
-            conn.execute("PRAGMA mmap_size = 268435456")  # reads map the file: no copy
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def _open_writer(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        conn = self._connect()
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            # Checkpoints (copying WAL pages back into the db file) run on their own
-            # thread (`_checkpoint`), not in the writer's commits; the writer does one
-            # itself only if the WAL grows past 256 MiB (checkpoints falling behind).
-            conn.execute("PRAGMA wal_autocheckpoint = 65536")
-            # Compaction deletes every batch row it has copied into chunks. Debian's
-            # SQLite zeroes deleted content by default (SECURE_DELETE), which writes
-            # each freed page again; FAST zeroes only what costs no extra I/O.
-            conn.execute("PRAGMA secure_delete = FAST")
-            schema.migrate(conn)
-            self._writer = SeriesWriter(conn, self._settings, self._submit, self._committed)
-        except BaseException:
-            conn.close()
-            raise
-
-    def _submit(self, fn: Callable[[], None]) -> None:
-        pool = self._writer_pool
-        if pool is not None:
-            pool.submit(fn)
-
-    def _committed(self) -> None:
-        """After a commit (writer thread): queue a WAL checkpoint if one is due.
-
-        At most one per `_CHECKPOINT_EVERY_S`: pages that many commits rewrite (latest
-        values, index pages) are then copied once per interval, not once per commit.
-        """
-        pool = self._checkpoint_pool
-        now = time.monotonic()
-        if pool is not None and not self._checkpoint_queued and now >= self._checkpoint_due:
-            self._checkpoint_queued = True
-            self._checkpoint_due = now + _CHECKPOINT_EVERY_S
-            pool.submit(self._checkpoint)
-
-    def _checkpoint(self) -> None:
-        """Copy committed WAL pages into the db file, beside the writer (PASSIVE)."""
-        self._checkpoint_queued = False
-        try:
-            if self._checkpoint_conn is None:
-                self._checkpoint_conn = self._connect()
-            self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        except sqlite3.Error as exc:  # the next commit queues another try
-            log.warning("time-series WAL checkpoint failed: %s", exc)
-        except Exception:  # nobody awaits this job: log, or the error would vanish
-            log.exception("time-series WAL checkpoint failed")
 
     async def close(self) -> None:
         """Wait for the write in progress, drop queued compaction, close connections."""
         if self._writer_pool is None:
             return
         writer = self._writer
-        if writer is not None:
-            writer.closing = True
         try:
             if writer is not None:
                 await self._on(self._writer_pool, writer.close)
@@ -215,15 +178,14 @@ class SqliteTimeSeriesStore:
             await self._shutdown()
 
     async def _shutdown(self) -> None:
-        pools = (self._writer_pool, self._reader_pool, self._checkpoint_pool)
-        self._writer_pool = self._reader_pool = self._checkpoint_pool = None
-        self._writer = None
+        pools = (self._writer_pool, self._reader_pool)
+        self._writer_pool = self._reader_pool = None
+        writer, self._writer = self._writer, None
         for pool in pools:
             if pool is not None:
                 await asyncio.to_thread(pool.shutdown, True)
-        if self._checkpoint_conn is not None:
-            self._checkpoint_conn.close()
-            self._checkpoint_conn = None
+        if writer is not None:
+            await asyncio.to_thread(writer.close)  # a no-op unless open failed midway
         with self._reader_conns_lock:
             for conn in self._reader_conns:
                 conn.close()
@@ -251,15 +213,17 @@ class SqliteTimeSeriesStore:
         except sqlite3.Error as exc:
             raise StorageError(f"time-series store: {exc}") from exc
 
-    def _series_writer(self) -> SeriesWriter:
-        if self._writer is None:
+    async def _call(self, op: str, *args: Any) -> Any:
+        """Run a write-side operation in the writer process (in submission order)."""
+        writer = self._writer
+        if writer is None:
             raise StorageError("time-series store is not open")
-        return self._writer
+        return await self._on(self._writer_pool, writer.call, op, *args)
 
     def _reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._connect()
+            conn = connect(self._path, self._settings)
             conn.execute("PRAGMA query_only = 1")
             self._local.conn = conn
             with self._reader_conns_lock:
@@ -271,8 +235,7 @@ class SqliteTimeSeriesStore:
     async def write(self, batch: Sequence[SeriesWrite]) -> None:
         """Store every record of `batch` in one transaction; durable when it returns."""
         if batch:  # a batch without points commits nothing (the writer checks)
-            writer = self._series_writer()
-            await self._on(self._writer_pool, writer.write, batch)
+            await self._call("write", _encode_batch(batch))
 
     async def query(self, query: Query) -> dict[str, list[TsPoint]]:
         """Return the points (or aggregated buckets) of each key that has any."""
@@ -304,13 +267,12 @@ class SqliteTimeSeriesStore:
         """Delete points with start_ts <= ts <= end_ts; return how many were deleted."""
         if start_ts > end_ts or not keys:
             return 0
-        writer = self._series_writer()
-        return await self._on(self._writer_pool, writer.delete, entity_id, keys, start_ts, end_ts)
+        deleted: int = await self._call("delete", entity_id, list(keys), start_ts, end_ts)
+        return deleted
 
     async def delete_entity(self, entity_id: str) -> None:
         """Delete every series of the entity."""
-        writer = self._series_writer()
-        await self._on(self._writer_pool, writer.delete_entity, entity_id)
+        await self._call("delete_entity", entity_id)
 
     # -- beyond the interface --------------------------------------------------------
 
@@ -320,5 +282,5 @@ class SqliteTimeSeriesStore:
         Compaction runs by itself between writes; benchmarks and tests call this to
         reach the settled state.
         """
-        writer = self._series_writer()
-        return await self._on(self._writer_pool, writer.compact_all)
+        merged: int = await self._call("compact")
+        return merged

@@ -8,6 +8,7 @@ locks. Each public method is one transaction, rolled back as a whole on error.
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -21,16 +22,21 @@ from iotmesh.core.settings import SqliteSettings
 from iotmesh.storage.points import Kind, merge
 from iotmesh.storage.sqlite import chunks as chunking
 from iotmesh.storage.sqlite import schema
-from iotmesh.storage.sqlite.batches import encode_batch, to_chunks
+from iotmesh.storage.sqlite.batches import LatestRow, encode_batch, to_chunks
 from iotmesh.storage.sqlite.compaction import ChunkMeta, plan
 from iotmesh.storage.timeseries import SeriesWrite
 
 log = logging.getLogger(__name__)
 
-_STEP_BUDGET_S = 0.05  # longest compaction step, so that a queued write waits at most that
+_STEP_BUDGET_S = 0.02  # longest compaction step, so that a queued write waits at most that
 _SERIES_PER_TXN = 64  # series merged per compaction transaction
 _PARTS_PER_TXN = 4096  # batch rows (parts of batches) turned into chunks per transaction
 _MAX_CACHED_SERIES = 1_000_000  # bound on the series-id cache (~100 B an entry)
+_LATEST_JSON = msgspec.json.Encoder()
+
+
+def _not_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 class SeriesWriter:
@@ -172,8 +178,18 @@ class SeriesWriter:
                 for r in rows
             ],
         )
-        self._db.executemany(schema.UPSERT_LATEST, latest)
+        self._upsert_latest(latest)
         return True
+
+    def _upsert_latest(self, latest: list[LatestRow]) -> None:
+        """Upsert the latest values in one statement (see `schema.UPSERT_LATEST_JSON`).
+
+        JSON has no NaN or infinity: a write holding one takes the row-by-row path."""
+        rows = _LATEST_JSON.encode(latest)
+        if b"null" in rows and any(_not_finite(row[3]) for row in latest):
+            self._db.executemany(schema.UPSERT_LATEST, latest)
+        else:
+            self._db.execute(schema.UPSERT_LATEST_JSON, (rows,))
 
     def _ids_of(
         self,
