@@ -20,6 +20,7 @@ Semantics (shared with NATS JetStream and Redis Streams, so the interface fits t
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Self
@@ -105,6 +106,19 @@ class Publisher(abc.ABC):
             DeadLettered: (in-process bus) a consumer group gave the message up.
             BusError: no consumer group takes the subject, or the bus is closed.
         """
+
+    def publish_nowait(
+        self, subject: str, data: bytes, *, key: str, msg_id: str
+    ) -> asyncio.Future[None] | None:
+        """Start a publish without awaiting it, if the bus can take the message at once.
+
+        Returns a future that completes when `publish` would return (or fails as it
+        would raise), or None when the bus cannot take the message right now (no room,
+        or no such fast path): then call `publish`. A transport that hands over one
+        message per socket read saves a task per message this way; the in-process bus
+        implements it, engines with a network round trip need not.
+        """
+        return None
 
 
 class Subscriber(abc.ABC):

@@ -254,22 +254,39 @@ class MemoryBus(Bus):
         self._groups.append(sub)
         return sub
 
-    async def publish(
-        self, subject: str, data: bytes, *, key: str, msg_id: str, timeout: float | None = None
-    ) -> None:
+    def _partitions(self, subject: str, key: str) -> list[_Partition]:
         if not self._running:
             raise BusError("the bus is stopped")
         groups = [g for g in self._groups if not g.closed and subjects.matches(g.pattern, subject)]
         if not groups:
             raise BusError(f"no consumer group takes subject {subject!r}")
-        partitions = [group.partition_for(key) for group in groups]
+        return [group.partition_for(key) for group in groups]
+
+    def publish_nowait(
+        self, subject: str, data: bytes, *, key: str, msg_id: str
+    ) -> asyncio.Future[None] | None:
+        try:
+            partitions = self._partitions(subject, key)
+        except BusError:
+            return None  # `publish` raises it
+        if not all(p.has_room() for p in partitions):
+            return None
+        message = _Message(subject, key, data, msg_id, len(partitions))
+        for partition in partitions:
+            partition.put_nowait(message)
+        return message.future
+
+    async def publish(
+        self, subject: str, data: bytes, *, key: str, msg_id: str, timeout: float | None = None
+    ) -> None:
+        partitions = self._partitions(subject, key)
         try:
             async with asyncio.timeout(timeout):
                 while full := [p for p in partitions if not p.has_room()]:
                     await full[0].wait_for_room()
         except TimeoutError:
             raise Overloaded("the pipeline is full; retry later") from None
-        message = _Message(subject, key, data, msg_id, len(groups))
+        message = _Message(subject, key, data, msg_id, len(partitions))
         for partition in partitions:
             partition.put_nowait(message)
         await message.future

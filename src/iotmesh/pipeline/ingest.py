@@ -8,6 +8,7 @@ device after `submit` returns and never before.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 from iotmesh.bus import subjects
@@ -29,6 +30,25 @@ class TelemetryIngest:
         self._prefix = new_id()
         self._counter = itertools.count()
 
+    def _message(self, device_id: str, records: list[TsRecord]) -> TelemetryMessage:
+        return TelemetryMessage(
+            msg_id=f"{self._prefix}-{next(self._counter)}",
+            device_id=device_id,
+            received_ts=now_ms(),
+            records=records,
+        )
+
+    def submit_nowait(self, device_id: str, records: list[TsRecord]) -> asyncio.Future[None] | None:
+        """Publish one upload if the bus takes it at once; the future completes (or fails)
+        as `submit` would return (or raise). None: use `submit`."""
+        message = self._message(device_id, records)
+        return self._bus.publish_nowait(
+            subjects.telemetry_subject(device_id),
+            encode_message(message),
+            key=device_id,
+            msg_id=message.msg_id,
+        )
+
     async def submit(self, device_id: str, records: list[TsRecord]) -> None:
         """Publish one upload; return when it is durable.
 
@@ -36,12 +56,7 @@ class TelemetryIngest:
             Overloaded: no room on the bus within the enqueue timeout; nothing was kept.
             BusError: the pipeline gave the message up.
         """
-        message = TelemetryMessage(
-            msg_id=f"{self._prefix}-{next(self._counter)}",
-            device_id=device_id,
-            received_ts=now_ms(),
-            records=records,
-        )
+        message = self._message(device_id, records)
         await self._bus.publish(
             subjects.telemetry_subject(device_id),
             encode_message(message),

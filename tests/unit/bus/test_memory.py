@@ -309,6 +309,46 @@ async def test_full_partition_makes_publish_raise_overloaded() -> None:
     assert handled == ["m1", "m2"]
 
 
+async def test_publish_nowait_completes_when_acked_and_declines_when_full() -> None:
+    gate = asyncio.Event()
+    handled: list[str] = []
+
+    async def blocked(deliveries: Sequence[Delivery]) -> None:
+        await gate.wait()
+        for d in deliveries:
+            handled.append(d.msg_id)
+            d.ack()
+
+    async with running_bus(partitions=1, partition_queue=1, max_batch=1) as bus:
+        assert bus.publish_nowait("telemetry.dev-1", b"x", key="dev-1", msg_id="x") is None
+        await bus.subscribe("telemetry.>", "pipeline", blocked)
+        first = bus.publish_nowait("telemetry.dev-1", b"m1", key="dev-1", msg_id="m1")
+        assert first is not None
+        await eventually(lambda: bus.depth() == 0)  # the consumer took it and blocks
+        second = bus.publish_nowait("telemetry.dev-1", b"m2", key="dev-1", msg_id="m2")
+        assert second is not None
+        # The one-slot queue is full: no fast path; `publish` is the way to wait for room.
+        assert bus.publish_nowait("telemetry.dev-1", b"m3", key="dev-1", msg_id="m3") is None
+        assert not first.done()
+        gate.set()
+        await asyncio.gather(first, second)
+
+    assert handled == ["m1", "m2"]
+
+
+async def test_publish_nowait_future_fails_when_the_message_is_dead_lettered() -> None:
+    async def refuse(deliveries: Sequence[Delivery]) -> None:
+        for d in deliveries:
+            d.term("no")
+
+    async with running_bus() as bus:
+        await bus.subscribe("telemetry.>", "pipeline", refuse)
+        done = bus.publish_nowait("telemetry.dev-1", b"m1", key="dev-1", msg_id="m1")
+        assert done is not None
+        with pytest.raises(DeadLettered):
+            await done
+
+
 async def test_overloaded_publish_reaches_no_group() -> None:
     in_slow = asyncio.Event()
     gate = asyncio.Event()

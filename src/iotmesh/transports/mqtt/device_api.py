@@ -23,8 +23,10 @@ ThingsBoard does. Either way nothing of that message is stored.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -158,9 +160,26 @@ class DeviceApi:
             entry[1].append(slot)
         for device_id, (records, slots) in by_device.items():
             conn.submit_started()
+            done = self.ingest.submit_nowait(device_id, records)
+            if done is not None:  # on the bus already: no task needed to wait for it
+                done.add_done_callback(partial(self._submitted, conn, slots))
+                continue
             conn.spawn(
                 self._submit(conn, device_id, records, slots), "telemetry", finish_after_close=True
             )
+
+    def _submitted(
+        self, conn: MqttConnection, slots: list[AckSlot | None], done: asyncio.Future[None]
+    ) -> None:
+        conn.submit_finished()
+        exc = None if done.cancelled() else done.exception()
+        if done.cancelled() or exc is not None:
+            reason = str(exc) if exc is not None else "the pipeline stopped"
+            for slot in slots:
+                self.reject(conn, slot, ReasonCode.UNSPECIFIED_ERROR, reason)
+            return
+        conn.ctx.stats.telemetry_batches += 1
+        conn.complete_all(slots)
 
     async def _submit(
         self,
