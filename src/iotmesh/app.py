@@ -28,6 +28,8 @@ from iotmesh.devicestate import AttributeService
 from iotmesh.pipeline import LatestValues, Pipeline
 from iotmesh.pipeline.ingest import TelemetryIngest
 from iotmesh.registry import DeviceRegistry
+from iotmesh.storage.sqlite.sessions import FILE_NAME as SESSIONS_FILE
+from iotmesh.storage.sqlite.sessions import SqliteSessionStore
 from iotmesh.storage.sqlite.state import SqliteStateStore
 from iotmesh.storage.sqlite.tsdb import SqliteTimeSeriesStore
 from iotmesh.storage.timeseries import TimeSeriesStore
@@ -144,6 +146,7 @@ class Platform:
             TelemetryIngest(bus, None),  # MQTT waits for room: slow acks, not errors
             attributes,
             rpc,
+            sessions=SqliteSessionStore(path / SESSIONS_FILE, sync),
         )
         await self._enter(self.mqtt)
         ctx = ApiContext(

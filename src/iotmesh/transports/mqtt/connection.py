@@ -437,8 +437,7 @@ class MqttConnection(asyncio.Protocol):
         if self.ctx.device_api.handles(topic):
             self.ctx.device_api.on_publish(self, packet, slot)
             return
-        count = self.ctx.broker.publish(packet, self.session)
-        self.complete(slot, ReasonCode.SUCCESS if count else ReasonCode.NO_MATCHING_SUBSCRIBERS)
+        self.ctx.route(self, packet, slot)  # acked once copies for offline sessions are stored
 
     def _unfinished(self) -> int:
         """Incoming QoS 1/2 messages not yet finished (no PUBACK / PUBCOMP sent)."""
@@ -517,9 +516,13 @@ class MqttConnection(asyncio.Protocol):
             code, messages = self._subscribe_one(session, sub, identifier)
             codes.append(code)
             retained.extend(messages)
-        self.send(Suback(packet.packet_id, codes))
-        for message in retained:
-            session.deliver(message)
+
+        def answer() -> None:
+            self.send(Suback(packet.packet_id, codes))
+            for message in retained:
+                session.deliver(message)
+
+        self.ctx.after_session_change(self, answer)  # a persistent session is stored first
 
     def _subscribe_one(
         self, session: Session, sub: Any, identifier: int | None
@@ -565,7 +568,7 @@ class MqttConnection(asyncio.Protocol):
             else:
                 self.ctx.broker.unsubscribe(session, topic_filter)
             codes.append(ReasonCode.SUCCESS if existed else ReasonCode.NO_SUBSCRIPTION_EXISTED)
-        self.send(Unsuback(packet.packet_id, codes))
+        self.ctx.after_session_change(self, lambda: self.send(Unsuback(packet.packet_id, codes)))
 
     def _on_pingreq(self, packet: Pingreq) -> None:
         self.send(Pingresp())
@@ -651,6 +654,8 @@ class MqttConnection(asyncio.Protocol):
         session.will = packet.will
         session.device = self.principal.device
         self.session = session
+        if not await ctx.session_ready(self, session):  # a persistent session is stored first
+            return  # taken over or gone meanwhile, or refused
         self.reader.set_version(self.version)
         self.keep_alive = self._agree_keep_alive(packet.keep_alive)
         connack = Properties()

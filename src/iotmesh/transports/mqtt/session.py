@@ -9,13 +9,19 @@ Outgoing flow control: at most `min(max_inflight, client's Receive Maximum)` QoS
 messages are unacknowledged at once; the rest wait in the queue. When the socket's
 write buffer is full (`pause_writing`), delivery waits too: a slow subscriber cannot
 make the server buffer without bound.
+
+Persistence: a session with a `keeper` (`persistence.SessionPersistence`) tells it what
+must outlive a restart: every QoS 1/2 message queued while the client is offline (the
+keeper returns the message's store `seq`), every stored message once it is acknowledged
+or expired, and the whole session when its client leaves (`detach`).
 """
 
 from __future__ import annotations
 
 import collections
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from iotmesh.core.types import Device
 from iotmesh.proto.mqtt import Properties, Publish, Pubrel, Subscription, Will
@@ -37,10 +43,30 @@ class SubscriptionEntry:
         self.shared_group = shared_group
 
 
+class SessionKeeper(Protocol):
+    """What a session reports so that it can outlive a restart (see `persistence.py`)."""
+
+    def queued(self, session: Session, message: Publish) -> int:
+        """A QoS 1/2 message was queued for the offline session: store it, return its seq."""
+
+    def done(self, session: Session, seq: int) -> None:
+        """The stored message `seq` was acknowledged (or expired): forget it."""
+
+    def detached(self, session: Session) -> None:
+        """The persistent session's client left: store the session and all it holds."""
+
+
+# A held message: the message, when it was queued (monotonic, for v5 message expiry),
+# and its seq in the session store (None: not stored).
+Queued = tuple[Publish, float, int | None]
+
+
 class Session:
     """State of one client id."""
 
-    def __init__(self, client_id: str, max_queued: int) -> None:
+    def __init__(
+        self, client_id: str, max_queued: int, keeper: SessionKeeper | None = None
+    ) -> None:
         self.client_id = client_id
         self.device: Device | None = None
         self.connection: MqttConnection | None = None
@@ -48,10 +74,13 @@ class Session:
         self.expiry_s = 0  # how long the session outlives its connection
         self.disconnected_at: float | None = None
         self.will: Will | None = None
+        self.version = 4  # protocol level of the client's latest CONNECT
+        self.keeper = keeper  # None: nothing of this session is stored
+        self.stored = False  # the session store holds this session
         self._max_queued = max_queued
-        # Waiting messages with the time they were queued (for v5 message expiry).
-        self.queue: collections.deque[tuple[Publish, float]] = collections.deque()
+        self.queue: collections.deque[Queued] = collections.deque()
         self.inflight: dict[int, Publish | Pubrel] = {}
+        self.stored_seqs: dict[int, int] = {}  # packet id in flight -> seq in the store
         self.incoming_qos2: set[int] = set()  # PUBREC sent, waiting for PUBREL
         self._next_id = 1
         self.dropped = 0
@@ -94,9 +123,14 @@ class Session:
                 return
             self.queue.remove(oldest_qos0)
             self.dropped += 1
-        self.queue.append((message, time.monotonic()))
+        seq = None
+        if self.connection is None and message.qos and self.keeper is not None and self.persistent:
+            seq = self.keeper.queued(self, message)
+        self.queue.append((message, time.monotonic(), seq))
 
-    def _send(self, conn: MqttConnection, message: Publish) -> None:
+    def _send(self, conn: MqttConnection, message: Publish) -> int | None:
+        """Send one message; return the packet id it got (None for QoS 0)."""
+        packet_id = None
         if message.qos > 0:
             packet_id = self.next_packet_id()
             message = Publish(
@@ -110,22 +144,35 @@ class Session:
             )
             self.inflight[packet_id] = message
         conn.send_publish(message)
+        return packet_id
 
     def pump(self) -> None:
         """Send queued messages while the client has room (after an ack, on resume)."""
         conn = self.connection
         while conn is not None and self.queue and conn.can_send(len(self.inflight)):
-            message, queued_at = self.queue.popleft()
+            message, queued_at, seq = self.queue.popleft()
             fresh = _unexpired(message, time.monotonic() - queued_at)
-            if fresh is not None:
-                self._send(conn, fresh)
+            if fresh is None:
+                self._forget(seq)
+                continue
+            packet_id = self._send(conn, fresh)
+            if seq is not None:
+                if packet_id is None:
+                    self._forget(seq)
+                else:
+                    self.stored_seqs[packet_id] = seq
 
     def acknowledged(self, packet_id: int) -> bool:
         """PUBACK or PUBCOMP arrived: the message is done."""
         if self.inflight.pop(packet_id, None) is None:
             return False
+        self._forget(self.stored_seqs.pop(packet_id, None))
         self.pump()
         return True
+
+    def _forget(self, seq: int | None) -> None:
+        if seq is not None and self.keeper is not None:
+            self.keeper.done(self, seq)
 
     def received(self, packet_id: int) -> bool:
         """PUBREC arrived for a QoS 2 message: it becomes a PUBREL in flight."""
@@ -150,6 +197,31 @@ class Session:
         """The connection is gone."""
         self.connection = None
         self.disconnected_at = time.monotonic()
+        if self.keeper is not None and self.persistent:
+            self.keeper.detached(self)
+
+    def unstored(self, next_seq: Callable[[], int]) -> list[tuple[int, Publish | Pubrel, float]]:
+        """Every QoS 1/2 message held here that the store lacks or knows only partly.
+
+        That is every message in flight (the store must learn its packet id) and every
+        queued one without a seq. Each gets a seq from `next_seq` if it has none.
+        Returns (seq, message, queued at) in delivery order: in flight first.
+        """
+        now = time.monotonic()
+        found: list[tuple[int, Publish | Pubrel, float]] = []
+        for packet_id, item in self.inflight.items():
+            seq = self.stored_seqs.get(packet_id)
+            if seq is None:
+                seq = self.stored_seqs[packet_id] = next_seq()
+            found.append((seq, item, now))
+        queue: collections.deque[Queued] = collections.deque()
+        for message, queued_at, seq in self.queue:
+            if seq is None and message.qos:
+                seq = next_seq()
+                found.append((seq, message, queued_at))
+            queue.append((message, queued_at, seq))
+        self.queue = queue
+        return found
 
 
 def _unexpired(message: Publish, waited_s: float) -> Publish | None:
