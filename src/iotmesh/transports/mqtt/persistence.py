@@ -95,7 +95,11 @@ class SessionJournal:
     def add(self, op: SessionWrite) -> None:
         """Append a change; it is written soon, after every change added before it."""
         if self._closed:
-            log.warning("mqtt session store already closed; not written: %r", op)
+            log.warning(
+                "mqtt session store already closed; %s of %s not written",
+                type(op).__name__,
+                op.session.client_id if isinstance(op, SaveSession) else op.client_id,
+            )
             return
         self.added += 1
         last = self._ops[-1] if self._ops else None
