@@ -40,12 +40,12 @@ stable-sorts by ts and keeps the last point of each ts; within one write the lat
 record wins when the batch rows are built. When the parts read do not overlap
 (in-order data: the usual case), the merge is a concatenation, with no sort.
 
-Compaction runs in the store, on the writer thread, as steps queued behind the writes
+Compaction runs in the writer process, as steps between the writes
 (`writes.py`): a step is due when 4 x `compact_min_chunks` writes wait in batch rows
 (they are cheap to keep, and the more a step takes, the bigger the chunks it makes),
 or a series has got `compact_min_chunks` new chunks. A step is one transaction, so it
-never runs beside a write (SQLite has one writer anyway); it runs after the commit that
-made it due has been acknowledged, and later writes queue behind it, not inside it.
+never runs beside a write (SQLite has one writer anyway); it runs only while no write
+waits, so a write waits at most for the one step in progress.
 Merging chunks of one kind that do not overlap is a join of their blobs, no decoding.
 The compaction state is in memory: after a restart, waiting batch rows are counted
 again, and a series is looked at again once it gets new chunks; nothing is lost, only
@@ -56,11 +56,13 @@ Latest values: `ts_latest` is updated in the write's transaction, only where the
 ts is >= the stored one, so `latest` and `keys` are one indexed join. A delete
 recomputes it from the remaining chunk with the greatest `max_ts` (newest id on ties).
 
-Threads and durability. Writes, deletes and compaction run on one dedicated thread that
-owns the write connection; queries run on a small pool of reader threads, each with
-its own connection and one read transaction per query (`reads.py`), so they run while
-the writer commits (WAL) and see whole commits only. WAL checkpoints run on a third
-thread, at most once a second, not inside the writer's commits. `PRAGMA synchronous`
+Processes, threads and durability. Writes, deletes and compaction run in a writer
+process of their own that owns the write connection (`writer_process.py`: in the
+server's process they shared the GIL with the event loop, and every SQLite call waited
+for it); queries run on a small pool of reader threads of the server, each with its own
+connection and one read transaction per query (`reads.py`), so they run while the
+writer commits (WAL) and see whole commits only. WAL checkpoints run on a thread of the
+writer process, at most once a second, not inside the writer's commits. `PRAGMA synchronous`
 comes from settings: FULL (default) makes a commit survive power loss, NORMAL a process
 crash. `secure_delete` is FAST: Debian builds SQLite with deleted content zeroed,
 which would write every page a compaction frees a second time. SQLite errors are
@@ -140,7 +142,6 @@ class SqliteTimeSeriesStore:
     def __init__(self, path: Path, settings: SqliteSettings) -> None:
         self._path = path
         self._settings = settings
-        self._writer_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._reader_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._writer: WriterClient | None = None
         self._local = threading.local()
@@ -151,41 +152,36 @@ class SqliteTimeSeriesStore:
 
     async def open(self) -> None:
         """Start the writer process, which creates or upgrades the schema."""
-        if self._writer_pool is not None:
+        if self._reader_pool is not None:
             return
-        self._writer_pool = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="tsdb-write"
-        )
         self._reader_pool = concurrent.futures.ThreadPoolExecutor(
             _READERS, thread_name_prefix="tsdb-read"
         )
         self._writer = WriterClient(self._path, self._settings)
         try:
-            await self._on(self._writer_pool, self._writer.start)
+            await self._writer.start()
         except BaseException:
             await self._shutdown()
             raise
 
     async def close(self) -> None:
         """Wait for the write in progress, drop queued compaction, close connections."""
-        if self._writer_pool is None:
+        if self._reader_pool is None:
             return
         writer = self._writer
         try:
             if writer is not None:
-                await self._on(self._writer_pool, writer.close)
+                await writer.close()
         finally:
             await self._shutdown()
 
     async def _shutdown(self) -> None:
-        pools = (self._writer_pool, self._reader_pool)
-        self._writer_pool = self._reader_pool = None
+        pool, self._reader_pool = self._reader_pool, None
         writer, self._writer = self._writer, None
-        for pool in pools:
-            if pool is not None:
-                await asyncio.to_thread(pool.shutdown, True)
+        if pool is not None:
+            await asyncio.to_thread(pool.shutdown, True)
         if writer is not None:
-            await asyncio.to_thread(writer.close)  # a no-op unless open failed midway
+            await writer.close()  # a no-op unless open failed midway
         with self._reader_conns_lock:
             for conn in self._reader_conns:
                 conn.close()
@@ -218,7 +214,7 @@ class SqliteTimeSeriesStore:
         writer = self._writer
         if writer is None:
             raise StorageError("time-series store is not open")
-        return await self._on(self._writer_pool, writer.call, op, *args)
+        return await writer.call(op, *args)
 
     def _reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)

@@ -29,6 +29,7 @@ batch writer retries it) and the next call starts a new child.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import os
@@ -36,7 +37,6 @@ import select
 import signal
 import sqlite3
 import struct
-import subprocess
 import sys
 import time
 from collections import deque
@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<I")
 _CHECKPOINT_EVERY_S = 1.0
-_START_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 30.0
 
 _encoder = msgspec.msgpack.Encoder()
@@ -112,79 +111,90 @@ def _read_frame(fd: int) -> list[Any] | None:
 
 
 class WriterClient:
-    """Starts the writer process and calls it; blocking, for one thread only."""
+    """Starts the writer process and calls it, from the event loop (no thread: a reply
+    is read when epoll reports it, so no GIL hand-off sits between commit and ack)."""
 
     def __init__(self, path: Path, settings: SqliteSettings) -> None:
         self._path = path
         self._settings = settings
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()  # one request at a time, in call order
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Start the child and wait until it has opened (and migrated) the database."""
+        async with self._lock:
+            await self._start()
+
+    async def _start(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", __name__],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            close_fds=True,
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            __name__,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
         )
-        self._proc = proc
         level = logging.getLogger("iotmesh").getEffectiveLevel()
         settings = msgspec.json.encode(self._settings.model_dump()).decode()
         try:
-            self.call("open", str(self._path), settings, level)
+            await self._request(["open", str(self._path), settings, level])
         except BaseException:
-            self._stop(kill=True)
+            await self._stop(kill=True)
             raise
 
-    def call(self, op: str, *args: Any) -> Any:
+    async def call(self, op: str, *args: Any) -> Any:
         """Run `op` in the child and return its result.
 
         Raises:
             PayloadError: the child refused the data.
             StorageError: SQLite failed, or the child died (the next call restarts it).
         """
-        if self._proc is None:
-            self.start()
+        async with self._lock:
+            if self._proc is None:
+                await self._start()
+            return await self._request([op, *args])
+
+    async def _request(self, message: list[Any]) -> Any:
         proc = self._proc
         assert proc is not None
         assert proc.stdin is not None
         assert proc.stdout is not None
+        body = _encoder.encode(message)
         try:
-            _write_frame(proc.stdin.fileno(), [op, *args])
-            reply = _read_frame(proc.stdout.fileno())
-        except OSError as exc:
-            reply = None
-            log.warning("time-series writer process: %s", exc)
-        if reply is None:
-            code = self._stop(kill=True)
-            raise StorageError(f"the time-series writer process exited (code {code})")
-        status, result = reply
+            proc.stdin.write(_HEADER.pack(len(body)) + body)
+            await proc.stdin.drain()
+            (size,) = _HEADER.unpack(await proc.stdout.readexactly(_HEADER.size))
+            status, result = _request.decode(await proc.stdout.readexactly(size))
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            log.warning("time-series writer process: %r", exc)
+            code = await self._stop(kill=True)
+            raise StorageError(f"the time-series writer process exited (code {code})") from None
         if status == "ok":
             return result
         if status == "payload":
             raise PayloadError(result)
         raise StorageError(f"time-series store: {result}")
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Let the child finish and exit (it sees end of file), then reap it."""
-        self._stop(kill=False)
+        async with self._lock:
+            await self._stop(kill=False)
 
-    def _stop(self, *, kill: bool) -> int | None:
+    async def _stop(self, *, kill: bool) -> int | None:
         proc, self._proc = self._proc, None
         if proc is None:
             return None
-        if kill:
+        if kill and proc.returncode is None:
             proc.kill()
-        for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:
-                pipe.close()
+        if proc.stdin is not None:
+            proc.stdin.close()
         try:
-            return proc.wait(_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
+            async with asyncio.timeout(_STOP_TIMEOUT_S):
+                return await proc.wait()
+        except TimeoutError:
             log.error("time-series writer process did not exit; killing it")
             proc.kill()
-            return proc.wait()
+            return await proc.wait()
 
 
 # -- the child's side ------------------------------------------------------------------
