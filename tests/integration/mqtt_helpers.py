@@ -153,9 +153,11 @@ class PahoClient:
 
     # -- operations -----------------------------------------------------------------------
 
-    def connect(self, timeout: float = WAIT_S) -> ReasonCode:
-        """Connect and wait for the CONNACK (or the end of the connection)."""
-        self.paho.connect(HOST, self.port, keepalive=self.keepalive)
+    def connect(self, timeout: float = WAIT_S, properties: Any = None) -> ReasonCode:
+        """Connect and wait for the CONNACK (or the end of the connection).
+
+        `properties`: v5 CONNECT properties (paho's `Properties(PacketTypes.CONNECT)`)."""
+        self.paho.connect(HOST, self.port, keepalive=self.keepalive, properties=properties)
         self.paho.loop_start()
         self._started = True
         self._wait(lambda: self.connack is not None or self.disconnects, "CONNACK", timeout)

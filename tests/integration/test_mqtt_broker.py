@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from tests.integration.mqtt_helpers import (
     DISCONNECT,
@@ -314,6 +316,26 @@ def test_unacknowledged_messages_are_sent_again_on_resume(broker: RunningServer)
         third = read_packet(sock)
         assert third is not None
         assert (third[0], third[1][len(name) + 2 :]) == (0x32, b"three")
+
+
+def test_message_over_the_clients_maximum_packet_size_is_discarded_not_kept_in_flight(
+    broker: RunningServer,
+) -> None:
+    """MQTT 3.1.2.25: the server discards what the client cannot take, and the slot it
+    took in the client's Receive Maximum window is free again for the next message."""
+    topic = unique("max-packet")
+    limits = Properties(PacketTypes.CONNECT)
+    limits.MaximumPacketSize = 200
+    limits.ReceiveMaximum = 1
+    with anonymous(broker, V5) as sub, anonymous(broker, V5) as pub:
+        sub.connect(properties=limits)
+        sub.subscribed(topic, qos=1)
+        pub.connect()
+        pub.publish(topic, b"x" * 500, qos=1)  # over 200 bytes: never sent to `sub`
+        pub.publish(topic, b"small", qos=1)
+        pub.publish(topic, b"after", qos=1)
+        got = [sub.expect(topic).payload, sub.expect(topic).payload]
+    assert got == [b"small", b"after"]
 
 
 @pytest.mark.parametrize("version", VERSIONS, ids=VERSION_IDS)

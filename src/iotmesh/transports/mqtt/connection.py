@@ -187,16 +187,27 @@ class MqttConnection(asyncio.Protocol):
         if not self._corked:
             self._flush()
 
-    def send_publish(self, message: Publish) -> None:
-        """Send a message the session routed to this client."""
+    def send_publish(self, message: Publish) -> bool:
+        """Send a message the session routed to this client; False if it was discarded.
+
+        MQTT 3.1.2.25: a message over the client's Maximum Packet Size is discarded (the
+        caller then forgets it, as if acknowledged). Its size is checked before a topic
+        alias is given out, so an alias is never set by a message that was not sent.
+        """
+        limit = self.client_max_packet
+        if limit is not None and len(encode(message, self.version)) > limit:
+            return False
         if self.client_alias_max:
-            message = self._with_alias(message)
-        if self.client_max_packet is not None:
-            data = encode(message, self.version)
-            if len(data) > self.client_max_packet:
-                return  # MQTT 3.1.2.25: discard what the client said it cannot take
+            aliased = self._with_alias(message)
+            if limit is not None and len(encode(aliased, self.version)) > limit:
+                # The alias property made it too large: send it without, alias unset.
+                if aliased is not message and aliased.topic:
+                    self._out_aliases.pop(message.topic, None)
+                aliased = message
+            message = aliased
         self.ctx.stats.messages_out += 1
         self.send(message)
+        return True
 
     def _with_alias(self, message: Publish) -> Publish:
         """Use a v5 topic alias towards a client that allows them: the first message

@@ -143,7 +143,9 @@ class Session:
                 message.properties,
             )
             self.inflight[packet_id] = message
-        conn.send_publish(message)
+        if not conn.send_publish(message):
+            self.inflight.pop(packet_id, None)  # discarded (too large): nothing to wait for
+            return None
         return packet_id
 
     def pump(self) -> None:
@@ -188,7 +190,9 @@ class Session:
         for packet_id, item in list(self.inflight.items()):
             if isinstance(item, Publish):
                 item.dup = True
-                conn.send_publish(item)
+                if not conn.send_publish(item):  # too large for this client: discarded
+                    self.inflight.pop(packet_id, None)
+                    self._forget(self.stored_seqs.pop(packet_id, None))
             else:
                 conn.send(Pubrel(packet_id))
         self.pump()

@@ -244,8 +244,9 @@ async def test_acknowledged_and_expired_messages_leave_the_store(tmp_path: Path)
         def can_send(self, inflight: int) -> bool:
             return inflight < 1
 
-        def send_publish(self, m: Publish) -> None:
+        def send_publish(self, m: Publish) -> bool:
             sent.append(m)
+            return True
 
     session.connection = Conn()  # type: ignore[assignment]
     session.pump()
