@@ -144,7 +144,8 @@ class Session:
             )
             self.inflight[packet_id] = message
         if not conn.send_publish(message):
-            self.inflight.pop(packet_id, None)  # discarded (too large): nothing to wait for
+            if packet_id is not None:  # discarded (too large): nothing to wait for
+                del self.inflight[packet_id]
             return None
         return packet_id
 
