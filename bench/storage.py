@@ -113,8 +113,8 @@ async def ingest(data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
             "points": points,
             "seconds": elapsed,
             "points_per_s": points / elapsed,
-            "commits": writer.stats.commits,
-            "points_per_commit": points / max(writer.stats.commits, 1),
+            "commits": writer.counters.commits,
+            "points_per_commit": points / max(writer.counters.commits, 1),
             "compaction_backlog_s": compact_s,
         }
     finally:

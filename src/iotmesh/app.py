@@ -70,6 +70,9 @@ class _BusService(Service):
     def health(self) -> Health:
         return Health(ok=True, detail=f"{self.bus.depth()} messages queued")
 
+    def stats(self) -> dict[str, Any]:
+        return {"queued": self.bus.depth()}
+
 
 class Platform:
     """All services of `iotmesh run` in one process.
@@ -159,6 +162,7 @@ class Platform:
             latest=latest,
             ingest=ingest,
             health=self.health,
+            stats=self.stats,
         )
         self.http = HttpServer(create_app(ctx), settings.host, settings.http)
         await self._enter(self.http)
@@ -167,6 +171,10 @@ class Platform:
     def health(self) -> dict[str, Health]:
         """Each started service's health, by name."""
         return {s.name: s.health() for s in self._services}
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Each service's counters, by service name (those that have any)."""
+        return {s.name: stats for s in self._services if (stats := s.stats())}
 
     def run_info(self) -> dict[str, Any]:
         """Where this process listens; written to run.json for the CLI and tests."""

@@ -13,6 +13,7 @@ from iotmesh.api import (
     health,
     problems,
     rpc,
+    stats,
     telemetry,
 )
 from iotmesh.api.context import ApiContext
@@ -31,6 +32,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.state.ctx = ctx
     problems.install(app)
     app.include_router(health.router)
+    app.include_router(stats.router)
     app.include_router(devices.router)
     app.include_router(credentials.router)
     app.include_router(telemetry.router)

@@ -32,6 +32,7 @@ class ApiContext:
     latest: LatestValues
     ingest: TelemetryIngest
     health: Callable[[], dict[str, Health]]
+    stats: Callable[[], dict[str, dict[str, Any]]]
 
 
 def context(request: Request) -> ApiContext:

@@ -305,6 +305,26 @@ def telemetry_latest(
     _print_points(_call(client, "GET", path, params=params), as_json)
 
 
+@app.command("stats")
+def stats(
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the counters of each service of a running server (connections, messages,
+    commits, queue depths)."""
+    result = _call(_client(url, token, data_dir), "GET", "/api/v1/stats")
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table("service", "counter", "value")
+    for service, counters in result.items():
+        for name, value in counters.items():
+            table.add_row(service, name, json.dumps(value))
+    out.print(table)
+
+
 def _print_points(result: dict[str, list[dict[str, Any]]], as_json: bool) -> None:
     if as_json:
         print(json.dumps(result))

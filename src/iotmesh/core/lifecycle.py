@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import msgspec
 
@@ -39,6 +39,13 @@ class Service(abc.ABC):
     def health(self) -> Health:
         """Report readiness; the default says a started service is healthy."""
         return Health(ok=True)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and gauges of this service (JSON values); the default has none.
+
+        Read by `GET /api/v1/stats` and `iotmesh stats`; the observability work turns
+        the same numbers into Prometheus metrics."""
+        return {}
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from iotmesh.bus import subjects
 from iotmesh.bus.interface import Delivery, Subscriber, Subscription
@@ -44,6 +45,9 @@ class Pipeline(Service):
         self._processors = list(processors) if processors is not None else [make_validator()]
         self._subscription: Subscription | None = None
         self.dropped = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {"dropped": self.dropped}
 
     async def start(self) -> None:
         self._subscription = await self._bus.subscribe(

@@ -25,6 +25,7 @@ import collections
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 
@@ -43,6 +44,8 @@ class WriterStats(msgspec.Struct):
     records: int = 0
     failed_commits: int = 0
     last_commit_ms: float = 0.0
+    max_commit_ms: float = 0.0
+    commit_ms_total: float = 0.0  # with `commits`: the mean commit time
 
 
 class _Pending:
@@ -69,7 +72,7 @@ class BatchWriter(Service):
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._failing_since: float | None = None
-        self.stats = WriterStats()
+        self.counters = WriterStats()
 
     async def start(self) -> None:
         self._stopping = False
@@ -85,6 +88,9 @@ class BatchWriter(Service):
             await self._task
             self._task = None
         self._fail_all(StorageError("writer stopped before the batch could be committed"))
+
+    def stats(self) -> dict[str, Any]:
+        return {**msgspec.structs.asdict(self.counters), "pending_records": self._pending_records}
 
     def health(self) -> Health:
         if self._failing_since is not None:
@@ -179,7 +185,7 @@ class BatchWriter(Service):
                 await self._isolate_bad(taken, exc)
                 return
             except StorageError as exc:
-                self.stats.failed_commits += 1
+                self.counters.failed_commits += 1
                 if self._failing_since is None:
                     self._failing_since = time.monotonic()
                 if self._stopping:
@@ -192,10 +198,13 @@ class BatchWriter(Service):
                 backoff = min(backoff * 2, self._settings.retry_backoff_max_s)
                 continue
             self._failing_since = None
-            self.stats.commits += 1
-            self.stats.last_commit_ms = (time.perf_counter() - started) * 1000
+            self.counters.commits += 1
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            self.counters.last_commit_ms = elapsed_ms
+            self.counters.max_commit_ms = max(self.counters.max_commit_ms, elapsed_ms)
+            self.counters.commit_ms_total += elapsed_ms
             for item in taken:
-                self.stats.records += item.records
+                self.counters.records += item.records
                 if not item.future.done():
                     item.future.set_result(None)
             return

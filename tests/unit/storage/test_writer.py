@@ -74,8 +74,8 @@ async def test_concurrent_writes_are_group_committed() -> None:
     assert store.calls == 2
     assert [len(batch) for batch in store.writes] == [1, 5]
     assert written_before_return == [True] * 5
-    assert writer.stats.commits == 2
-    assert writer.stats.records == 6
+    assert writer.counters.commits == 2
+    assert writer.counters.records == 6
     assert writer.pending_records == 0
 
 
@@ -146,8 +146,8 @@ async def test_failed_commits_are_retried_until_they_succeed(
 
     assert store.calls == 3
     assert store.entities() == ["d0"]
-    assert writer.stats.failed_commits == 2
-    assert writer.stats.commits == 1
+    assert writer.counters.failed_commits == 2
+    assert writer.counters.commits == 1
     assert sum("commit failed" in r.getMessage() for r in caplog.records) == 2
 
 
@@ -155,7 +155,7 @@ async def test_health_reports_failing_commits() -> None:
     store = RecordingStore(always_fail=True)
     async with running_writer(store, retry_backoff_max_s=0.01) as writer:
         pending = write(writer, series("d0"))
-        await eventually(lambda: writer.stats.failed_commits >= 1)
+        await eventually(lambda: writer.counters.failed_commits >= 1)
         health = writer.health()
         assert not health.ok
         assert "failing" in health.detail
@@ -210,7 +210,7 @@ async def test_stop_fails_batches_that_still_cannot_be_committed() -> None:
     writer = BatchWriter(store, WriterSettings(retry_backoff_max_s=0.01))
     await writer.start()
     tasks = [write(writer, series(f"d{i}")) for i in range(3)]
-    await eventually(lambda: writer.stats.failed_commits >= 1)
+    await eventually(lambda: writer.counters.failed_commits >= 1)
 
     await writer.stop()
 

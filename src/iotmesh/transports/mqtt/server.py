@@ -21,6 +21,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from iotmesh.commands.rpc import RpcService
 from iotmesh.core.errors import StartupError
 from iotmesh.core.lifecycle import Health, Service
@@ -421,6 +423,19 @@ class MqttServer(Service):
             await asyncio.sleep(0.02)
         await ctx.close_persistence()
         await self._sessions_store.close()
+
+    def stats(self) -> dict[str, Any]:
+        ctx = self.ctx
+        if ctx is None:
+            return {}
+        sessions = ctx.sessions.values()
+        return {
+            **msgspec.structs.asdict(ctx.stats),
+            "sessions": len(ctx.sessions),
+            "queued_messages": sum(len(s.queue) for s in sessions),
+            "inflight_messages": sum(len(s.inflight) for s in sessions),
+            "queue_dropped": sum(s.dropped for s in sessions),
+        }
 
     def health(self) -> Health:
         if self.ctx is None:
