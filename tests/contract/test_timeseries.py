@@ -394,6 +394,39 @@ async def test_overwrites_survive_compaction_in_any_order(
     )
 
 
+async def test_many_series_keep_their_answers_while_compaction_runs(
+    store: TimeSeriesStore, backend: Backend
+) -> None:
+    """Hundreds of series (SQLite compacts them a few series groups at a time, between
+    writes): every answer matches a model before, during and after compaction."""
+    rng = random.Random(11)
+    devices = [f"dev-{i}" for i in range(300)]  # x 2 keys: 600 series
+    model: dict[tuple[str, str], dict[int, float]] = {}
+
+    async def check(sample: Sequence[str]) -> None:
+        for device in sample:
+            got = await store.query(query("a", "b", end=10_000, limit=10_000, entity=device))
+            for key in ("a", "b"):
+                want = sorted(model.get((device, key), {}).items())
+                assert pairs(got.get(key, [])) == want, (device, key)
+
+    for round_no in range(40):
+        batch = []
+        for device in rng.sample(devices, rng.randint(20, 300)):
+            ts = rng.randrange(0, 200) if rng.random() < 0.2 else 200 + round_no * 10
+            values = {key: float(round_no) for key in ("a", "b") if rng.random() < 0.8}
+            if values:
+                batch.append(SeriesWrite(device, [TsRecord(ts, values)]))
+                for key, value in values.items():
+                    model.setdefault((device, key), {})[ts] = value
+        await store.write(batch)
+        if round_no % 5 == 4:
+            await check(rng.sample(devices, 10))
+    await check(devices[:50])
+    await backend.settle(store)
+    await check(devices)
+
+
 async def test_query_during_writes(store: TimeSeriesStore) -> None:
     async def writer() -> None:
         for i in range(30):

@@ -2,7 +2,10 @@
 
 A write's points are sorted by (series id, ts), one point per (series, ts) (the later
 record of the batch wins), and cut at series boundaries into parts of about
-`PART_POINTS` points, one row each, with the range of series ids it holds. A query
+`PART_POINTS` points, one row each, with the range of series ids it holds. A part
+never spans two series groups (`GROUP_SHIFT`: series ids `g << 8` to `(g + 1) << 8`),
+so compaction can move the rows of a few groups at a time into chunks, in short
+transactions, instead of every series at once (see `writes.py`). A query
 of one series then reads one small row per pending batch (found through the index on
 the series range), not every series' points. A row holds, in columns:
 
@@ -80,6 +83,9 @@ class BatchRow:
 # Points per batch row: small enough that a query reading one series from each pending
 # batch reads little (~25 bytes a point), big enough that rows per commit stay few.
 PART_POINTS = 256
+# Series ids `g << GROUP_SHIFT` .. `((g + 1) << GROUP_SHIFT) - 1` form group g; parts
+# are also cut where the group changes.
+GROUP_SHIFT = 8
 
 # The stored columns of a batch row: sids, starts, ts, kinds, doubles, longs, objects.
 BatchColumns = tuple[bytes, bytes, bytes, bytes, bytes, bytes | None, bytes | None]
@@ -153,10 +159,13 @@ def encode_batch(
     starts = _group_starts(sid)
     series = sid[starts[:-1]]
     latest = _latest_rows(points, series, starts[1:] - 1)
-    # Parts are cut at series starts, about PART_POINTS apart; each part's columns are
-    # byte slices of the whole batch's columns.
+    # Parts are cut at series starts, about PART_POINTS apart and where the series group
+    # changes; each part's columns are byte slices of the whole batch's columns.
     n = len(points)
-    cut = np.unique(np.searchsorted(starts, np.arange(0, n, PART_POINTS)))  # group numbers
+    by_points = np.searchsorted(starts, np.arange(0, n, PART_POINTS))
+    series_group = series >> GROUP_SHIFT
+    by_group = np.flatnonzero(series_group[1:] != series_group[:-1]) + 1
+    cut = np.union1d(by_points, by_group)  # indices into `series` where parts start
     group_bounds = [*cut[cut < len(series)].tolist(), len(series)]
     bounds = starts[group_bounds]
     min_ts = np.minimum.reduceat(points.ts, bounds[:-1]).tolist()

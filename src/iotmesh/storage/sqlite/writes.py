@@ -7,6 +7,7 @@ locks. Each public method is one transaction, rolled back as a whole on error.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import sqlite3
@@ -22,15 +23,16 @@ from iotmesh.core.settings import SqliteSettings
 from iotmesh.storage.points import Kind, merge
 from iotmesh.storage.sqlite import chunks as chunking
 from iotmesh.storage.sqlite import schema
-from iotmesh.storage.sqlite.batches import LatestRow, encode_batch, to_chunks
+from iotmesh.storage.sqlite.batches import GROUP_SHIFT, LatestRow, encode_batch, to_chunks
 from iotmesh.storage.sqlite.compaction import ChunkMeta, plan
 from iotmesh.storage.timeseries import SeriesWrite
 
 log = logging.getLogger(__name__)
 
-_STEP_BUDGET_S = 0.02  # longest compaction step, so that a queued write waits at most that
+_STEP_BUDGET_S = 0.01  # longest compaction step, so that a queued write waits at most that
 _SERIES_PER_TXN = 64  # series merged per compaction transaction
-_PARTS_PER_TXN = 4096  # batch rows (parts of batches) turned into chunks per transaction
+_PARTS_PER_TXN = 4096  # batch rows moved into chunks per statement of `_flush_all`
+_GROUPS_PER_STEP = 2  # series groups a flush step moves (512 series: a few ms)
 _MAX_CACHED_SERIES = 1_000_000  # bound on the series-id cache (~100 B an entry)
 _LATEST_JSON = msgspec.json.Encoder()
 
@@ -73,14 +75,27 @@ class SeriesWriter:
         ).fetchone()
         self._new_chunks: dict[int, int] = {}  # series -> chunks made since its last merge
         self._to_merge: dict[int, None] = {}  # an ordered set of series ids
+        # A flush pass: the series groups still to move, and the newest batch row it takes.
+        self._pass: collections.deque[int] = collections.deque()
+        self._pass_upto = 0
         self._step_queued = False
         self.closing = False
+        if self._has_unaligned_rows():
+            # Rows written before parts were cut at group boundaries: moved all at once.
+            self._transaction(self._flush_all)
         self._schedule()
 
     def close(self) -> None:
         """Close the connection; queued compaction steps then do nothing."""
         self.closing = True
         self._db.close()
+
+    def _has_unaligned_rows(self) -> bool:
+        row = self._db.execute(
+            f"SELECT 1 FROM ts_batch WHERE (min_sid >> {GROUP_SHIFT}) != (max_sid >> {GROUP_SHIFT})"
+            " LIMIT 1"
+        ).fetchone()
+        return row is not None
 
     def _pending_batches(self) -> int:
         """Write transactions whose batch rows are not yet turned into chunks."""
@@ -239,7 +254,7 @@ class SeriesWriter:
     def _delete(self, entity_id: str, keys: Sequence[str], start_ts: int, end_ts: int) -> int:
         # Batch rows hold many series; rather than rewrite them, move everything into
         # chunks first (rare: deletes are rare), then delete from chunks only.
-        self._flush_batches(everything=True)
+        self._flush_all()
         deleted = 0
         for key in dict.fromkeys(keys):
             row = self._db.execute(schema.SERIES_ID, (entity_id, key)).fetchone()
@@ -298,7 +313,7 @@ class SeriesWriter:
             self._to_merge.pop(sid, None)
 
     def _delete_entity(self, entity_id: str) -> list[int]:
-        self._flush_batches(everything=True)
+        self._flush_all()
         db = self._db
         rows = db.execute("SELECT id FROM ts_series WHERE entity_id = ?", (entity_id,))
         sids = [int(row[0]) for row in rows]
@@ -311,7 +326,7 @@ class SeriesWriter:
 
     def _schedule(self) -> None:
         """Queue a compaction step behind pending writes, if there is work and none is."""
-        due = self._batches >= self._flush_rows or self._to_merge
+        due = self._batches >= self._flush_rows or self._pass or self._to_merge
         if due and not self._step_queued and not self.closing:
             self._step_queued = True
             self._submit(self._step)
@@ -323,8 +338,10 @@ class SeriesWriter:
             return
         deadline = time.perf_counter() + _STEP_BUDGET_S
         try:
-            if self._batches >= self._flush_rows:
-                self._transaction(lambda: self._flush_batches(everything=False))
+            if not self._pass and self._batches >= self._flush_rows:
+                self._start_pass()
+            if self._pass:
+                self._transaction(self._flush_groups)
             while self._to_merge and time.perf_counter() < deadline:
                 self._merge_some()
         except sqlite3.Error as exc:
@@ -339,35 +356,75 @@ class SeriesWriter:
 
     def compact_all(self) -> int:
         """Turn every batch row into chunks and merge every series due; return merges."""
-        self._transaction(lambda: self._flush_batches(everything=True))
+        self._transaction(self._flush_all)
         merged = 0
         while self._to_merge:
             merged += self._merge_some()
         return merged
 
-    def _flush_batches(self, everything: bool) -> None:
-        """Move the oldest batch rows (all of them if `everything`) into chunks.
-
-        Rows are taken in id (write) order; a cut inside one batch is harmless, since
-        its rows hold different series.
-        """
+    def _flush_all(self) -> None:
+        """Move every batch row into chunks (before a delete, or when asked to)."""
         db = self._db
-        while self._batches:
+        self._pass.clear()
+        while True:
             rows = db.execute(
                 f"SELECT id, {schema.BATCH_COLUMNS} FROM ts_batch ORDER BY id LIMIT ?",
                 (_PARTS_PER_TXN,),
             ).fetchall()
-            if rows:
-                made = to_chunks([row[1:] for row in rows], self._settings.chunk_max_points)
-                db.executemany(
-                    schema.INSERT_CHUNK,
-                    [(None, s, c.min_ts, c.max_ts, c.n, c.kind, c.ts, c.vals) for s, c in made],
-                )
-                db.execute("DELETE FROM ts_batch WHERE id <= ?", (rows[-1][0],))
-                self._count_chunks([s for s, _ in made])
-            self._batches = self._pending_batches()
-            if not everything:
+            if not rows:
                 break
+            self._move(rows)
+            db.execute("DELETE FROM ts_batch WHERE id <= ?", (rows[-1][0],))
+        self._batches = 0
+
+    def _start_pass(self) -> None:
+        """Plan a flush pass: the groups that have batch rows, up to the newest row now.
+
+        The pass then moves a few groups per step (`_flush_groups`), each step a short
+        transaction between writes; rows written meanwhile wait for the next pass.
+        """
+        (upto,) = self._db.execute("SELECT max(id) FROM ts_batch").fetchone()
+        self._batches = 0
+        if upto is None:
+            return
+        groups = self._db.execute(
+            f"SELECT DISTINCT max_sid >> {GROUP_SHIFT} FROM ts_batch WHERE id <= ? ORDER BY 1",
+            (upto,),
+        ).fetchall()
+        self._pass.extend(int(g) for (g,) in groups)
+        self._pass_upto = int(upto)
+
+    def _flush_groups(self) -> None:
+        """Move the batch rows of the pass's next `_GROUPS_PER_STEP` groups into chunks.
+
+        A group's rows hold only its series, and are taken in id (write) order, up to
+        the pass's newest row: each series' moved points are older than those it keeps
+        in batch rows, and chunks keep being older than batch rows, series by series.
+        """
+        db = self._db
+        rows: list[Any] = []
+        spans = []
+        for _ in range(min(_GROUPS_PER_STEP, len(self._pass))):
+            lo = self._pass.popleft() << GROUP_SHIFT
+            span = (lo, lo + (1 << GROUP_SHIFT) - 1, self._pass_upto)
+            spans.append(span)
+            rows += db.execute(
+                f"SELECT id, {schema.BATCH_COLUMNS} FROM ts_batch"
+                " WHERE max_sid BETWEEN ? AND ? AND id <= ? ORDER BY id",
+                span,
+            ).fetchall()
+        if rows:
+            self._move(rows)
+            db.executemany("DELETE FROM ts_batch WHERE max_sid BETWEEN ? AND ? AND id <= ?", spans)
+
+    def _move(self, rows: list[Any]) -> None:
+        """Insert the chunks of batch rows (id first, then `BATCH_COLUMNS`, id order)."""
+        made = to_chunks([row[1:] for row in rows], self._settings.chunk_max_points)
+        self._db.executemany(
+            schema.INSERT_CHUNK,
+            [(None, s, c.min_ts, c.max_ts, c.n, c.kind, c.ts, c.vals) for s, c in made],
+        )
+        self._count_chunks([s for s, _ in made])
 
     def _count_chunks(self, sids: list[int]) -> None:
         threshold = self._settings.compact_min_chunks
