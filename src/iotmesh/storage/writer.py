@@ -152,11 +152,6 @@ class BatchWriter(Service):
                 taken = self._take()
                 await self._commit_with_retry(taken)
                 await self._release(taken)
-                # The senders this commit released (pipeline consumers) send their next
-                # batch in the next loop iteration or two: wait for them, so that the
-                # next transaction takes them all, not one and then the rest.
-                await asyncio.sleep(0)
-                await asyncio.sleep(0)
             if self._stopping:
                 return
 
