@@ -35,15 +35,39 @@ def machine() -> dict[str, Any]:
     }
 
 
+def tree_rss(proc: psutil.Process) -> int:
+    """RSS of a process and its children (bytes): iotmesh's server and writer process."""
+    total = 0
+    with contextlib.suppress(psutil.Error):
+        for p in [proc, *proc.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+    return total
+
+
 class Sampler:
     """CPU and RSS of the server, CPU of the generator (and subscriber) processes, and
     of the whole machine, over the measured window. CPU figures are % of one core; the
-    machine has `cpu_count` cores, so "other" is whatever else ran (other users' jobs)."""
+    machine has `cpu_count` cores, so "other" is whatever else ran (other users' jobs).
+
+    The server is its process and its children (iotmesh's SQLite writer process): CPU
+    and RSS are summed over them ("server"), and the main process is also reported
+    alone ("server_main")."""
 
     def __init__(self, server_pid: int) -> None:
         self.proc = psutil.Process(server_pid)
         self.helpers: list[psutil.Process] = []
         self.rss: list[int] = []
+        self.tree: list[psutil.Process] = [self.proc]
+
+    def _tree(self) -> list[psutil.Process]:
+        with contextlib.suppress(psutil.Error):
+            return [self.proc, *self.proc.children(recursive=True)]
+        return [self.proc]
+
+    def tree_rss(self) -> int:
+        """RSS of the server and its children (bytes)."""
+        return tree_rss(self.proc)
 
     @staticmethod
     def _cpu(p: psutil.Process) -> float:
@@ -65,18 +89,20 @@ class Sampler:
             with contextlib.suppress(psutil.Error):
                 self.helpers.append(psutil.Process(pid))
         self.t = time.monotonic()
-        self.cpu = self._cpu(self.proc)
+        self.tree = self._tree()
+        self.cpu = sum(self._cpu(p) for p in self.tree)
+        self.main_cpu = self._cpu(self.proc)
         self.helper_cpu = sum(self._cpu(h) for h in self.helpers)
         self.sys = self._machine()
-        self.rss = [self.proc.memory_info().rss]
+        self.rss = [self.tree_rss()]
 
     def sample(self) -> None:
-        with contextlib.suppress(psutil.Error):
-            self.rss.append(self.proc.memory_info().rss)
+        self.rss.append(self.tree_rss())
 
     def end(self) -> dict[str, Any]:
         wall = time.monotonic() - self.t
-        server = 100 * (self._cpu(self.proc) - self.cpu) / wall
+        server = 100 * (sum(self._cpu(p) for p in self.tree) - self.cpu) / wall
+        server_main = 100 * (self._cpu(self.proc) - self.main_cpu) / wall
         helpers = 100 * (sum(self._cpu(h) for h in self.helpers) - self.helper_cpu) / wall
         busy, total, steal = self._machine()
         cores = psutil.cpu_count() or 1
@@ -85,6 +111,7 @@ class Sampler:
         self.sample()
         return {
             "server_cpu_pct": server,
+            "server_main_cpu_pct": server_main,
             "loadgen_cpu_pct": helpers,
             "machine_cpu_pct": machine,
             "machine_cores": cores,

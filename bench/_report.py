@@ -97,7 +97,7 @@ def report(results: dict[str, Any]) -> None:
     half = results.get("half_rate")
     hi, hm = i.get("qos1_half"), m.get("qos1_half")
     row(
-        f"QoS 1 at half iotmesh's max ({fmt(half, ',.0f')}/s): PUBACKs/s",
+        f"QoS 1 at half rate ({fmt(half, ',.0f')}/s): PUBACKs/s",
         _get(hi, "acked_msgs_per_s"), _get(hm, "acked_msgs_per_s"), ",.0f", cmp=False,
     )  # fmt: skip
     row(
@@ -153,6 +153,10 @@ def report(results: dict[str, Any]) -> None:
         _get(ii, "server_rss_mb_before"), _get(im, "server_rss_mb_before"), ",.0f", " MB",
         cmp=False,
     )  # fmt: skip
+    row(
+        "  with iotmesh's SQLite writer process (connected)",
+        _get(ii, "server_tree_rss_mb_with_idle"), None, ",.0f", " MB", cmp=False,
+    )  # fmt: skip
     Console(width=170).print(table)
     mach = results["machine"]
     print(
@@ -184,9 +188,12 @@ def add_resources(table: Table, i: dict[str, Any], m: dict[str, Any], phase: str
         p = d.get(phase)
         if not p:
             return "-"
+        main = p.get("server_main_cpu_pct")
         return (
-            f"{p['server_cpu_pct']:.0f}% / {p['loadgen_cpu_pct']:.0f}% / "
+            f"{p['server_cpu_pct']:.0f}%"
+            + (f" ({main:.0f}% main)" if main is not None and d is i else "")
+            + f" / {p['loadgen_cpu_pct']:.0f}% / "
             f"{p['other_cpu_pct']:.0f}%, {p['server_rss_mb_max']:,.0f} MB"
         )
 
-    table.add_row("  CPU server / loadgen / other, server peak RSS", cell(i), cell(m), "")
+    table.add_row("  CPU server+writer (main) / loadgen / other, peak RSS", cell(i), cell(m), "")
