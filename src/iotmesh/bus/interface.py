@@ -20,7 +20,6 @@ Semantics (shared with NATS JetStream and Redis Streams, so the interface fits t
 from __future__ import annotations
 
 import abc
-import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Self
@@ -108,17 +107,25 @@ class Publisher(abc.ABC):
         """
 
     def publish_nowait(
-        self, subject: str, data: bytes, *, key: str, msg_id: str
-    ) -> asyncio.Future[None] | None:
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        key: str,
+        msg_id: str,
+        on_done: Callable[[BaseException | None], None],
+    ) -> bool:
         """Start a publish without awaiting it, if the bus can take the message at once.
 
-        Returns a future that completes when `publish` would return (or fails as it
-        would raise), or None when the bus cannot take the message right now (no room,
-        or no such fast path): then call `publish`. A transport that hands over one
-        message per socket read saves a task per message this way; the in-process bus
+        Returns True if it took the message: `on_done(None)` is then called when
+        `publish` would have returned, or `on_done(error)` with what it would have
+        raised, in either case exactly once, possibly from inside a consumer's settle.
+        False when the bus cannot take the message right now (no room, or no such fast
+        path): then call `publish`. A transport that hands over one message per socket
+        read saves a task and a loop turn per message this way; the in-process bus
         implements it, engines with a network round trip need not.
         """
-        return None
+        return False
 
 
 class Subscriber(abc.ABC):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from iotmesh.bus import subjects
 from iotmesh.bus.interface import (
@@ -37,26 +37,45 @@ log = logging.getLogger(__name__)
 
 
 class _Message:
-    """A published message and the publisher waiting for every group to settle it."""
+    """A published message and the publisher waiting for every group to settle it:
+    through a future (`publish`) or a callback (`publish_nowait`)."""
 
-    __slots__ = ("data", "future", "key", "msg_id", "subject", "unsettled_groups")
+    __slots__ = ("data", "done", "key", "msg_id", "on_done", "subject", "unsettled_groups")
 
-    def __init__(self, subject: str, key: str, data: bytes, msg_id: str, groups: int) -> None:
+    def __init__(
+        self,
+        subject: str,
+        key: str,
+        data: bytes,
+        msg_id: str,
+        groups: int,
+        on_done: Callable[[BaseException | None], None] | None = None,
+    ) -> None:
         self.subject = subject
         self.key = key
         self.data = data
         self.msg_id = msg_id
         self.unsettled_groups = groups
-        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.on_done = on_done
+        self.done = False
 
     def group_done(self) -> None:
         self.unsettled_groups -= 1
-        if self.unsettled_groups == 0 and not self.future.done():
-            self.future.set_result(None)
+        if self.unsettled_groups == 0:
+            self._finish(None)
 
     def give_up(self, reason: str) -> None:
-        if not self.future.done():
-            self.future.set_exception(DeadLettered(f"message {self.msg_id}: {reason}"))
+        self._finish(DeadLettered(f"message {self.msg_id}: {reason}"))
+
+    def _finish(self, error: BaseException | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.on_done is not None:
+            try:
+                self.on_done(error)  # at once: no loop turn between commit and device ack
+            except Exception:  # the publisher's bug must not break the consumer's settling
+                log.exception("bus: a publisher's completion callback failed")
 
 
 class _MemoryDelivery(Delivery):
@@ -263,18 +282,24 @@ class MemoryBus(Bus):
         return [group.partition_for(key) for group in groups]
 
     def publish_nowait(
-        self, subject: str, data: bytes, *, key: str, msg_id: str
-    ) -> asyncio.Future[None] | None:
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        key: str,
+        msg_id: str,
+        on_done: Callable[[BaseException | None], None],
+    ) -> bool:
         try:
             partitions = self._partitions(subject, key)
         except BusError:
-            return None  # `publish` raises it
+            return False  # `publish` raises it
         if not all(p.has_room() for p in partitions):
-            return None
-        message = _Message(subject, key, data, msg_id, len(partitions))
+            return False
+        message = _Message(subject, key, data, msg_id, len(partitions), on_done)
         for partition in partitions:
             partition.put_nowait(message)
-        return message.future
+        return True
 
     async def publish(
         self, subject: str, data: bytes, *, key: str, msg_id: str, timeout: float | None = None
@@ -286,7 +311,17 @@ class MemoryBus(Bus):
                     await full[0].wait_for_room()
         except TimeoutError:
             raise Overloaded("the pipeline is full; retry later") from None
-        message = _Message(subject, key, data, msg_id, len(partitions))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def settle(error: BaseException | None) -> None:
+            if done.done():
+                return
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+        message = _Message(subject, key, data, msg_id, len(partitions), settle)
         for partition in partitions:
             partition.put_nowait(message)
-        await message.future
+        await done

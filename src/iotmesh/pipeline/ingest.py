@@ -8,8 +8,8 @@ device after `submit` returns and never before.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
+from collections.abc import Callable
 
 from iotmesh.bus import subjects
 from iotmesh.bus.interface import Publisher
@@ -38,15 +38,22 @@ class TelemetryIngest:
             records=records,
         )
 
-    def submit_nowait(self, device_id: str, records: list[TsRecord]) -> asyncio.Future[None] | None:
-        """Publish one upload if the bus takes it at once; the future completes (or fails)
-        as `submit` would return (or raise). None: use `submit`."""
+    def submit_nowait(
+        self,
+        device_id: str,
+        records: list[TsRecord],
+        on_done: Callable[[BaseException | None], None],
+    ) -> bool:
+        """Publish one upload if the bus takes it at once; `on_done` is then called once,
+        with None when it is durable or the error `submit` would raise. False: use
+        `submit` (nothing was published)."""
         message = self._message(device_id, records)
         return self._bus.publish_nowait(
             subjects.telemetry_subject(device_id),
             encode_message(message),
             key=device_id,
             msg_id=message.msg_id,
+            on_done=on_done,
         )
 
     async def submit(self, device_id: str, records: list[TsRecord]) -> None:

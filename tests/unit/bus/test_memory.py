@@ -309,9 +309,13 @@ async def test_full_partition_makes_publish_raise_overloaded() -> None:
     assert handled == ["m1", "m2"]
 
 
-async def test_publish_nowait_completes_when_acked_and_declines_when_full() -> None:
+async def test_publish_nowait_calls_back_when_acked_and_declines_when_full() -> None:
     gate = asyncio.Event()
     handled: list[str] = []
+    outcomes: dict[str, BaseException | None] = {}
+
+    def on_done(msg_id: str) -> Callable[[BaseException | None], None]:
+        return lambda error: outcomes.__setitem__(msg_id, error)
 
     async def blocked(deliveries: Sequence[Delivery]) -> None:
         await gate.wait()
@@ -320,33 +324,60 @@ async def test_publish_nowait_completes_when_acked_and_declines_when_full() -> N
             d.ack()
 
     async with running_bus(partitions=1, partition_queue=1, max_batch=1) as bus:
-        assert bus.publish_nowait("telemetry.dev-1", b"x", key="dev-1", msg_id="x") is None
+        took = bus.publish_nowait("telemetry.dev-1", b"x", key="dev-1", msg_id="x", on_done=print)
+        assert not took  # no consumer group yet: `publish` is what raises
         await bus.subscribe("telemetry.>", "pipeline", blocked)
-        first = bus.publish_nowait("telemetry.dev-1", b"m1", key="dev-1", msg_id="m1")
-        assert first is not None
+        assert bus.publish_nowait(
+            "telemetry.dev-1", b"m1", key="dev-1", msg_id="m1", on_done=on_done("m1")
+        )
         await eventually(lambda: bus.depth() == 0)  # the consumer took it and blocks
-        second = bus.publish_nowait("telemetry.dev-1", b"m2", key="dev-1", msg_id="m2")
-        assert second is not None
+        assert bus.publish_nowait(
+            "telemetry.dev-1", b"m2", key="dev-1", msg_id="m2", on_done=on_done("m2")
+        )
         # The one-slot queue is full: no fast path; `publish` is the way to wait for room.
-        assert bus.publish_nowait("telemetry.dev-1", b"m3", key="dev-1", msg_id="m3") is None
-        assert not first.done()
+        assert not bus.publish_nowait(
+            "telemetry.dev-1", b"m3", key="dev-1", msg_id="m3", on_done=on_done("m3")
+        )
+        assert outcomes == {}
         gate.set()
-        await asyncio.gather(first, second)
+        await eventually(lambda: len(outcomes) == 2)
 
     assert handled == ["m1", "m2"]
+    assert outcomes == {"m1": None, "m2": None}
 
 
-async def test_publish_nowait_future_fails_when_the_message_is_dead_lettered() -> None:
+async def test_publish_nowait_reports_a_dead_lettered_message() -> None:
     async def refuse(deliveries: Sequence[Delivery]) -> None:
         for d in deliveries:
             d.term("no")
 
+    outcomes: list[BaseException | None] = []
     async with running_bus() as bus:
         await bus.subscribe("telemetry.>", "pipeline", refuse)
-        done = bus.publish_nowait("telemetry.dev-1", b"m1", key="dev-1", msg_id="m1")
-        assert done is not None
-        with pytest.raises(DeadLettered):
-            await done
+        assert bus.publish_nowait(
+            "telemetry.dev-1", b"m1", key="dev-1", msg_id="m1", on_done=outcomes.append
+        )
+        await eventually(lambda: bool(outcomes))
+    assert isinstance(outcomes[0], DeadLettered)
+
+
+async def ack_all(deliveries: Sequence[Delivery]) -> None:
+    for d in deliveries:
+        d.ack()
+
+
+async def test_a_failing_completion_callback_does_not_stop_the_consumer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(error: BaseException | None) -> None:
+        raise RuntimeError("bug in the publisher")
+
+    async with running_bus() as bus:
+        await bus.subscribe("telemetry.>", "pipeline", ack_all)
+        took = bus.publish_nowait("telemetry.d", b"m1", key="d", msg_id="m1", on_done=broken)
+        assert took
+        await publish(bus, "m2")  # the consumer goes on
+    assert "completion callback failed" in caplog.text
 
 
 async def test_overloaded_publish_reaches_no_group() -> None:

@@ -23,7 +23,6 @@ ThingsBoard does. Either way nothing of that message is stored.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable
 from functools import partial
@@ -160,23 +159,19 @@ class DeviceApi:
             entry[1].append(slot)
         for device_id, (records, slots) in by_device.items():
             conn.submit_started()
-            done = self.ingest.submit_nowait(device_id, records)
-            if done is not None:  # on the bus already: no task needed to wait for it
-                done.add_done_callback(partial(self._submitted, conn, slots))
-                continue
+            if self.ingest.submit_nowait(device_id, records, partial(self._submitted, conn, slots)):
+                continue  # on the bus already: no task needed to wait for it
             conn.spawn(
                 self._submit(conn, device_id, records, slots), "telemetry", finish_after_close=True
             )
 
     def _submitted(
-        self, conn: MqttConnection, slots: list[AckSlot | None], done: asyncio.Future[None]
+        self, conn: MqttConnection, slots: list[AckSlot | None], error: BaseException | None
     ) -> None:
         conn.submit_finished()
-        exc = None if done.cancelled() else done.exception()
-        if done.cancelled() or exc is not None:
-            reason = str(exc) if exc is not None else "the pipeline stopped"
+        if error is not None:
             for slot in slots:
-                self.reject(conn, slot, ReasonCode.UNSPECIFIED_ERROR, reason)
+                self.reject(conn, slot, ReasonCode.UNSPECIFIED_ERROR, str(error))
             return
         conn.ctx.stats.telemetry_batches += 1
         conn.complete_all(slots)
