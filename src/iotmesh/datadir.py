@@ -3,7 +3,7 @@
 Layout:
     state.db        devices and credentials (SQLite)
     timeseries.db   telemetry (SQLite, chunked)
-    mqtt-sessions.sqlite  persistent MQTT sessions and their queued messages (SQLite)
+    mqtt-sessions.sqlite  persistent MQTT sessions, their queued messages, retained messages
     admin_token     the REST API's bearer token when not given in settings (mode 0600)
     run.json        where the running process listens (read by the CLI and tests)
     lock            held (flock) by the process using the directory

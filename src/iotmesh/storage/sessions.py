@@ -1,8 +1,9 @@
-"""The MQTT session store interface: persistent sessions and the messages held for them.
+"""The MQTT session store interface: persistent sessions, their messages, retained messages.
 
 An MQTT client that asks for a persistent session (v3.1.1 Clean Session 0, v5 Session
 Expiry Interval > 0) keeps its subscriptions while it is away, and QoS 1/2 messages are
-queued for it. This store lets that state outlive a restart of the server.
+queued for it; the broker keeps the last retained message of every topic. This store
+lets that state outlive a restart of the server.
 
 Implementations: SQLite (`storage/sqlite/sessions.py`, its own file in the data dir so
 that session churn does not contend with the state store's writes); PostgreSQL or
@@ -14,10 +15,13 @@ Model:
     StoredMessage       one QoS 1/2 message held for a session. `seq` is unique in the
                         whole store and grows with time, so a session's messages are
                         delivered in `seq` order.
+    StoredRetained      the retained message of one topic, with the time it was
+                        stored (MQTT 5 message expiry counts from it).
 
 Writes are a list of operations (`SaveSession`, `DeleteSession`, `QueuePut`,
-`QueueRemove`) applied in order, all or nothing: the caller batches what piled up into
-one `write`, so one commit serves many changes (group commit).
+`QueueRemove`, `RetainPut`, `RetainDelete`) applied in order, all or nothing: the
+caller batches what piled up into one `write`, so one commit serves many changes
+(group commit).
 """
 
 from __future__ import annotations
@@ -77,6 +81,16 @@ class SessionRecord(msgspec.Struct):
     messages: list[StoredMessage]
 
 
+class StoredRetained(msgspec.Struct, frozen=True):
+    """The retained message of one topic (at most one per topic, MQTT 3.3.1.3)."""
+
+    topic: str
+    payload: bytes  # never empty: an empty retained payload deletes (`RetainPut`)
+    qos: int
+    properties: bytes | None = None  # the transport's encoding, as in `StoredMessage`
+    stored_ms: int = 0  # Unix ms when it was retained (MQTT 5 message expiry counts from it)
+
+
 class SaveSession(msgspec.Struct, tag=True):
     """Insert or replace a session and its subscriptions; its messages stay."""
 
@@ -103,7 +117,22 @@ class QueueRemove(msgspec.Struct, tag=True):
     seqs: list[int]
 
 
-SessionWrite = SaveSession | DeleteSession | QueuePut | QueueRemove
+class RetainPut(msgspec.Struct, tag=True):
+    """Make `message` the retained message of its topic, replacing the one stored.
+
+    As in MQTT, an empty payload means "no retained message": it deletes instead.
+    """
+
+    message: StoredRetained
+
+
+class RetainDelete(msgspec.Struct, tag=True):
+    """Forget the retained message of `topic` (cleared or expired; no error if none)."""
+
+    topic: str
+
+
+SessionWrite = SaveSession | DeleteSession | QueuePut | QueueRemove | RetainPut | RetainDelete
 
 
 class SessionStore(Protocol):
@@ -124,6 +153,9 @@ class SessionStore(Protocol):
 
     async def load_all(self) -> list[SessionRecord]:
         """Every stored session with its messages."""
+
+    async def load_retained(self) -> list[StoredRetained]:
+        """Every stored retained message (expired ones too: the caller decides)."""
 
     async def write(self, ops: Sequence[SessionWrite]) -> None:
         """Apply `ops` in order in one transaction; durable when it returns.

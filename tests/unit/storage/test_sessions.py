@@ -1,4 +1,5 @@
-"""The SQLite MQTT session store: what is written is what loads, in order, atomically."""
+"""The SQLite MQTT session store: what is written is what loads, in order, atomically;
+retained messages too; a file of an older schema is upgraded in place."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from iotmesh.storage.sessions import (
     DeleteSession,
     QueuePut,
     QueueRemove,
+    RetainDelete,
+    RetainPut,
     SaveSession,
     StoredMessage,
+    StoredRetained,
     StoredSession,
     StoredSubscription,
 )
@@ -195,3 +199,108 @@ async def test_use_before_open_is_a_storage_error(tmp_path: Path) -> None:
     store = SqliteSessionStore(tmp_path / "x.sqlite")
     with pytest.raises(StorageError, match="not open"):
         await store.load_all()
+
+
+# -- retained messages ----------------------------------------------------------------------
+
+
+def retained(topic: str, payload: bytes = b"on", **kwargs: object) -> StoredRetained:
+    return StoredRetained(topic, payload, 1, stored_ms=1_700_000_000_000, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_retained_messages_survive_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "mqtt-sessions.sqlite"
+    store = SqliteSessionStore(path)
+    await store.open()
+    messages = [
+        retained("b/2", b"\x00\xff", properties=b"\x81\xa1k\x01"),
+        StoredRetained("a/1", b"x" * 100_000, 2, None, 5),
+        StoredRetained("c", b"zero", 0, None, 6),
+    ]
+    await store.write([RetainPut(m) for m in messages])
+    store = await reopen(store, path)
+    try:
+        assert await store.load_retained() == sorted(messages, key=lambda m: m.topic)
+    finally:
+        await store.close()
+
+
+async def test_one_retained_message_per_topic_the_last_one_written(
+    store: SqliteSessionStore,
+) -> None:
+    await store.write([RetainPut(retained("t", b"first"))])
+    await store.write([RetainPut(retained("t", b"second")), RetainPut(retained("t", b"third"))])
+    assert await store.load_retained() == [retained("t", b"third")]
+
+
+async def test_retained_delete_and_an_empty_payload_clear_the_topic(
+    store: SqliteSessionStore,
+) -> None:
+    await store.write([RetainPut(retained(t)) for t in ("a", "b", "c")])
+    # An empty retained payload means "no retained message" (MQTT 3.3.1.3).
+    await store.write(
+        [RetainDelete("a"), RetainPut(retained("b", b"")), RetainDelete("never-retained")]
+    )
+    assert await store.load_retained() == [retained("c")]
+
+
+async def test_retained_changes_share_the_transaction_of_session_changes(
+    store: SqliteSessionStore,
+) -> None:
+    await store.write([SaveSession(session("c1")), RetainPut(retained("kept"))])
+    bad = StoredMessage(1, "t", None, 1)  # type: ignore[arg-type]  # NOT NULL payload
+    with pytest.raises(StorageError):
+        await store.write([RetainDelete("kept"), RetainPut(retained("new")), QueuePut("c1", [bad])])
+    assert await store.load_retained() == [retained("kept")]
+    await store.write([QueuePut("c1", [message(1)]), RetainPut(retained("new"))])
+    [record] = await store.load_all()
+    assert record.messages == [message(1)]
+    assert [m.topic for m in await store.load_retained()] == ["kept", "new"]
+
+
+async def test_retained_messages_do_not_belong_to_sessions(store: SqliteSessionStore) -> None:
+    """Deleting every session (and the orphan clean-up at open) keeps them."""
+    await store.write([SaveSession(session("c1")), RetainPut(retained("t"))])
+    await store.write([DeleteSession("c1")])
+    assert await store.load_all() == []
+    assert await store.load_retained() == [retained("t")]
+
+
+def _schema_1(path: Path) -> None:
+    """A file as the release before retained messages wrote it: schema 1, one session
+    with a subscription and a queued message."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(f"BEGIN; {MIGRATIONS[0]}; PRAGMA user_version = 1; COMMIT;")
+    db.execute("INSERT INTO sessions VALUES ('c1', 'dev-1', 5, 60, 1700000000000)")
+    db.execute("INSERT INTO subscriptions VALUES ('c1', 'a/+', 1, 0, 0, 0, NULL, NULL)")
+    db.execute("INSERT INTO queue VALUES (7, 'c1', 'a/b', X'6869', 1, 1, NULL, 1000, NULL, 0)")
+    db.close()
+
+
+async def test_a_schema_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "mqtt-sessions.sqlite"
+    _schema_1(path)
+    store = SqliteSessionStore(path)
+    await store.open()
+    try:
+        [record] = await store.load_all()
+        assert record.session == session("c1", StoredSubscription("a/+", 1))
+        assert record.messages == [StoredMessage(7, "a/b", b"hi", 1, retain=True, queued_ms=1000)]
+        assert await store.load_retained() == []
+        await store.write([RetainPut(retained("t"))])
+        assert await store.load_retained() == [retained("t")]
+    finally:
+        await store.close()
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
+    finally:
+        db.close()
+    # Opening the upgraded file again applies nothing twice.
+    store = SqliteSessionStore(path)
+    await store.open()
+    try:
+        assert await store.load_retained() == [retained("t")]
+        assert len(await store.load_all()) == 1
+    finally:
+        await store.close()

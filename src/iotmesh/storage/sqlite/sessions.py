@@ -1,8 +1,10 @@
-"""SQLite session store: persistent MQTT sessions in `mqtt-sessions.sqlite` of the data dir.
+"""SQLite session store: persistent MQTT sessions and retained messages in
+`mqtt-sessions.sqlite` of the data dir.
 
 A file of its own, not tables in `state.db`: sessions change with every connect,
-subscribe and offline message, and those commits must not queue behind (or in front
-of) the state store's. WAL mode; `synchronous` as for the other SQLite files.
+subscribe and offline message (and retained messages with every retained publish), and
+those commits must not queue behind (or in front of) the state store's. WAL mode;
+`synchronous` as for the other SQLite files.
 
 Schema changes are numbered migrations (`PRAGMA user_version` holds the number applied),
 as in the state store. All SQLite work runs on one dedicated thread, never on the event
@@ -23,10 +25,12 @@ from iotmesh.storage.sessions import (
     DeleteSession,
     QueuePut,
     QueueRemove,
+    RetainPut,
     SaveSession,
     SessionRecord,
     SessionWrite,
     StoredMessage,
+    StoredRetained,
     StoredSession,
     StoredSubscription,
 )
@@ -70,6 +74,17 @@ MIGRATIONS: tuple[str, ...] = (
         released    INTEGER NOT NULL
     );
     CREATE INDEX queue_client ON queue (client_id, seq);
+    """,
+    # 2: retained messages, one per topic. A rowid table (the topic index apart), so
+    # large payloads do not bloat a WITHOUT ROWID b-tree.
+    """
+    CREATE TABLE retained (
+        topic       TEXT PRIMARY KEY,
+        payload     BLOB NOT NULL,
+        qos         INTEGER NOT NULL,
+        properties  BLOB,
+        stored_ms   INTEGER NOT NULL
+    );
     """,
 )
 
@@ -192,6 +207,19 @@ class SqliteSessionStore:
                 )
         return list(records.values())
 
+    async def load_retained(self) -> list[StoredRetained]:
+        return await self._run(self._load_retained)
+
+    def _load_retained(self) -> list[StoredRetained]:
+        return [
+            StoredRetained(
+                row[0], bytes(row[1]), row[2], None if row[3] is None else bytes(row[3]), row[4]
+            )
+            for row in self._db.execute(
+                "SELECT topic, payload, qos, properties, stored_ms FROM retained ORDER BY topic"
+            )
+        ]
+
     async def write(self, ops: Sequence[SessionWrite]) -> None:
         if ops:
             await self._run(lambda: self._write(ops))
@@ -207,8 +235,12 @@ class SqliteSessionStore:
                     _delete(db, op.client_id)
                 elif isinstance(op, QueuePut):
                     _put(db, op)
-                else:
+                elif isinstance(op, QueueRemove):
                     _remove(db, op)
+                elif isinstance(op, RetainPut):
+                    _retain(db, op.message)
+                else:
+                    db.execute("DELETE FROM retained WHERE topic = ?", (op.topic,))
 
 
 def _save(db: sqlite3.Connection, s: StoredSession) -> None:
@@ -269,4 +301,14 @@ def _remove(db: sqlite3.Connection, op: QueueRemove) -> None:
     db.executemany(
         "DELETE FROM queue WHERE seq = ? AND client_id = ?",
         [(seq, op.client_id) for seq in op.seqs],
+    )
+
+
+def _retain(db: sqlite3.Connection, m: StoredRetained) -> None:
+    if not m.payload:  # MQTT 3.3.1.3: an empty retained payload clears the topic
+        db.execute("DELETE FROM retained WHERE topic = ?", (m.topic,))
+        return
+    db.execute(
+        "INSERT OR REPLACE INTO retained VALUES (?, ?, ?, ?, ?)",
+        (m.topic, m.payload, m.qos, m.properties, m.stored_ms),
     )

@@ -6,14 +6,21 @@ are the platform's API, handled in `device_api`.
 
 Shared subscriptions (`$share/{group}/{filter}`): each message goes to one member of
 the group, round robin, preferring members that are connected.
+
+Retained messages: the last retained message of each topic (an empty payload clears
+it). A v5 Message Expiry Interval counts from when it was retained: an expired one is
+never sent and is dropped, and a live one is sent with the time it waited taken off
+(MQTT 3.3.2.3.3). With a `keeper` (`persistence.SessionPersistence`) every change is
+also reported for the session store, so retained messages outlive a restart.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from iotmesh.proto.mqtt import (
     MqttError,
@@ -23,9 +30,27 @@ from iotmesh.proto.mqtt import (
     parse_shared,
     topic_matches,
 )
-from iotmesh.transports.mqtt.session import Session, SubscriptionEntry, copy_for
+from iotmesh.transports.mqtt.session import Session, SubscriptionEntry, copy_for, unexpired
 
 log = logging.getLogger(__name__)
+
+
+class RetainKeeper(Protocol):
+    """Where retained messages outlive a restart (see `persistence.py`)."""
+
+    def retained(self, message: Publish) -> None:
+        """`message` is now the retained message of its topic: store it."""
+
+    def retain_cleared(self, topic: str) -> None:
+        """`topic` has no retained message any more (cleared or expired): forget it."""
+
+
+class _Retained:
+    __slots__ = ("at", "message")
+
+    def __init__(self, message: Publish, at: float) -> None:
+        self.message = message
+        self.at = at  # monotonic time it was retained; message expiry counts from it
 
 
 class _SharedGroup:
@@ -50,10 +75,16 @@ class Broker:
     on a wildcard must not carry a topic the ACL forbids that client to subscribe to.
     """
 
-    def __init__(self, may_receive: Callable[[Session, str], bool] | None = None) -> None:
+    def __init__(
+        self,
+        may_receive: Callable[[Session, str], bool] | None = None,
+        keeper: RetainKeeper | None = None,
+    ) -> None:
         self._may_receive = may_receive or (lambda session, topic: True)
         self._tree: TopicTree[Any, Any] = TopicTree()
-        self.retained: dict[str, Publish] = {}
+        self._retained: dict[str, _Retained] = {}
+        self._expiring: dict[str, float] = {}  # topic -> monotonic deadline, v5 expiry only
+        self.keeper = keeper  # None: retained messages live in memory only
         self.routed = 0
 
     def subscribe(self, session: Session, topic_filter: str, entry: SubscriptionEntry) -> bool:
@@ -96,9 +127,11 @@ class Broker:
         """
         if message.retain:
             if message.payload:
-                self.retained[message.topic] = message
+                self.load(message, time.monotonic())
+                if self.keeper is not None:
+                    self.keeper.retained(message)
             else:
-                self.retained.pop(message.topic, None)
+                self._drop_retained(message.topic)
         targets: dict[str, tuple[Session, int, bool, list[int]]] = {}
         for value in self._tree.match(message.topic):
             if isinstance(value, _SharedGroup):
@@ -132,12 +165,53 @@ class Broker:
         self.routed += delivered
         return delivered
 
+    # -- retained messages ----------------------------------------------------------------
+
+    def load(self, message: Publish, at: float) -> None:
+        """Hold `message` as its topic's retained message, retained at monotonic `at`
+        (in the past for one loaded from the session store); the keeper is not told."""
+        self._retained[message.topic] = _Retained(message, at)
+        expiry = message.properties.message_expiry_interval
+        if expiry is None:
+            self._expiring.pop(message.topic, None)
+        else:
+            self._expiring[message.topic] = at + expiry
+
+    def _drop_retained(self, topic: str) -> None:
+        self._retained.pop(topic, None)
+        self._expiring.pop(topic, None)
+        # Told even when nothing was held: a clear whose write failed must be able to be
+        # sent again (the stored copy would otherwise come back at the next start).
+        if self.keeper is not None:
+            self.keeper.retain_cleared(topic)
+
+    def expire_retained(self, now: float) -> int:
+        """Drop retained messages whose v5 Message Expiry Interval has passed."""
+        due = [topic for topic, deadline in self._expiring.items() if deadline <= now]
+        for topic in due:
+            self._drop_retained(topic)
+        return len(due)
+
     def retained_for(self, topic_filter: str) -> list[Publish]:
-        """Retained messages a new subscription to `topic_filter` receives."""
+        """Retained messages a new subscription to `topic_filter` receives, their
+        expiry intervals reduced by the time they were held; expired ones are dropped."""
         shared = parse_shared(topic_filter)
         if shared is not None:
             return []  # MQTT 4.8.2: retained messages are not sent to shared subscriptions
-        return [m for topic, m in self.retained.items() if topic_matches(topic_filter, topic)]
+        now = time.monotonic()
+        found: list[Publish] = []
+        expired: list[str] = []
+        for topic, held in self._retained.items():
+            if not topic_matches(topic_filter, topic):
+                continue
+            fresh = unexpired(held.message, now - held.at)
+            if fresh is None:
+                expired.append(topic)
+            else:
+                found.append(fresh)
+        for topic in expired:
+            self._drop_retained(topic)
+        return found
 
     def retained_for_session(self, session: Session, topic_filter: str) -> list[Publish]:
         """Like `retained_for`, without topics the session may not receive."""

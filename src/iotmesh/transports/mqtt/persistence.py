@@ -1,10 +1,12 @@
-"""Persistent MQTT sessions across restarts: what goes to the session store, and when.
+"""Persistent MQTT sessions and retained messages across restarts: what goes to the
+session store, and when.
 
 A persistent session (v3.1.1 Clean Session 0, v5 Session Expiry Interval > 0) is
-written to a `SessionStore`; a clean one never is. Every write goes through one
-`SessionJournal`: changes are appended in order and written by one task, everything
-that piled up during a write in the next one (group commit), so a burst of offline
-messages costs one transaction, not one each.
+written to a `SessionStore`; a clean one never is. Every retained message is, and so
+is every clear of one. Every write goes through one `SessionJournal`: changes are
+appended in order and written by one task, everything that piled up during a write in
+the next one (group commit), so a burst of offline messages costs one transaction, not
+one each.
 
 What waits for the store (acknowledged means durable, as everywhere in iotmesh):
 
@@ -12,17 +14,23 @@ What waits for the store (acknowledged means durable, as everywhere in iotmesh):
                         clean start that replaced a stored session: after it is deleted.
     SUBACK / UNSUBACK   of a persistent session: after its new subscriptions are stored.
     PUBACK / PUBREC     to a publisher whose message was queued for an offline
-                        persistent session: after those queued copies are stored.
+                        persistent session: after those queued copies are stored; of a
+                        retained message: after it is stored (an empty one: after the
+                        stored one is deleted).
 
-What is written without anyone waiting: when a persistent session's client leaves,
-the session (with its disconnect time) and every QoS 1/2 message held for it, those in
-flight with their packet ids; acknowledged or expired stored messages are removed;
-expired sessions are deleted. On a clean stop every client has left, so all of it is
-written before the store closes.
+What is written without anyone waiting: retained QoS 0 messages and retained wills (in
+the next write, at once when none is in progress); when a persistent session's client
+leaves, the session (with its disconnect time) and every QoS 1/2 message held for it,
+those in flight with their packet ids; acknowledged or expired stored messages are
+removed; expired sessions and retained messages are deleted. On a clean stop every
+client has left, so all of it is written before the store closes.
 
-Not stored: QoS 0 messages, retained messages, wills (and Will Delay timers), the ids
-of incoming QoS 2 messages awaiting PUBREL, and the packet ids of messages sent to a
-connected client (a message that came from the stored queue keeps its stored copy
+Retained messages are loaded before clients are accepted; one whose v5 Message Expiry
+Interval passed (counting from the stored time, so downtime counts) is deleted instead.
+
+Not stored: QoS 0 messages other than retained ones, wills (and Will Delay timers), the
+ids of incoming QoS 2 messages awaiting PUBREL, and the packet ids of messages sent to
+a connected client (a message that came from the stored queue keeps its stored copy
 until acknowledged). So after a kill -9, a message that was in flight to a connected
 client is lost unless it had been queued while the client was offline, and a stored
 message that was sent but not yet acknowledged is sent again as a new message (at
@@ -51,15 +59,19 @@ from iotmesh.storage.sessions import (
     DeleteSession,
     QueuePut,
     QueueRemove,
+    RetainDelete,
+    RetainPut,
     SaveSession,
     SessionRecord,
     SessionStore,
     SessionWrite,
     StoredMessage,
+    StoredRetained,
     StoredSession,
     StoredSubscription,
 )
-from iotmesh.transports.mqtt.session import Session, SubscriptionEntry
+from iotmesh.transports.mqtt.broker import Broker
+from iotmesh.transports.mqtt.session import Session, SubscriptionEntry, unexpired
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +84,8 @@ class SessionJournal:
 
     Resource handling: `start` starts the writer task; `close` writes what is pending,
     then ends it. Memory: the pending changes are bounded by what waits for them (a
-    publisher gets no ack, so it stops sending at its receive maximum).
+    publisher gets no ack, so it stops sending at its receive maximum), and pending
+    retained changes, which nobody waits for at QoS 0, by their number of topics.
     """
 
     def __init__(self, store: SessionStore) -> None:
@@ -80,6 +93,7 @@ class SessionJournal:
         self._ops: list[SessionWrite] = []
         self._waiters: list[Waiter] = []
         self._writing: list[Waiter] | None = None  # waiters of the write in progress
+        self._retain_at: dict[str, int] = {}  # topic -> index in _ops of its retained change
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -98,10 +112,23 @@ class SessionJournal:
             log.warning(
                 "mqtt session store already closed; %s of %s not written",
                 type(op).__name__,
-                op.session.client_id if isinstance(op, SaveSession) else op.client_id,
+                _subject(op),
             )
             return
         self.added += 1
+        if isinstance(op, RetainPut | RetainDelete):
+            # Only the last retained change of a topic matters, and nothing else touches
+            # retained messages: a newer one takes the place of a pending one. So what a
+            # QoS 0 retained flood leaves pending is bounded by its number of topics.
+            topic = _subject(op)
+            at = self._retain_at.get(topic)
+            if at is not None:
+                self._ops[at] = op
+                return
+            self._retain_at[topic] = len(self._ops)
+            self._ops.append(op)
+            self._wake.set()
+            return
         last = self._ops[-1] if self._ops else None
         # Consecutive queue changes of one client become one operation.
         if (
@@ -153,6 +180,7 @@ class SessionJournal:
                 self._wake.clear()
                 continue
             ops, self._ops = self._ops, []
+            self._retain_at.clear()
             waiters, self._waiters = self._waiters, []
             self._writing = waiters
             ok = True
@@ -172,8 +200,20 @@ class SessionJournal:
                     log.exception("a session store waiter failed")
 
 
+def _subject(op: SessionWrite) -> str:
+    """The client id or topic a change is about (for logs and merging)."""
+    if isinstance(op, SaveSession):
+        return op.session.client_id
+    if isinstance(op, RetainPut):
+        return op.message.topic
+    if isinstance(op, RetainDelete):
+        return op.topic
+    return op.client_id
+
+
 class SessionPersistence:
-    """Keeps persistent sessions in a `SessionStore` (the `SessionKeeper` of sessions).
+    """Keeps persistent sessions and retained messages in a `SessionStore` (the
+    `SessionKeeper` of sessions and the `RetainKeeper` of the broker).
 
     Args:
         store: where sessions go; opened and closed by the caller.
@@ -218,6 +258,16 @@ class SessionPersistence:
             self.journal.add(QueuePut(session.client_id, messages))
         self._offline(session)
 
+    # -- RetainKeeper ---------------------------------------------------------------------
+
+    def retained(self, message: Publish) -> None:
+        properties = _encode_properties(message.properties)
+        stored = StoredRetained(message.topic, message.payload, message.qos, properties, now_ms())
+        self.journal.add(RetainPut(stored))
+
+    def retain_cleared(self, topic: str) -> None:
+        self.journal.add(RetainDelete(topic))
+
     # -- the server's side ----------------------------------------------------------------
 
     def save(self, session: Session) -> None:
@@ -259,6 +309,27 @@ class SessionPersistence:
                 expired,
             )
         return restored
+
+    async def restore_retained(self, broker: Broker) -> None:
+        """Load the stored retained messages into `broker`; delete the expired ones.
+
+        A v5 Message Expiry Interval counts from the stored time, so the time the
+        server was down counts.
+        """
+        wall, mono = now_ms(), time.monotonic()
+        loaded = expired = 0
+        for stored in await self._store.load_retained():
+            props = _decode_properties(stored.properties)
+            message = Publish(stored.topic, stored.payload, stored.qos, True, False, None, props)
+            held_s = max(0, wall - stored.stored_ms) / 1000
+            if unexpired(message, held_s) is None:
+                expired += 1
+                self.journal.add(RetainDelete(stored.topic))
+                continue
+            broker.load(message, mono - held_s)
+            loaded += 1
+        if loaded or expired:
+            log.info("restored %d retained MQTT messages; %d expired", loaded, expired)
 
     async def _restore_one(self, record: SessionRecord, registry: DeviceRegistry) -> Session | None:
         stored = record.session

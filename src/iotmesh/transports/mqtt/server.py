@@ -76,6 +76,7 @@ class ServerContext:
             if store is None
             else SessionPersistence(store, settings.max_queued_messages, self._watch_offline)
         )
+        self.broker.keeper = self.persistence  # retained messages outlive a restart too
         self._connack_waits: set[MqttConnection] = set()  # a stored session was deleted
         self._offline_pushes: dict[str, Callable[[], None]] = {}  # by client id
 
@@ -171,8 +172,9 @@ class ServerContext:
     def route(self, conn: MqttConnection, packet: Publish, slot: AckSlot | None) -> None:
         """Relay a client's message to subscribers; ack it once it is safe.
 
-        Copies queued for offline persistent sessions are written to the session store
-        first: the publisher's PUBACK (PUBREC) means they survive a crash.
+        Copies queued for offline persistent sessions, and a retained message (or the
+        clearing of one), are written to the session store first: the publisher's
+        PUBACK (PUBREC) means they survive a crash.
         """
         journal = None if self.persistence is None else self.persistence.journal
         before = 0 if journal is None else journal.added
@@ -184,9 +186,11 @@ class ServerContext:
         journal.after_write(partial(_ack_stored, conn, slot, reason))
 
     async def restore_sessions(self) -> None:
-        """Load the stored persistent sessions as offline sessions, subscribed again."""
+        """Load the stored persistent sessions as offline sessions, subscribed again,
+        and the stored retained messages."""
         if self.persistence is None:
             return
+        await self.persistence.restore_retained(self.broker)
         for session in await self.persistence.restore(self.registry):
             self.sessions[session.client_id] = session
             for topic_filter, entry in session.subscriptions.items():
@@ -261,8 +265,9 @@ class ServerContext:
             conn.flush_later()
 
     def expire_sessions(self) -> None:
-        """Drop persistent sessions whose expiry passed."""
+        """Drop persistent sessions and retained messages whose expiry passed."""
         now = time.monotonic()
+        self.broker.expire_retained(now)
         for session in list(self.sessions.values()):
             if session.expired(now):
                 self.end_session(session)

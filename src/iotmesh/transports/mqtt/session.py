@@ -154,7 +154,7 @@ class Session:
         conn = self.connection
         while conn is not None and self.queue and conn.can_send(len(self.inflight)):
             message, queued_at, seq = self.queue.popleft()
-            fresh = _unexpired(message, time.monotonic() - queued_at)
+            fresh = unexpired(message, time.monotonic() - queued_at)
             if fresh is None:
                 self._forget(seq)
                 continue
@@ -229,7 +229,7 @@ class Session:
         return found
 
 
-def _unexpired(message: Publish, waited_s: float) -> Publish | None:
+def unexpired(message: Publish, waited_s: float) -> Publish | None:
     """The message with its v5 Message Expiry Interval reduced by the time it waited,
     or None when it expired meanwhile (MQTT 3.3.2.3.3: it must not be sent)."""
     expiry = message.properties.message_expiry_interval

@@ -16,10 +16,13 @@ from iotmesh.storage.sessions import (
     DeleteSession,
     QueuePut,
     QueueRemove,
+    RetainDelete,
+    RetainPut,
     SaveSession,
     SessionRecord,
     SessionWrite,
     StoredMessage,
+    StoredRetained,
     StoredSession,
 )
 from iotmesh.storage.sqlite.sessions import SqliteSessionStore
@@ -43,6 +46,9 @@ class FakeStore:
         pass
 
     async def load_all(self) -> list[SessionRecord]:
+        return []
+
+    async def load_retained(self) -> list[StoredRetained]:
         return []
 
     async def write(self, ops: Sequence[SessionWrite]) -> None:
@@ -101,6 +107,37 @@ async def test_consecutive_queue_changes_of_one_client_are_merged(
         QueueRemove("a", [5]),
     ]
     assert j.added == 5
+
+
+def retain(topic: str, payload: bytes) -> RetainPut:
+    return RetainPut(StoredRetained(topic, payload, 1))
+
+
+async def test_pending_retained_changes_of_one_topic_keep_only_the_last(
+    journal: tuple[SessionJournal, FakeStore],
+) -> None:
+    """A retained topic published over and over (QoS 0 waits for nobody) leaves one
+    pending change per topic, not one per message."""
+    j, store = journal
+    store.gate.clear()
+    j.add(retain("t", b"0"))
+    await asyncio.sleep(0)  # the write of "0" is in progress: it is not changed any more
+    j.add(retain("t", b"1"))
+    j.add(delete("a"))
+    j.add(retain("u", b"1"))
+    j.add(RetainDelete("t"))
+    j.add(retain("u", b"2"))
+    j.add(retain("t", b"3"))
+    store.gate.set()
+    assert await j.flushed()
+    assert store.writes == [
+        [retain("t", b"0")],
+        [retain("t", b"3"), delete("a"), retain("u", b"2")],
+    ]
+    assert j.added == 7
+    j.add(RetainDelete("u"))  # a new batch: nothing pending to merge with
+    assert await j.flushed()
+    assert store.writes[2] == [RetainDelete("u")]
 
 
 async def test_waiters_are_called_after_their_write_and_at_once_when_idle(
