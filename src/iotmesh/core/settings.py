@@ -107,6 +107,13 @@ class MqttSettings(_Section):
         0.0, ge=0, description="Messages per second a client may publish (0: no limit)."
     )
     rate_burst: int = Field(100, ge=1, description="Publishes a client may send in a burst.")
+    socket_receive_buffer: int = Field(
+        65536,
+        ge=0,
+        le=2**31 - 1,
+        description="Kernel receive buffer of each MQTT socket (SO_RCVBUF; Linux doubles it),"
+        " in bytes; bounds what waits unread under overload. 0: kernel default, autotuned.",
+    )
 
 
 class CoapSettings(_Section):

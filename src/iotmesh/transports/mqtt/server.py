@@ -349,13 +349,18 @@ class MqttServer(Service):
         self._device_api.gateway = GatewayApi(self._device_api)
         loop = asyncio.get_running_loop()
         ctx = self.ctx
-        sock = bind_tcp(self._host, self._settings.port, "mqtt")
+        # Under overload a client's data should wait on its side, where it shows (its
+        # writes block), not in an autotuned megabytes-large buffer of ours.
+        rcvbuf = self._settings.socket_receive_buffer
+        sock = bind_tcp(self._host, self._settings.port, "mqtt", receive_buffer=rcvbuf)
         self.port = sock.getsockname()[1]
         tls_sock = tls = None
         try:
             if self._settings.tls_port is not None:
                 tls = self._tls_context()
-                tls_sock = bind_tcp(self._host, self._settings.tls_port, "mqtt tls")
+                tls_sock = bind_tcp(
+                    self._host, self._settings.tls_port, "mqtt tls", receive_buffer=rcvbuf
+                )
                 self.tls_port = tls_sock.getsockname()[1]
             if store is not None and ctx.persistence is not None:
                 await store.open()
