@@ -58,17 +58,20 @@ DRAIN_S = 30.0  # after a phase: longest wait for the acks still owed
 SAMPLE_S = 0.5  # RSS sampling period
 FULL_CHECK = 10  # devices whose every stored point is compared; the others by count/sum
 # The server (with its SQLite writer process) may grow this much over its RSS with every
-# client connected and idle. What it holds is bounded by design: per connection, one
-# socket read of PUBLISHes (asyncio reads <= 256 KiB, ~3,300 of these messages) and at
-# most 2 telemetry batches in the pipeline, then it stops reading; the writer process
-# holds its batch, SQLite's 64 MiB page cache and its mapped file. Measured: +260 to
-# +300 MB at the end of the 30 s, and a plateau near +290 MB in a 120 s run. Keeping the
-# excess instead (~200k messages/s here) would take ~500 MB as raw bytes and gigabytes
-# as parsed messages; and if the server kept reading, no v3.1.1 socket would fill up
+# client connected and idle. What it holds is bounded by design: per connection, at
+# most `mqtt.receive_maximum` (64) parsed QoS 1 messages, then it stops between two
+# packets and leaves the rest of the socket read (<= 128 KiB with the default
+# `mqtt.socket_receive_buffer`) unparsed; the writer process holds its batch, SQLite's
+# 64 MiB page cache and its mapped file. Measured: +104 to +113 MB (main process ~100
+# MB); +270 to +300 MB (main ~200 MB) when a v3.1.1 connection still had every message
+# of a read (up to 256 KiB, ~3,300 of them) parsed and in flight. Keeping the excess
+# instead (~200k messages/s here) would take ~500 MB as raw bytes and gigabytes as
+# parsed messages; and if the server kept reading, no v3.1.1 socket would fill up
 # (`unsent["paused"]` would stay 0).
 RSS_BOUND_MB = 600
-# Acked rate under overload over the closed-loop rate. Measured 0.61-0.69 (see the
-# report); a stall or a collapse would bring it near 0.
+# Acked rate under overload over the closed-loop rate. Measured 0.91-1.07 (0.78-0.96
+# with a read's every message in flight; see the reports); a stall or a collapse would
+# bring it near 0.
 MIN_SHARE_OF_CAPACITY = 0.25
 
 

@@ -1,17 +1,29 @@
 """One MQTT client connection: an asyncio Protocol driving the sans-IO codec.
 
 Why a Protocol and not streams: `data_received` gets every byte the socket had, the
-reader turns it into all complete packets at once, and the answers (PUBACKs above
-all) leave in one `writelines`. That batching is most of the server's speed.
+reader turns it into packets, and the answers (PUBACKs above all) leave in one
+`writelines`. That batching is most of the server's speed.
 
 Order and durability: every QoS 1/2 PUBLISH gets a slot in `_acks`, in arrival order.
 A slot is completed when its message is handled; for telemetry and attributes that is
 after the commit. Acks leave only from the head of the queue, so they are sent in the
 order the PUBLISHes came (MQTT 4.6) and never before the data is durable.
 
-Back-pressure: when `_acks` holds `receive_maximum` unfinished messages, or a client
-is over its rate limit, the connection stops reading from its socket until there is
-room again. The server never buffers an unbounded amount of input.
+Back-pressure: reading pauses, for one of the reasons in `_paused`, when `_acks` holds
+`receive_maximum` unfinished messages, when `MAX_SUBMITS` telemetry batches are in the
+pipeline, while a client is over its rate limit, and while its CONNECT is handled. A
+pause takes effect at once, between two packets: the socket is not read, and the
+packets of the last read not yet handled stay unparsed in the reader (asyncio reads up
+to 256 KiB at once: thousands of small PUBLISHes, which a v3.1.1 client, having no
+Receive Maximum, may well send without waiting). When every reason is gone, those
+buffered packets are handled first, on the next loop turn, and only then is the socket
+read again; so packets are handled in the order they came, and a connection holds at
+most one read of bytes beyond its limits.
+
+One exception: a v5 client must not exceed our Receive Maximum, and one that does
+gets DISCONNECT 0x93 (MQTT 5 3.3.4). So for a v5 client the ack limit pauses the
+socket but not the packets already read: the rest of that read is handled at once and
+an excess PUBLISH in it is caught. A client that keeps to the limit never has one.
 
 Error handling: a malformed packet ends the connection (v5: DISCONNECT 0x81 first);
 a packet over `max_packet_size` gets 0x95; protocol breaches 0x82 or their specific
@@ -72,6 +84,13 @@ MAX_SUBMITS = 8  # telemetry batches (socket reads) of one connection in the pip
 # two epoll_ctl calls each, ~20% of the loop, and its data waited in the kernel meanwhile)
 LINGER_S = 0.5
 
+# Why reading is paused (bits of `MqttConnection._paused`).
+PAUSED_ACKS = 1  # receive_maximum incoming QoS 1/2 messages not yet acknowledged
+PAUSED_SUBMITS = 2  # MAX_SUBMITS telemetry batches in the pipeline
+PAUSED_RATE = 4  # over the rate limit: until the token bucket has refilled
+PAUSED_CONNECT = 8  # CONNECT is being handled
+PAUSED_CLOSE = 16  # closing (lingering after a v5 DISCONNECT): never resumed
+
 
 class AckSlot:
     """The acknowledgement owed for one incoming QoS 1/2 PUBLISH."""
@@ -105,10 +124,14 @@ class MqttConnection(asyncio.Protocol):
         self._out_aliases: dict[str, int] = {}
         self._aliases: dict[int, str] = {}
         self._acks: collections.deque[AckSlot] = collections.deque()
-        self._backlog: list[Packet] = []
         self._out: list[bytes] = []
         self._corked = False
-        self._reading_paused = False
+        self._paused = 0  # PAUSED_* bits: why packets wait and the socket is not read
+        self._holds = -1  # the bits that keep buffered packets waiting (v5: not acks)
+        self._transport_paused = False  # transport.pause_reading() is in effect
+        self._draining = False  # in `_receive`: it resumes or pauses the socket at its end
+        self._resume_handle: asyncio.Handle | None = None  # `_receive` of buffered packets
+        self._rate_timer: asyncio.TimerHandle | None = None
         self._writing_paused = False
         self._graceful = False
         self._closing = False  # close() was called: handle no more packets
@@ -141,22 +164,18 @@ class MqttConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_rx = time.monotonic()
         self.ctx.stats.bytes_in += len(data)
+        if self._closing:
+            return  # nothing more is handled: do not buffer it either
         self.reader.feed(data)
-        self._corked = True
-        try:
-            self._drain_reader()
-        finally:
-            self._corked = False
-        if self.pending_telemetry:
-            self.ctx.device_api.flush_telemetry(self)
-        self._flush()
+        self._receive()
 
     def connection_lost(self, exc: Exception | None) -> None:
         previous, self.state = self.state, "closed"
         self.ctx.connections.discard(self)
         self.ctx.stats.connections -= 1
-        if self._timer is not None:
-            self._timer.cancel()
+        for handle in (self._timer, self._resume_handle, self._rate_timer):
+            if handle is not None:
+                handle.cancel()
         for task in self._tasks:
             task.cancel()
         session = self.session
@@ -263,7 +282,7 @@ class MqttConnection(asyncio.Protocol):
             # Linger: the client may still be sending (e.g. PUBRELs) and must get to read
             # the DISCONNECT instead of a broken pipe. Our side is finished; the socket is
             # closed shortly after, whatever the client does.
-            self._pause_reading()
+            self._pause_reading(PAUSED_CLOSE)
             self._eof = True
             with contextlib.suppress(OSError):
                 if self.transport.can_write_eof():
@@ -301,9 +320,13 @@ class MqttConnection(asyncio.Protocol):
         if packet.qos == 0 or packet.packet_id is None:
             return None
         slot = AckSlot(packet.packet_id, packet.qos)
-        self._acks.append(slot)
-        if len(self._acks) >= self.ctx.settings.receive_maximum:
-            self._pause_reading()
+        acks = self._acks
+        acks.append(slot)
+        stats = self.ctx.stats
+        if len(acks) > stats.incoming_unacked_peak:
+            stats.incoming_unacked_peak = len(acks)
+        if len(acks) >= self.ctx.settings.receive_maximum:
+            self._pause_reading(PAUSED_ACKS)
         return slot
 
     def complete(self, slot: AckSlot | None, reason: ReasonCode = ReasonCode.SUCCESS) -> None:
@@ -325,12 +348,8 @@ class MqttConnection(asyncio.Protocol):
                 self._out.append(encode(Pubrec(head.packet_id, head.reason), self.version))
         if sent and not self._corked:
             self._flush()
-        if (
-            self._reading_paused
-            and len(acks) < self.ctx.settings.receive_maximum // 2 + 1
-            and self._submits < MAX_SUBMITS
-        ):
-            self._resume_reading()
+        if self._paused & PAUSED_ACKS and len(acks) <= self.ctx.settings.receive_maximum // 2:
+            self._resume_reading(PAUSED_ACKS)
 
     def complete_all(self, slots: list[AckSlot | None]) -> None:
         """Complete several slots with one socket write for all their acks."""
@@ -343,15 +362,42 @@ class MqttConnection(asyncio.Protocol):
         if not corked:
             self._flush()
 
-    def _pause_reading(self) -> None:
-        if not self._reading_paused and self.transport is not None:
-            self._reading_paused = True
-            self.transport.pause_reading()
+    def _pause_reading(self, reason: int) -> None:
+        """Handle no further packet (see the module docstring) and stop reading."""
+        self._paused |= reason
+        if not self._draining:
+            self._sync_transport()
+        # else: `_receive` pauses the socket when it ends (asyncio calls no other
+        # `data_received` before), so a pause lifted within one read costs no syscall.
 
-    def _resume_reading(self) -> None:
-        if self._reading_paused and self.transport is not None and self.state != "closed":
-            self._reading_paused = False
-            self.transport.resume_reading()
+    def _resume_reading(self, reason: int) -> None:
+        """`reason` is gone; once no reason is left, handle the buffered packets, then
+        read the socket again."""
+        if not self._paused & reason:
+            return
+        self._paused &= ~reason
+        if self._paused or self._draining or self.state == "closed":
+            return  # still paused; or the `_receive` under way goes on with the packets
+        if self.reader.buffered:
+            # Not here: this may run inside another component's callback (e.g. in the
+            # middle of `complete_all`); and not the socket first, or order is lost.
+            if self._resume_handle is None:
+                self._resume_handle = self.ctx.loop.call_soon(self._receive)
+        else:
+            self._sync_transport()
+
+    def _sync_transport(self) -> None:
+        """Pause or resume the socket to match `_paused`."""
+        transport = self.transport
+        if transport is None or self.state == "closed":
+            return
+        paused = bool(self._paused)
+        if paused != self._transport_paused:
+            self._transport_paused = paused
+            if paused:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
 
     def spawn(self, coro: Any, name: str, *, finish_after_close: bool = False) -> None:
         """Run work owned by this connection.
@@ -370,16 +416,12 @@ class MqttConnection(asyncio.Protocol):
         make the server hold."""
         self._submits += 1
         if self._submits >= MAX_SUBMITS:
-            self._pause_reading()
+            self._pause_reading(PAUSED_SUBMITS)
 
     def submit_finished(self) -> None:
         self._submits -= 1
-        if (
-            self._reading_paused
-            and self._submits < MAX_SUBMITS // 2
-            and len(self._acks) < self.ctx.settings.receive_maximum
-        ):
-            self._resume_reading()
+        if self._paused & PAUSED_SUBMITS and self._submits < MAX_SUBMITS // 2:
+            self._resume_reading(PAUSED_SUBMITS)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -390,22 +432,42 @@ class MqttConnection(asyncio.Protocol):
 
     # -- incoming packets -----------------------------------------------------------------
 
-    def _drain_reader(self) -> None:
-        while self.state != "closed" and not self._closing:
+    def _receive(self) -> None:
+        """Handle the buffered packets until none is left or reading is paused; hand
+        their telemetry to the pipeline, write the answers, then pause or resume the
+        socket."""
+        self._resume_handle = None
+        if self.state == "closed" or self._closing:
+            return
+        self._corked = self._draining = True
+        try:
+            while True:
+                drained = self._drain_reader()
+                if self.pending_telemetry:
+                    self.ctx.device_api.flush_telemetry(self)
+                # A pause lifted meanwhile (an ack sent from the flush) lets the packets
+                # left in the reader go on now: no socket read would bring them back.
+                if drained or self._paused & self._holds or self._closing or self.state == "closed":
+                    break
+        finally:
+            self._corked = self._draining = False
+        self._flush()
+        self._sync_transport()
+
+    def _drain_reader(self) -> bool:
+        """Handle packets until a pause; True if the reader has no whole packet left."""
+        # One packet at a time (`next_packet`), so that a pause leaves the rest unparsed.
+        reader = self.reader
+        while not self._paused & self._holds and not self._closing and self.state != "closed":
             try:
-                packets = self.reader.read_packets()
+                packet = reader.next_packet()
             except MqttError as exc:
                 self.fail(exc)
-                return
-            if not packets:
-                return
-            for packet in packets:
-                if self.state == "connecting":
-                    self._backlog.append(packet)
-                elif self.state == "closed" or self._closing:
-                    return
-                else:
-                    self._handle(packet)
+                return True
+            if packet is None:
+                return True
+            self._handle(packet)
+        return False
 
     def _handle(self, packet: Packet) -> None:
         try:
@@ -413,7 +475,7 @@ class MqttConnection(asyncio.Protocol):
                 if not isinstance(packet, Connect):
                     raise ProtocolError("the first packet must be CONNECT")
                 self.state = "connecting"
-                self._pause_reading()
+                self._pause_reading(PAUSED_CONNECT)  # what follows CONNECT waits for it
                 self.spawn(self._on_connect(packet), "connect")
                 return
             handler = self._handlers.get(type(packet))
@@ -430,7 +492,8 @@ class MqttConnection(asyncio.Protocol):
             self.send(Pubrec(packet.packet_id))  # a resent QoS 2 message: already handled
             return
         self._resolve_alias(packet)
-        self._rate_limit()
+        if self.ctx.settings.rate_limit:
+            self._rate_limit()
         if (
             packet.qos
             and self.version == 5
@@ -478,21 +541,20 @@ class MqttConnection(asyncio.Protocol):
 
     def _rate_limit(self) -> None:
         rate = self.ctx.settings.rate_limit
-        if not rate:
-            return
         now = time.monotonic()
         burst = self.ctx.settings.rate_burst
         self._tokens = min(burst, self._tokens + (now - self._tokens_at) * rate)
         self._tokens_at = now
         self._tokens -= 1
-        if self._tokens < 0 and not self._reading_paused:
-            # Over the limit: stop reading until the bucket has refilled (slow, never drop).
-            self._pause_reading()
-            self.ctx.loop.call_later(-self._tokens / rate, self._resume_after_rate_limit)
+        if self._tokens < 0 and self._rate_timer is None:
+            # Over the limit: take no more packets until the bucket has refilled (slow,
+            # never drop).
+            self._pause_reading(PAUSED_RATE)
+            self._rate_timer = self.ctx.loop.call_later(-self._tokens / rate, self._refilled)
 
-    def _resume_after_rate_limit(self) -> None:
-        if len(self._acks) < self.ctx.settings.receive_maximum and self._submits < MAX_SUBMITS:
-            self._resume_reading()
+    def _refilled(self) -> None:
+        self._rate_timer = None
+        self._resume_reading(PAUSED_RATE)
 
     def _on_puback(self, packet: Puback) -> None:
         if self.session is not None:
@@ -656,6 +718,7 @@ class MqttConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         if self.version == 5:
+            self._holds = ~PAUSED_ACKS  # see the module docstring
             self.client_receive_max = props.receive_maximum or 65535
             self.client_max_packet = props.maximum_packet_size
             self.client_alias_max = props.topic_alias_maximum or 0
@@ -700,25 +763,9 @@ class MqttConnection(asyncio.Protocol):
                 if ctx.device_api.handles(topic_filter):
                     ctx.device_api.on_subscribe(self, topic_filter)
             session.resend_inflight()
-        backlog, self._backlog = self._backlog, []
-        self._corked = True
-        try:
-            for queued in backlog:
-                if self.state != "connected":
-                    break
-                self._handle(queued)
-        finally:
-            self._corked = False
-        if self.pending_telemetry:
-            ctx.device_api.flush_telemetry(self)
-        self._flush()
-        self._resume_reading()
-        self._drain_after_connect()
-
-    def _drain_after_connect(self) -> None:
-        """Packets that arrived in the same reads as CONNECT are already buffered."""
-        if self.reader.buffered:
-            self.data_received(b"")
+        # Packets that came after CONNECT wait in the reader: handle them now, in order.
+        self._paused &= ~PAUSED_CONNECT
+        self._receive()
 
     def _agree_keep_alive(self, requested: int) -> int:
         limit = self.ctx.settings.max_keep_alive_s
@@ -741,6 +788,11 @@ class MqttConnection(asyncio.Protocol):
         if self.state in ("new", "connecting") and self.transport is not None:
             log.info("mqtt: no CONNECT within %ss; closing", CONNECT_TIMEOUT_S)
             self.transport.close()
+
+    @property
+    def unacked_in(self) -> int:
+        """Incoming QoS 1/2 messages being handled (no PUBACK or PUBREC sent yet)."""
+        return len(self._acks)
 
     @property
     def busy(self) -> bool:

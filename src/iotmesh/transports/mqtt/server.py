@@ -441,6 +441,8 @@ class MqttServer(Service):
         sessions = ctx.sessions.values()
         return {
             **msgspec.structs.asdict(ctx.stats),
+            "incoming_unacked": sum(c.unacked_in for c in ctx.connections),
+            "input_buffered_bytes": sum(c.reader.buffered for c in ctx.connections),
             "sessions": len(ctx.sessions),
             "queued_messages": sum(len(s.queue) for s in sessions),
             "inflight_messages": sum(len(s.inflight) for s in sessions),

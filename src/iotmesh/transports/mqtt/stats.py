@@ -12,6 +12,7 @@ class MqttStats(msgspec.Struct):
     connections_total: int = 0
     auth_failures: int = 0
     messages_in: list[int] = msgspec.field(default_factory=lambda: [0, 0, 0])  # by QoS
+    incoming_unacked_peak: int = 0  # most QoS 1/2 messages one connection had unacked
     messages_out: int = 0
     bytes_in: int = 0
     dropped_by_acl: int = 0
