@@ -382,7 +382,7 @@ class MqttConnection(asyncio.Protocol):
             # Not here: this may run inside another component's callback (e.g. in the
             # middle of `complete_all`); and not the socket first, or order is lost.
             if self._resume_handle is None:
-                self._resume_handle = self.ctx.loop.call_soon(self._receive)
+                self._resume_handle = self.ctx.loop.call_soon(self._receive_buffered)
         else:
             self._sync_transport()
 
@@ -453,6 +453,15 @@ class MqttConnection(asyncio.Protocol):
             self._corked = self._draining = False
         self._flush()
         self._sync_transport()
+
+    def _receive_buffered(self) -> None:
+        """`_receive` called by the loop, not by the transport: a bug in it must end the
+        connection, as asyncio does for `data_received`, not leave it paused for good."""
+        try:
+            self._receive()
+        except Exception:
+            log.exception("mqtt %s: handling buffered packets failed", self._who())
+            self.close(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, "internal error")
 
     def _drain_reader(self) -> bool:
         """Handle packets until a pause; True if the reader has no whole packet left."""
