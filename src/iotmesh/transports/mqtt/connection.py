@@ -10,15 +10,15 @@ after the commit. Acks leave only from the head of the queue, so they are sent i
 order the PUBLISHes came (MQTT 4.6) and never before the data is durable.
 
 Back-pressure: reading pauses, for one of the reasons in `_paused`, when `_acks` holds
-`receive_maximum` unfinished messages, when `MAX_SUBMITS` telemetry batches are in the
-pipeline, while a client is over its rate limit, and while its CONNECT is handled. A
-pause takes effect at once, between two packets: the socket is not read, and the
-packets of the last read not yet handled stay unparsed in the reader (asyncio reads up
-to 256 KiB at once: thousands of small PUBLISHes, which a v3.1.1 client, having no
-Receive Maximum, may well send without waiting). When every reason is gone, those
-buffered packets are handled first, on the next loop turn, and only then is the socket
-read again; so packets are handled in the order they came, and a connection holds at
-most one read of bytes beyond its limits.
+`receive_maximum` unfinished messages, when `MAX_SUBMITS` telemetry batches or
+`MAX_TELEMETRY_HELD` telemetry messages (QoS 0 included) are in the pipeline, while a
+client is over its rate limit, and while its CONNECT is handled. A pause takes effect at
+once, between two packets: the socket is not read, and the packets of the last read not
+yet handled stay unparsed in the reader (asyncio reads up to 256 KiB at once: thousands
+of small PUBLISHes, which a v3.1.1 client, having no Receive Maximum, may well send
+without waiting). When every reason is gone, those buffered packets are handled first,
+on the next loop turn, and only then is the socket read again; so packets are handled in
+the order they came, and a connection holds at most one read of bytes beyond its limits.
 
 One exception: a v5 client must not exceed our Receive Maximum, and one that does
 gets DISCONNECT 0x93 (MQTT 5 3.3.4). So for a v5 client the ack limit pauses the
@@ -82,11 +82,15 @@ CONNECT_TIMEOUT_S = 10.0
 MAX_SUBMITS = 8  # telemetry batches (socket reads) of one connection in the pipeline at once
 # (at 2, a device sending a message every ~50 ms was paused and resumed on most reads:
 # two epoll_ctl calls each, ~20% of the loop, and its data waited in the kernel meanwhile)
+# Telemetry messages of one connection parsed and not yet committed. QoS 0 has no acks
+# to count, so this is what bounds what a flooding client makes the server hold
+# (MAX_SUBMITS alone let 1000 flooding clients grow the server to 2.7 GB).
+MAX_TELEMETRY_HELD = 128
 LINGER_S = 0.5
 
 # Why reading is paused (bits of `MqttConnection._paused`).
 PAUSED_ACKS = 1  # receive_maximum incoming QoS 1/2 messages not yet acknowledged
-PAUSED_SUBMITS = 2  # MAX_SUBMITS telemetry batches in the pipeline
+PAUSED_SUBMITS = 2  # MAX_SUBMITS telemetry batches or MAX_TELEMETRY_HELD messages held
 PAUSED_RATE = 4  # over the rate limit: until the token bucket has refilled
 PAUSED_CONNECT = 8  # CONNECT is being handled
 PAUSED_CLOSE = 16  # closing (lingering after a v5 DISCONNECT): never resumed
@@ -139,6 +143,7 @@ class MqttConnection(asyncio.Protocol):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._detached: set[asyncio.Task[Any]] = set()  # run on after the connection ends
         self._submits = 0  # telemetry submits in flight
+        self._telemetry_held = 0  # telemetry messages parsed, not yet committed
         self._timer: asyncio.TimerHandle | None = None
         self._tokens = float(settings.rate_burst)
         self._tokens_at = time.monotonic()
@@ -409,18 +414,29 @@ class MqttConnection(asyncio.Protocol):
         (self._detached if finish_after_close else self._tasks).add(task)
         task.add_done_callback(self._task_done)
 
-    def submit_started(self) -> None:
-        """A telemetry submit began: past `MAX_SUBMITS` in flight, stop reading.
+    def hold_telemetry(self, message: Any) -> None:
+        """Keep a parsed telemetry message for this read's submit; at
+        `MAX_TELEMETRY_HELD` held, handle no more packets and stop reading."""
+        self.pending_telemetry.append(message)
+        self._telemetry_held += 1
+        if self._telemetry_held >= MAX_TELEMETRY_HELD:
+            self._pause_reading(PAUSED_SUBMITS)
 
-        QoS 0 has no acks to count, so this is what bounds what a flooding client can
-        make the server hold."""
+    def submit_started(self) -> None:
+        """A telemetry submit began: past `MAX_SUBMITS` in flight, stop reading."""
         self._submits += 1
         if self._submits >= MAX_SUBMITS:
             self._pause_reading(PAUSED_SUBMITS)
 
-    def submit_finished(self) -> None:
+    def submit_finished(self, messages: int) -> None:
+        """A submit of `messages` telemetry messages is committed (or failed)."""
         self._submits -= 1
-        if self._paused & PAUSED_SUBMITS and self._submits < MAX_SUBMITS // 2:
+        self._telemetry_held -= messages
+        if (
+            self._paused & PAUSED_SUBMITS
+            and self._submits < MAX_SUBMITS // 2
+            and self._telemetry_held <= MAX_TELEMETRY_HELD // 2
+        ):
             self._resume_reading(PAUSED_SUBMITS)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:

@@ -95,7 +95,7 @@ class DeviceApi:
         try:
             if topic == TELEMETRY:
                 records = parse_telemetry(packet.payload, now_ms())
-                conn.pending_telemetry.append((device.id, records, slot))
+                conn.hold_telemetry((device.id, records, slot))
             elif topic == ATTRIBUTES:
                 values = attributes_from_json(decode_json(packet.payload))
                 self.run(conn, slot, self.attributes.save(device.id, AttributeScope.CLIENT, values))
@@ -168,7 +168,7 @@ class DeviceApi:
     def _submitted(
         self, conn: MqttConnection, slots: list[AckSlot | None], error: BaseException | None
     ) -> None:
-        conn.submit_finished()
+        conn.submit_finished(len(slots))
         if error is not None:
             for slot in slots:
                 self.reject(conn, slot, ReasonCode.UNSPECIFIED_ERROR, str(error))
@@ -190,7 +190,7 @@ class DeviceApi:
                 self.reject(conn, slot, ReasonCode.UNSPECIFIED_ERROR, str(exc))
             return
         finally:
-            conn.submit_finished()
+            conn.submit_finished(len(slots))
         conn.ctx.stats.telemetry_batches += 1
         conn.complete_all(slots)
 
