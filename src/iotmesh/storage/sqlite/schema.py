@@ -12,8 +12,8 @@ from typing import Any
 
 import msgspec
 
-from iotmesh.core.errors import StorageError
 from iotmesh.storage.points import Kind
+from iotmesh.storage.sqlite import migrations
 
 # Migration N turns schema N-1 into schema N. Append only; never edit a released one.
 MIGRATIONS: tuple[str, ...] = (
@@ -122,13 +122,7 @@ _JSON = msgspec.json.Encoder()
 
 def migrate(conn: sqlite3.Connection) -> None:
     """Apply every migration newer than the database's `user_version`."""
-    (version,) = conn.execute("PRAGMA user_version").fetchone()
-    if version > len(MIGRATIONS):
-        raise StorageError(
-            f"timeseries db has schema {version}, newer than this release knows ({len(MIGRATIONS)})"
-        )
-    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-        conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+    migrations.apply(conn, MIGRATIONS, "timeseries db")
 
 
 def latest_param(kind: int, value: Any) -> Any:

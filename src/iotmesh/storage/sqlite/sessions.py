@@ -34,6 +34,7 @@ from iotmesh.storage.sessions import (
     StoredSession,
     StoredSubscription,
 )
+from iotmesh.storage.sqlite import migrations
 
 T = TypeVar("T")
 
@@ -95,13 +96,7 @@ def migrate(conn: sqlite3.Connection) -> None:
     Raises:
         StorageError: the file has a newer schema than this release knows.
     """
-    (version,) = conn.execute("PRAGMA user_version").fetchone()
-    if version > len(MIGRATIONS):
-        raise StorageError(
-            f"{FILE_NAME} has schema {version}, newer than this release knows ({len(MIGRATIONS)})"
-        )
-    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-        conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+    migrations.apply(conn, MIGRATIONS, FILE_NAME)
 
 
 class SqliteSessionStore:

@@ -19,6 +19,7 @@ import msgspec
 
 from iotmesh.core.errors import Conflict, NotFound, StorageError
 from iotmesh.core.types import Attribute, AttributeScope, BasicCredentials, Device
+from iotmesh.storage.sqlite import migrations
 
 T = TypeVar("T")
 
@@ -119,13 +120,7 @@ def _conflict(exc: sqlite3.IntegrityError) -> Conflict:
 
 def migrate(conn: sqlite3.Connection) -> None:
     """Apply every migration newer than the database's `user_version`."""
-    (version,) = conn.execute("PRAGMA user_version").fetchone()
-    if version > len(MIGRATIONS):
-        raise StorageError(
-            f"state.db has schema {version}, newer than this release knows ({len(MIGRATIONS)})"
-        )
-    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-        conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+    migrations.apply(conn, MIGRATIONS, "state.db")
 
 
 class SqliteStateStore:
