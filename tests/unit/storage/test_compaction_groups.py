@@ -10,7 +10,7 @@ import pytest
 
 from iotmesh.core.settings import SqliteSettings
 from iotmesh.core.types import TsRecord
-from iotmesh.storage.sqlite import batches, schema
+from iotmesh.storage.sqlite import batches, schema, writes
 from iotmesh.storage.sqlite.batches import GROUP_SHIFT
 from iotmesh.storage.sqlite.writer_process import connect
 from iotmesh.storage.sqlite.writes import SeriesWriter
@@ -69,6 +69,7 @@ def test_a_flush_pass_moves_a_few_groups_per_step(tmp_path: Path) -> None:
     while steps:
         steps.pop(0)()  # type: ignore[operator]
         groups_left.append(len({lo >> GROUP_SHIFT for lo, _ in row_spans(conn)}))
-    assert groups_left[:3] == [4, 2, 0]  # 6 groups, 2 per step
+    per_step = writes._GROUPS_PER_STEP
+    assert groups_left[: 6 // per_step] == list(range(6 - per_step, -1, -per_step))
     assert conn.execute("SELECT sum(n) FROM ts_chunk").fetchone()[0] == 40 * 1400
     writer.close()

@@ -29,10 +29,10 @@ from iotmesh.storage.timeseries import SeriesWrite
 
 log = logging.getLogger(__name__)
 
-_STEP_BUDGET_S = 0.01  # longest compaction step, so that a queued write waits at most that
-_SERIES_PER_TXN = 64  # series merged per compaction transaction
+_STEP_BUDGET_S = 0.004  # longest compaction step, so that a queued write waits at most that
+_SERIES_PER_TXN = 16  # series merged per compaction transaction
 _PARTS_PER_TXN = 4096  # batch rows moved into chunks per statement of `_flush_all`
-_GROUPS_PER_STEP = 2  # series groups a flush step moves (512 series: a few ms)
+_GROUPS_PER_STEP = 1  # series groups a flush step moves (256 series: a few ms)
 _MAX_CACHED_SERIES = 1_000_000  # bound on the series-id cache (~100 B an entry)
 _LATEST_JSON = msgspec.json.Encoder()
 
