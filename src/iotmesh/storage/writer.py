@@ -152,6 +152,13 @@ class BatchWriter(Service):
                 taken = self._take()
                 await self._commit_with_retry(taken)
                 await self._release(taken)
+                # The senders this commit released (pipeline consumers, woken together)
+                # send their next batches in the next loop turn: wait that one turn, so
+                # the next transaction takes them all. Without it commits alternated
+                # between one partition's batch and the rest (measured: p99
+                # publish->commit at 20k MQTT msg/s 31-44 -> 18-27 ms); two turns were
+                # worse again (each turn is time for everything else on the loop).
+                await asyncio.sleep(0)
             if self._stopping:
                 return
 
