@@ -13,14 +13,10 @@ loop: one connection on one thread needs no locking.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
 
-from iotmesh.core.errors import StorageError
 from iotmesh.storage.sessions import (
     DeleteSession,
     QueuePut,
@@ -35,8 +31,7 @@ from iotmesh.storage.sessions import (
     StoredSubscription,
 )
 from iotmesh.storage.sqlite import migrations
-
-T = TypeVar("T")
+from iotmesh.storage.sqlite.db_thread import DbThread
 
 FILE_NAME = "mqtt-sessions.sqlite"
 
@@ -105,21 +100,13 @@ class SqliteSessionStore:
     def __init__(self, path: Path, synchronous: str = "FULL") -> None:
         self._path = path
         self._synchronous = synchronous
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
+        self._thread = DbThread("session store")
+        self._run = self._thread.run
 
     async def open(self) -> None:
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="mqtt-sessions-db"
-        )
-        try:
-            await self._run(self._open)
-        except BaseException:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-            raise
+        await self._thread.open(self._connect)
 
-    def _open(self) -> None:
+    def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
@@ -133,30 +120,14 @@ class SqliteSessionStore:
         except BaseException:
             conn.close()
             raise
-        self._conn = conn
+        return conn
 
     async def close(self) -> None:
-        if self._executor is None:
-            return
-        if self._conn is not None:
-            await self._run(self._conn.close)
-            self._conn = None
-        self._executor.shutdown(wait=True)
-        self._executor = None
-
-    async def _run(self, fn: Callable[[], T]) -> T:
-        if self._executor is None:
-            raise StorageError("session store is not open")
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn)
-        except sqlite3.Error as exc:
-            raise StorageError(f"session store: {exc}") from exc
+        await self._thread.close()
 
     @property
     def _db(self) -> sqlite3.Connection:
-        assert self._conn is not None, "session store is not open"
-        return self._conn
+        return self._thread.conn
 
     async def load_all(self) -> list[SessionRecord]:
         return await self._run(self._load_all)

@@ -8,20 +8,17 @@ connection on one thread needs no locking.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 
-from iotmesh.core.errors import Conflict, NotFound, StorageError
+from iotmesh.core.errors import Conflict, NotFound
 from iotmesh.core.types import Attribute, AttributeScope, BasicCredentials, Device
 from iotmesh.storage.sqlite import migrations
-
-T = TypeVar("T")
+from iotmesh.storage.sqlite.db_thread import DbThread
 
 # Migration N turns schema N-1 into schema N. Append only; never edit a released one.
 MIGRATIONS: tuple[str, ...] = (
@@ -103,7 +100,10 @@ def _device(row: tuple[Any, ...]) -> Device:
     )
 
 
-def _conflict(exc: sqlite3.IntegrityError) -> Conflict:
+def _conflict(exc: sqlite3.Error) -> Conflict | None:
+    """A unique key violated, as the `Conflict` (409) it means; None for other errors."""
+    if not isinstance(exc, sqlite3.IntegrityError):
+        return None
     text = str(exc)
     if "devices.name" in text:
         return Conflict("a device with this name already exists")
@@ -129,45 +129,26 @@ class SqliteStateStore:
     def __init__(self, path: Path, synchronous: str = "FULL") -> None:
         self._path = path
         self._synchronous = synchronous
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
+        self._thread = DbThread("state store", translate=_conflict)
+        self._run = self._thread.run
 
     async def open(self) -> None:
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="state-db")
-        await self._run(self._open)
+        await self._thread.open(self._connect)
 
-    def _open(self) -> None:
+    def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         conn.execute("PRAGMA foreign_keys=ON")
         migrate(conn)
-        self._conn = conn
+        return conn
 
     async def close(self) -> None:
-        if self._executor is None:
-            return
-        if self._conn is not None:
-            await self._run(self._conn.close)
-            self._conn = None
-        self._executor.shutdown(wait=True)
-        self._executor = None
-
-    async def _run(self, fn: Callable[[], T]) -> T:
-        if self._executor is None:
-            raise StorageError("state store is not open")
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn)
-        except sqlite3.IntegrityError as exc:
-            raise _conflict(exc) from exc
-        except sqlite3.Error as exc:
-            raise StorageError(f"state store: {exc}") from exc
+        await self._thread.close()
 
     @property
     def _db(self) -> sqlite3.Connection:
-        assert self._conn is not None, "state store is not open"
-        return self._conn
+        return self._thread.conn
 
     def _transaction(self, *statements: tuple[str, tuple[Any, ...]]) -> list[int]:
         """Run statements in one transaction; return each one's rowcount."""
