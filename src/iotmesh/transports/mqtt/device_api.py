@@ -168,6 +168,7 @@ class DeviceApi:
     def _submitted(
         self, conn: MqttConnection, slots: list[AckSlot | None], error: BaseException | None
     ) -> None:
+        """A submit is durable (`error` None) or failed: ack or refuse its messages."""
         conn.submit_finished(len(slots))
         if error is not None:
             for slot in slots:
@@ -183,16 +184,16 @@ class DeviceApi:
         records: list[TsRecord],
         slots: list[AckSlot | None],
     ) -> None:
+        """The path when the bus has no room at once: wait for it in a task."""
         try:
             await self.ingest.submit(device_id, records)
         except IotmeshError as exc:
-            for slot in slots:
-                self.reject(conn, slot, ReasonCode.UNSPECIFIED_ERROR, str(exc))
-            return
-        finally:
-            conn.submit_finished(len(slots))
-        conn.ctx.stats.telemetry_batches += 1
-        conn.complete_all(slots)
+            self._submitted(conn, slots, exc)
+        except BaseException:
+            conn.submit_finished(len(slots))  # cancelled, or a bug: the task reports it
+            raise
+        else:
+            self._submitted(conn, slots, None)
 
     async def _answer_attributes(
         self, conn: MqttConnection, device: Device, request_id: str, doc: Any
