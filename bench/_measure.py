@@ -35,13 +35,19 @@ def machine() -> dict[str, Any]:
     }
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    """RSS of a process and its children (bytes): iotmesh's server and writer process."""
-    total = 0
+def process_tree(proc: psutil.Process) -> list[psutil.Process]:
+    """A process and its children: iotmesh's server and its SQLite writer process."""
     with contextlib.suppress(psutil.Error):
-        for p in [proc, *proc.children(recursive=True)]:
-            with contextlib.suppress(psutil.Error):
-                total += p.memory_info().rss
+        return [proc, *proc.children(recursive=True)]
+    return [proc]
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    """RSS of a process and its children (bytes)."""
+    total = 0
+    for p in process_tree(proc):
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
     return total
 
 
@@ -59,11 +65,6 @@ class Sampler:
         self.helpers: list[psutil.Process] = []
         self.rss: list[int] = []
         self.tree: list[psutil.Process] = [self.proc]
-
-    def _tree(self) -> list[psutil.Process]:
-        with contextlib.suppress(psutil.Error):
-            return [self.proc, *self.proc.children(recursive=True)]
-        return [self.proc]
 
     def tree_rss(self) -> int:
         """RSS of the server and its children (bytes)."""
@@ -89,7 +90,7 @@ class Sampler:
             with contextlib.suppress(psutil.Error):
                 self.helpers.append(psutil.Process(pid))
         self.t = time.monotonic()
-        self.tree = self._tree()
+        self.tree = process_tree(self.proc)
         self.cpu = sum(self._cpu(p) for p in self.tree)
         self.main_cpu = self._cpu(self.proc)
         self.helper_cpu = sum(self._cpu(h) for h in self.helpers)
