@@ -63,6 +63,12 @@ def json_payload(value: Any) -> bytes:
     return _json.encode(value)
 
 
+def shared_update(changed: dict[str, Any], deleted: list[str]) -> dict[str, Any]:
+    """The body of a shared-attribute push (ThingsBoard: the changed values, or the
+    deleted keys under "deleted")."""
+    return changed if not deleted else {"deleted": deleted}
+
+
 class DeviceApi:
     """Handles device-API publishes and subscriptions of MQTT connections."""
 
@@ -240,8 +246,7 @@ class DeviceApi:
         if subscribed(conn, ATTRIBUTES) and "attributes" not in conn.pushes:
 
             async def push(changed: dict[str, Any], deleted: list[str]) -> None:
-                body = changed if not deleted else {"deleted": deleted}
-                self.send(conn, ATTRIBUTES, json_payload(body))
+                self.send(conn, ATTRIBUTES, json_payload(shared_update(changed, deleted)))
 
             conn.pushes["attributes"] = self.attributes.listen_shared(device.id, push)
         if subscribed(conn, RPC_REQUEST + "1") and "rpc" not in conn.pushes:

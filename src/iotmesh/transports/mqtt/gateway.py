@@ -25,7 +25,7 @@ from iotmesh.core.errors import AuthError, Conflict, DeviceGone, PayloadError
 from iotmesh.core.types import AttributeScope, Device
 from iotmesh.proto.mqtt import Publish, ReasonCode, topic_matches
 from iotmesh.proto.thingsboard import attributes_from_json, decode_json, telemetry_from_json
-from iotmesh.transports.mqtt.device_api import DeviceApi, json_payload, subscribed
+from iotmesh.transports.mqtt.device_api import DeviceApi, json_payload, shared_update, subscribed
 
 if TYPE_CHECKING:
     from iotmesh.transports.mqtt.connection import AckSlot, MqttConnection
@@ -160,7 +160,7 @@ class GatewayApi:
             return
 
         async def push(changed: dict[str, Any], deleted: list[str]) -> None:
-            data: dict[str, Any] = changed if not deleted else {"deleted": deleted}
+            data = shared_update(changed, deleted)
             self._api.send(conn, ATTRIBUTES, json_payload({"device": device.name, "data": data}))
 
         conn.pushes[key] = self._api.attributes.listen_shared(device.id, push)

@@ -35,7 +35,7 @@ from iotmesh.storage.sessions import SessionStore
 from iotmesh.transports.mqtt.auth import Principal, allowed
 from iotmesh.transports.mqtt.broker import Broker
 from iotmesh.transports.mqtt.connection import MqttConnection
-from iotmesh.transports.mqtt.device_api import ATTRIBUTES, DeviceApi, json_payload
+from iotmesh.transports.mqtt.device_api import ATTRIBUTES, DeviceApi, json_payload, shared_update
 from iotmesh.transports.mqtt.persistence import SessionPersistence
 from iotmesh.transports.mqtt.session import Session, copy_for
 from iotmesh.transports.mqtt.stats import MqttStats
@@ -226,8 +226,7 @@ class ServerContext:
             qos = _granted_qos(session, ATTRIBUTES)
             if qos is None:
                 return
-            body = changed if not deleted else {"deleted": deleted}
-            session.deliver(Publish(ATTRIBUTES, json_payload(body), qos))
+            session.deliver(Publish(ATTRIBUTES, json_payload(shared_update(changed, deleted)), qos))
             if self.persistence is not None:
                 await self.persistence.journal.flushed()  # the REST call returns after it
 
