@@ -24,7 +24,7 @@ from iotmesh.commands import RpcService
 from iotmesh.core.lifecycle import Health, Service
 from iotmesh.core.settings import Settings
 from iotmesh.datadir import DataDir
-from iotmesh.devicestate import AttributeService
+from iotmesh.devicestate import AttributeService, ConnectivityService
 from iotmesh.pipeline import LatestValues, Pipeline
 from iotmesh.pipeline.ingest import TelemetryIngest
 from iotmesh.registry import DeviceRegistry
@@ -129,6 +129,7 @@ class Platform:
         registry = DeviceRegistry(state)
         attributes = AttributeService(state)
         rpc = RpcService()
+        connectivity = ConnectivityService()
         store = SqliteTimeSeriesStore(path / "timeseries.db", settings.storage.sqlite)
         writer = BatchWriter(store, settings.writer)
         bus = MemoryBus(settings.bus)
@@ -136,6 +137,7 @@ class Platform:
         await self._enter(registry)
         await self._enter(attributes)
         await self._enter(rpc)
+        await self._enter(connectivity)
         await self._enter(_StoreService(store))
         await self._enter(writer)
         await self._enter(_BusService(bus))
@@ -158,6 +160,7 @@ class Platform:
             registry=registry,
             attributes=attributes,
             rpc=rpc,
+            connectivity=connectivity,
             timeseries=store,
             latest=latest,
             ingest=ingest,

@@ -12,7 +12,7 @@ from fastapi import Request, Response
 from iotmesh.commands.rpc import RpcService
 from iotmesh.core.lifecycle import Health
 from iotmesh.core.settings import Settings
-from iotmesh.devicestate import AttributeService
+from iotmesh.devicestate import AttributeService, ConnectivityService
 from iotmesh.pipeline.ingest import TelemetryIngest
 from iotmesh.pipeline.latest import LatestValues
 from iotmesh.registry.service import DeviceRegistry
@@ -28,6 +28,7 @@ class ApiContext:
     registry: DeviceRegistry
     attributes: AttributeService
     rpc: RpcService
+    connectivity: ConnectivityService
     timeseries: TimeSeriesStore
     latest: LatestValues
     ingest: TelemetryIngest
