@@ -20,7 +20,7 @@ T0 = 1_700_000_000_000
 
 
 def open_writer(path: Path) -> tuple[SeriesWriter, sqlite3.Connection, list[object]]:
-    conn = connect(path, SqliteSettings())
+    conn = connect(path, SqliteSettings().synchronous)
     conn.execute("PRAGMA journal_mode = WAL")
     schema.migrate(conn)
     steps: list[object] = []

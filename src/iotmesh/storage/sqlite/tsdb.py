@@ -219,7 +219,7 @@ class SqliteTimeSeriesStore:
     def _reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = connect(self._path, self._settings)
+            conn = connect(self._path, self._settings.synchronous)
             conn.execute("PRAGMA query_only = 1")
             self._local.conn = conn
             with self._reader_conns_lock:

@@ -42,15 +42,17 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from iotmesh.core.errors import PayloadError, StorageError
-from iotmesh.core.settings import SqliteSettings
 from iotmesh.storage.sqlite import schema
 from iotmesh.storage.sqlite.writes import SeriesWriter
 from iotmesh.storage.timeseries import SeriesWrite
+
+if TYPE_CHECKING:
+    from iotmesh.core.settings import SqliteSettings
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +65,20 @@ _request = msgspec.msgpack.Decoder(list[Any])
 _batch = msgspec.msgpack.Decoder(list[SeriesWrite])
 
 
-def connect(path: Path, settings: SqliteSettings) -> sqlite3.Connection:
+class FileOptions(msgspec.Struct, frozen=True):
+    """The settings the writer process needs, sent to it as JSON when it opens."""
+
+    synchronous: str
+    chunk_max_points: int
+    compact_min_chunks: int
+
+
+def connect(path: Path, synchronous: str) -> sqlite3.Connection:
     """A connection to the time-series file with the store's pragmas."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         conn.execute("PRAGMA busy_timeout = 10000")
-        conn.execute(f"PRAGMA synchronous = {settings.synchronous}")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
         conn.execute("PRAGMA cache_size = -65536")  # KiB: 64 MiB of page cache
         conn.execute("PRAGMA mmap_size = 268435456")  # reads map the file: no copy
     except BaseException:
@@ -135,7 +145,9 @@ class WriterClient:
             stdout=asyncio.subprocess.PIPE,
         )
         level = logging.getLogger("iotmesh").getEffectiveLevel()
-        settings = msgspec.json.encode(self._settings.model_dump()).decode()
+        s = self._settings
+        options = FileOptions(s.synchronous, s.chunk_max_points, s.compact_min_chunks)
+        settings = msgspec.json.encode(options).decode()
         try:
             await self._request(["open", str(self._path), settings, level])
         except BaseException:
@@ -203,7 +215,7 @@ class WriterClient:
 class _Child:
     """The writer process: the write connection, compaction, WAL checkpoints."""
 
-    def __init__(self, path: str, settings: SqliteSettings) -> None:
+    def __init__(self, path: str, settings: FileOptions) -> None:
         self._path = Path(path)
         self._settings = settings
         self._steps: deque[Callable[[], None]] = deque()
@@ -212,7 +224,7 @@ class _Child:
         self._checkpoint_queued = False
         self._checkpoint_due = 0.0
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        conn = connect(self._path, settings)
+        conn = connect(self._path, settings.synchronous)
         try:
             conn.execute("PRAGMA journal_mode = WAL")
             # Checkpoints (copying WAL pages back into the db file) run on their own
@@ -271,7 +283,7 @@ class _Child:
         self._checkpoint_queued = False
         try:
             if self._checkpoint_conn is None:
-                self._checkpoint_conn = connect(self._path, self._settings)
+                self._checkpoint_conn = connect(self._path, self._settings.synchronous)
             self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         except sqlite3.Error as exc:  # the next commit queues another try
             log.warning("time-series WAL checkpoint failed: %s", exc)
@@ -306,7 +318,7 @@ def serve(requests: int, replies: int) -> None:
     opened: list[_Child] = []
 
     def open_file() -> None:
-        opened.append(_Child(path, SqliteSettings.model_validate_json(settings)))
+        opened.append(_Child(path, msgspec.json.decode(settings, type=FileOptions)))
 
     _reply(replies, open_file)
     if not opened:

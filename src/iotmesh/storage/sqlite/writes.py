@@ -13,13 +13,12 @@ import math
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import numpy as np
 
 from iotmesh.core.errors import PayloadError
-from iotmesh.core.settings import SqliteSettings
 from iotmesh.storage.points import Kind, merge
 from iotmesh.storage.sqlite import chunks as chunking
 from iotmesh.storage.sqlite import schema
@@ -35,6 +34,17 @@ _PARTS_PER_TXN = 4096  # batch rows moved into chunks per statement of `_flush_a
 _GROUPS_PER_STEP = 1  # series groups a flush step moves (256 series: a few ms)
 _MAX_CACHED_SERIES = 1_000_000  # bound on the series-id cache (~100 B an entry)
 _LATEST_JSON = msgspec.json.Encoder()
+
+
+class ChunkLimits(Protocol):
+    """What the writer needs of `SqliteSettings` (a Protocol, so the writer process
+    does not import pydantic and the settings machinery: that is 14 MB of RSS)."""
+
+    @property
+    def chunk_max_points(self) -> int: ...
+
+    @property
+    def compact_min_chunks(self) -> int: ...
 
 
 def _not_finite(value: Any) -> bool:
@@ -54,7 +64,7 @@ class SeriesWriter:
     def __init__(
         self,
         conn: sqlite3.Connection,
-        settings: SqliteSettings,
+        settings: ChunkLimits,
         submit: Callable[[Callable[[], None]], object],
         committed: Callable[[], None],
     ) -> None:
