@@ -166,7 +166,8 @@ def report(results: dict[str, Any]) -> None:
         f"{mach['cpu_count'] * 100}%): the load generator shares the CPUs with the server, "
         "'loadgen' is the generator processes (and, for Mosquitto, the subscriber), and 'other' "
         "is everything else that ran meanwhile (e.g. other people's tests).\n"
-        "iotmesh: PUBACK after the SQLite commit (synchronous=FULL). Mosquitto: persistence "
+        "iotmesh: PUBACK after the SQLite commit (synchronous="
+        f"{results['settings']['iotmesh_sqlite_synchronous']}). Mosquitto: persistence "
         "false, PUBACK on receipt, one QoS 0 subscriber on '#'.\n"
         f"Results: {results['settings']['output']}"
     )

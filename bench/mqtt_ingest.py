@@ -164,10 +164,11 @@ class Mosquitto:
                 self.proc.wait(5)
 
 
-def start_iotmesh(workdir: Path) -> RunningServer:
+def start_iotmesh(workdir: Path, synchronous: str) -> RunningServer:
     data_dir = workdir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    return start_server(data_dir, workdir / "logs", "--log-level", "warning")
+    env = {"IOTMESH_STORAGE__SQLITE__SYNCHRONOUS": synchronous}
+    return start_server(data_dir, workdir / "logs", "--log-level", "warning", env=env)
 
 
 def nofile_of(pid: int) -> list[int] | None:
@@ -535,7 +536,7 @@ def phase_plan(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def bench_iotmesh(args: argparse.Namespace, workdir: Path, run: dict[str, Any]) -> dict[str, Any]:
     res: dict[str, Any] = {}
-    server = start_iotmesh(workdir)
+    server = start_iotmesh(workdir, args.synchronous)
     try:
         res["pid"] = server.pid
         res["command"] = iotmesh_command(
@@ -707,6 +708,13 @@ def main() -> None:
     add("--skip-idle", action="store_true")
     add("--skip-iotmesh", action="store_true")
     add("--skip-mosquitto", action="store_true")
+    add(
+        "--synchronous",
+        choices=["FULL", "NORMAL"],
+        default="FULL",
+        help="iotmesh's storage.sqlite.synchronous: FULL (default; a commit survives power "
+        "loss) or NORMAL (survives a crash of the process, not of the machine)",
+    )
     add("--skip-phase", action="append", default=[], choices=["qos0", "qos1", "qos1_half"])
     add("--verify-sample", type=int, default=10, help="iotmesh devices whose points are counted")
     add("--device-concurrency", type=int, default=32, help="concurrent REST device creations")
@@ -750,7 +758,7 @@ def main() -> None:
             "clean_session": True,
             "nofile_soft_hard": [soft, hard],
             "mosquitto_persistence": False,
-            "iotmesh_sqlite_synchronous": "FULL (default)",
+            "iotmesh_sqlite_synchronous": args.synchronous,
             "phase_order": [p for p, _ in phase_plan(args)],
         }
     )
