@@ -29,6 +29,7 @@ ThingsBoard does. Either way nothing of that message is stored.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable
 from functools import partial
@@ -235,8 +236,15 @@ class DeviceApi:
     # -- messages to devices --------------------------------------------------------------
 
     @staticmethod
-    def send(conn: MqttConnection, topic: str, payload: bytes) -> bool:
-        """Publish to the client if it subscribed to `topic`; False when it did not."""
+    def send(
+        conn: MqttConnection,
+        topic: str,
+        payload: bytes,
+        confirm: asyncio.Future[None] | None = None,
+    ) -> bool:
+        """Publish to the client if it subscribed to `topic`; False when it did not.
+
+        `confirm`: resolved when the client has it (`Session.deliver`)."""
         session = conn.session
         if session is None:
             return False
@@ -246,7 +254,7 @@ class DeviceApi:
                 qos = max(qos, entry.options.qos)
         if qos < 0:
             return False
-        session.deliver(Publish(topic, payload, qos))
+        session.deliver(Publish(topic, payload, qos), confirm)
         conn.flush_later()
         return True
 
@@ -265,8 +273,11 @@ class DeviceApi:
 
             async def deliver(target: Device, request: RpcRequest) -> None:
                 body = {"method": request.method, "params": request.params}
-                if not self.send(conn, f"{RPC_REQUEST}{request.id}", json_payload(body)):
+                topic = f"{RPC_REQUEST}{request.id}"
+                confirm = asyncio.get_running_loop().create_future()
+                if not self.send(conn, topic, json_payload(body), confirm):
                     raise DeviceGone("the device is not subscribed to RPC requests")
+                await confirm  # written (QoS 0), PUBACK (QoS 1) or PUBREC (QoS 2)
 
             conn.pushes["rpc"] = self.rpc.attach(device.id, deliver)
         if self.gateway is not None and topic_filter.startswith(GATEWAY_PREFIX):

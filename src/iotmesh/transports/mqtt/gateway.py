@@ -21,6 +21,7 @@ The server publishes to the gateway:
 
 from __future__ import annotations
 
+import asyncio
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -164,8 +165,10 @@ class GatewayApi:
             async def deliver(target: Device, request: RpcRequest) -> None:
                 data = {"id": request.id, "method": request.method, "params": request.params}
                 body = {"device": target.name, "data": data}
-                if not self._api.send(conn, RPC, json_payload(body)):
+                confirm = asyncio.get_running_loop().create_future()
+                if not self._api.send(conn, RPC, json_payload(body), confirm):
                     raise DeviceGone("the gateway is not subscribed to v1/gateway/rpc")
+                await confirm  # as for a device: written, PUBACK or PUBREC
 
             conn.pushes["gateway-rpc"] = self._api.rpc.attach_gateway(gateway.id, deliver)
         if topic_matches(topic_filter, ATTRIBUTES):
