@@ -503,10 +503,16 @@ class RpcService(Service):
             if not queue.open and self._queues.get(queue.device.id) is queue:
                 del self._queues[queue.device.id]
 
+    def _still_open(self, entry: _Open) -> bool:
+        queue = self._queues.get(entry.record.device_id)
+        return queue is not None and queue.open.get(entry.record.id) is entry
+
     async def _deliver(self, device: Device, entry: _Open) -> bool:
         """Hand one request to the newest sink that takes it; False if none did."""
         tried: list[RpcSink] = []
         while (sink := self._sink_for(device, tried)) is not None:
+            if not self._still_open(entry):
+                return True  # finished or deleted while a sink was being tried
             tried.append(sink)
             record = self._set(entry, status=SENT, sent_ts=self._clock())
             request = RpcRequest(record.id, record.method, record.params, record.oneway)

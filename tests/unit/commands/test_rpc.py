@@ -349,3 +349,15 @@ async def test_memory_store_when_built_without_one() -> None:
         assert (await rpc.get(device.id, request.id)).status is RpcStatus.SUCCESSFUL
     finally:
         await rpc.stop()
+
+
+async def test_a_deleted_request_is_never_delivered(env: Env) -> None:
+    device = await env.registry.create("d1")
+    gone = await env.rpc.submit(device, "gone", {}, timeout_ms=1000)
+    kept = await env.rpc.submit(device, "kept", {}, timeout_ms=1000)
+    await env.rpc.delete(device.id, gone.id)
+    sink = Sink()
+    env.rpc.attach(device.id, sink)
+    assert (await sink.next()).id == kept.id
+    await asyncio.sleep(0.05)
+    assert sink.got == []
