@@ -129,7 +129,7 @@ class Platform:
         registry = DeviceRegistry(state)
         attributes = AttributeService(state)
         rpc = RpcService(state, settings.devices)
-        connectivity = ConnectivityService(settings.devices.inactivity_timeout_s)
+        connectivity = ConnectivityService(settings.devices.inactivity_timeout_s, store=state)
         store = SqliteTimeSeriesStore(path / "timeseries.db", settings.storage.sqlite)
         writer = BatchWriter(store, settings.writer)
         bus = MemoryBus(settings.bus)

@@ -260,12 +260,19 @@ def test_queued_request_outlives_a_platform_restart(data_dir: Path, tmp_path: Pa
     try:
         with server.admin() as rest:
             dev = new_device(rest, "restart-device")
+            with device_client(server.mqtt_port, dev["access_token"]):
+                pass  # seen once before the restart, not subscribed to RPC
             body = {"method": "calibrate", "params": [1, 2], "persistent": True}
             rpc_id = _post_rpc(rest, dev["id"], body)["rpcId"]
+            wait_until(lambda: _connectivity(rest, dev["id"])["sessions"] == 0, "no session")
+            before = _connectivity(rest, dev["id"])
     finally:
         assert server.stop() == 0
     server = start_server(data_dir, tmp_path / "logs-2")
     try:
+        with server.admin() as rest:  # what was known of the device is not forgotten
+            assert _connectivity(rest, dev["id"]) == before
+            assert before["last_connect_ts"] > 0
         with (
             server.admin() as rest,
             device_client(server.mqtt_port, dev["access_token"], V5) as client,

@@ -175,3 +175,13 @@ class RpcPage(msgspec.Struct):
     page: int
     page_size: int
     has_next: bool
+
+
+class DeviceActivity(msgspec.Struct, frozen=True):
+    """What connectivity remembers of a device across a restart (Unix ms; 0: never)."""
+
+    device_id: str
+    transport: str | None
+    last_activity_ts: int
+    last_connect_ts: int
+    last_disconnect_ts: int

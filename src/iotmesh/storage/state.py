@@ -1,4 +1,5 @@
-"""The state store interface: devices, their credentials, attributes and RPC requests.
+"""The state store interface: devices, their credentials, attributes, RPC requests and
+when each device was last heard from.
 
 Implementations: SQLite (`storage/sqlite/state.py`), PostgreSQL later. Unique names,
 tokens, certificates and MQTT Basic logins are enforced by the store, which raises
@@ -15,6 +16,7 @@ from iotmesh.core.types import (
     AttributeScope,
     BasicCredentials,
     Device,
+    DeviceActivity,
     RpcRecord,
     RpcStatus,
 )
@@ -150,3 +152,12 @@ class StateStore(Protocol):
 
     async def purge_rpcs(self, finished_before: int, limit: int) -> int:
         """Delete up to `limit` requests finished before `finished_before`; return how many."""
+
+    # -- connectivity (devicestate/connectivity.py) ---------------------------------------
+
+    async def load_activity(self) -> list[DeviceActivity]:
+        """What was saved of every device's connectivity."""
+
+    async def save_activity(self, records: Sequence[DeviceActivity]) -> None:
+        """Insert or replace these devices' connectivity (one transaction); records of
+        devices that no longer exist are skipped."""

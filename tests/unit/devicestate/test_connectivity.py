@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from iotmesh.devicestate import Connectivity, ConnectivityService
+from iotmesh.registry import DeviceRegistry
+from iotmesh.storage.sqlite.state import SqliteStateStore
 
 T0 = 1_700_000_000_000
 
@@ -69,3 +73,35 @@ def test_sessions_are_counted_per_transport_and_closes_are_not_overcounted() -> 
     assert not service.state("d").online
     service.forget("d")
     assert service.state("d") == Connectivity(False, None, 0, 0, 0, 0)
+
+
+async def test_saved_and_loaded_across_a_restart(tmp_path: Path) -> None:
+    clock = Clock()
+    state = SqliteStateStore(tmp_path / "state.db", synchronous="OFF")
+    registry = DeviceRegistry(state)
+    await registry.start()
+    try:
+        kept = await registry.create("kept")
+        deleted = await registry.create("deleted")
+        service = ConnectivityService(10, clock, store=state, save_interval_s=3600)
+        await service.start()
+        service.opened(kept.id, "mqtt")
+        clock.now += 5
+        service.activity(kept.id, "mqtt")
+        service.closed(kept.id, "mqtt")
+        service.activity(deleted.id, "coap")
+        await registry.delete(deleted.id)  # its activity is skipped, not an error
+        await service.stop()
+
+        again = ConnectivityService(10, clock, store=state)
+        await again.start()
+        try:
+            state_now = again.state(kept.id)
+            assert state_now == Connectivity(True, "mqtt", T0 + 5, T0, T0 + 5, 0)
+            clock.now += 10_000
+            assert not again.state(kept.id).online
+            assert again.state(deleted.id).last_activity_ts == 0
+        finally:
+            await again.stop()
+    finally:
+        await registry.stop()

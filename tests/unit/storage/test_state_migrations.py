@@ -9,7 +9,13 @@ import msgspec
 import pytest
 
 from iotmesh.core.errors import NotFound, StorageError
-from iotmesh.core.types import AttributeScope, BasicCredentials, RpcRecord, RpcStatus
+from iotmesh.core.types import (
+    AttributeScope,
+    BasicCredentials,
+    DeviceActivity,
+    RpcRecord,
+    RpcStatus,
+)
 from iotmesh.storage.sqlite.state import MIGRATIONS, SqliteStateStore
 
 
@@ -119,8 +125,12 @@ async def test_schema_4_upgrades_to_rpc_requests(tmp_path: Path) -> None:
         assert await store.purge_rpcs(6, 100) == 1
         with pytest.raises(NotFound):
             await store.create_rpc(msgspec.structs.replace(draft, device_id="nope"))
+        seen = DeviceActivity(device_id, "mqtt", 3, 2, 1)
+        await store.save_activity([seen, DeviceActivity("gone", None, 1, 0, 0)])
+        assert await store.load_activity() == [seen]  # "gone" is no device: skipped
         assert await store.delete_device(device_id)
         assert await store.open_rpcs() == []  # cascaded
+        assert await store.load_activity() == []
     finally:
         await store.close()
     (version,) = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()

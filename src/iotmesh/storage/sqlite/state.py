@@ -1,5 +1,5 @@
-"""SQLite state store: devices, credentials, attributes and RPC requests in `state.db` of
-the data dir.
+"""SQLite state store: devices, credentials, attributes, RPC requests and device activity
+in `state.db` of the data dir.
 
 Schema changes are numbered migrations applied at start-up (`PRAGMA user_version` holds
 the number applied), so a data dir made by an older release opens and upgrades.
@@ -22,10 +22,11 @@ from iotmesh.core.types import (
     AttributeScope,
     BasicCredentials,
     Device,
+    DeviceActivity,
     RpcRecord,
     RpcStatus,
 )
-from iotmesh.storage.sqlite import migrations, rpc_requests
+from iotmesh.storage.sqlite import device_activity, migrations, rpc_requests
 from iotmesh.storage.sqlite.db_thread import DbThread
 
 # Migration N turns schema N-1 into schema N. Append only; never edit a released one.
@@ -79,8 +80,9 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX basic_credentials_login
         ON basic_credentials (ifnull(client_id, ''), ifnull(username, ''));
     """,
-    # 5: server-side RPC requests and their lifecycle, and the per-device id counter.
-    rpc_requests.MIGRATION,
+    # 5: server-side RPC requests and their lifecycle, and the per-device id counter;
+    # when each device was last heard from.
+    rpc_requests.MIGRATION + device_activity.MIGRATION,
 )
 
 _DEVICE_COLUMNS = """
@@ -404,6 +406,12 @@ class SqliteStateStore:
 
     async def purge_rpcs(self, finished_before: int, limit: int) -> int:
         return await self._run(lambda: rpc_requests.purge(self._db, finished_before, limit))
+
+    async def load_activity(self) -> list[DeviceActivity]:
+        return await self._run(lambda: device_activity.load(self._db))
+
+    async def save_activity(self, records: Sequence[DeviceActivity]) -> None:
+        await self._run(lambda: device_activity.save(self._db, records))
 
 
 def _json_encode(value: Any) -> bytes:
