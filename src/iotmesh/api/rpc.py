@@ -54,13 +54,6 @@ class RpcCall(BaseModel):
     )
 
 
-class RpcQueued(BaseModel):
-    """Answer to a persistent request: its id and status."""
-
-    rpcId: int  # noqa: N815 (ThingsBoard's name)
-    status: RpcStatus
-
-
 class RpcOut(BaseModel):
     """A stored RPC request (times in Unix ms)."""
 
