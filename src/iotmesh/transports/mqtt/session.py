@@ -125,9 +125,11 @@ class Session:
         if conn is not None and not self.queue and conn.can_send(len(self.inflight)):
             self._sent(message, self._send(conn, message), confirm)
             return
-        if message.qos == 0 and conn is None:
+        if conn is None and (message.qos == 0 or confirm is not None):
+            # QoS 0 is not kept for offline clients (MQTT 3.1.2.4); a sender that wants
+            # a confirmation keeps the message itself and sends it to the next session.
             _fail(confirm, DeviceGone("the client is offline"))
-            return  # QoS 0 is not kept for offline clients (MQTT 3.1.2.4)
+            return
         if confirm is not None:
             self._confirm_queued[id(message)] = confirm
         self._enqueue(message)

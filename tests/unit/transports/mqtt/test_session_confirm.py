@@ -86,10 +86,13 @@ async def test_connection_end_fails_unconfirmed_messages() -> None:
 
 
 async def test_dropped_or_undeliverable_messages_fail() -> None:
-    offline = _future()
-    _session(None).deliver(Publish("t", b"x", 0), offline)
-    with pytest.raises(DeviceGone):
-        offline.result()
+    for qos in (0, 1):
+        offline = _future()
+        session = _session(None)
+        session.deliver(Publish("t", b"x", qos), offline)
+        with pytest.raises(DeviceGone):
+            offline.result()
+        assert not session.queue  # the sender keeps it, not the offline session
     too_large = _future()
     _session(Conn(max_size=1)).deliver(Publish("t", b"xx", 1), too_large)
     with pytest.raises(PayloadError):
