@@ -128,8 +128,8 @@ class Platform:
         state = SqliteStateStore(path / "state.db", sync)
         registry = DeviceRegistry(state)
         attributes = AttributeService(state)
-        rpc = RpcService()
-        connectivity = ConnectivityService()
+        rpc = RpcService(state, settings.devices)
+        connectivity = ConnectivityService(settings.devices.inactivity_timeout_s, store=state)
         store = SqliteTimeSeriesStore(path / "timeseries.db", settings.storage.sqlite)
         writer = BatchWriter(store, settings.writer)
         bus = MemoryBus(settings.bus)
@@ -152,6 +152,7 @@ class Platform:
             attributes,
             rpc,
             sessions=SqliteSessionStore(path / SESSIONS_FILE, sync),
+            connectivity=connectivity,
         )
         await self._enter(self.mqtt)
         ctx = ApiContext(

@@ -9,6 +9,7 @@ from iotmesh.api import (
     attributes,
     credentials,
     device_http,
+    device_state,
     devices,
     health,
     problems,
@@ -38,5 +39,6 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(telemetry.router)
     app.include_router(attributes.router)
     app.include_router(rpc.router)
+    app.include_router(device_state.router)
     app.include_router(device_http.router)
     return app

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import msgspec
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from iotmesh.api.auth import require_admin
 from iotmesh.api.context import ApiContext, MsgspecResponse, context
+from iotmesh.api.device_state import ConnectivityOut
 from iotmesh.registry.service import DeviceUpdate
 
 router = APIRouter(
@@ -65,6 +67,12 @@ class DeviceOut(BaseModel):
     cert_fingerprint: str | None
 
 
+class DeviceStateOut(DeviceOut):
+    """One device with its connectivity, as GET /api/v1/devices/{id} shows it."""
+
+    connectivity: ConnectivityOut
+
+
 class DevicePageOut(BaseModel):
     """A page of devices."""
 
@@ -104,10 +112,15 @@ async def list_devices(
     return MsgspecResponse(await ctx.registry.list(page, page_size, text_search))
 
 
-@router.get("/{device_id}", response_class=MsgspecResponse, responses={200: {"model": DeviceOut}})
+@router.get(
+    "/{device_id}", response_class=MsgspecResponse, responses={200: {"model": DeviceStateOut}}
+)
 async def get_device(device_id: str, ctx: Ctx) -> MsgspecResponse:
-    """One device."""
-    return MsgspecResponse(await ctx.registry.get(device_id))
+    """One device, with its connectivity (online, transport, last activity)."""
+    device = await ctx.registry.get(device_id)
+    body = msgspec.structs.asdict(device)
+    body["connectivity"] = ctx.connectivity.state(device.id)
+    return MsgspecResponse(body)
 
 
 @router.patch("/{device_id}", response_class=MsgspecResponse, responses={200: {"model": DeviceOut}})
@@ -121,8 +134,10 @@ async def patch_device(device_id: str, body: DevicePatch, ctx: Ctx) -> MsgspecRe
 
 @router.delete("/{device_id}", status_code=204)
 async def delete_device(device_id: str, ctx: Ctx) -> None:
-    """Delete a device, its token and its telemetry."""
+    """Delete a device, its token, telemetry and RPC requests."""
     await ctx.registry.delete(device_id)
+    ctx.rpc.forget(device_id)
+    ctx.connectivity.forget(device_id)
     ctx.latest.invalidate(device_id)
     await ctx.timeseries.delete_entity(device_id)
 

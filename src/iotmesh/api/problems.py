@@ -31,6 +31,7 @@ _STATUS: tuple[tuple[type[errors.IotmeshError], int], ...] = (
     (errors.Overloaded, 503),
     (errors.StorageError, 503),
     (errors.DeviceTimeout, 504),
+    (errors.DeviceGone, 502),
     (DeadLettered, 422),
 )
 

@@ -1,37 +1,71 @@
-"""Server-side RPC: a user asks a device to run a method and waits for its reply.
+"""Server-side RPC: a user asks a device to run a method; every request is stored.
+
+A request is a row in the state store with a lifecycle (`RpcStatus`):
+
+    QUEUED ──(handed to a session's sink)──▶ SENT ──(the sink returned)──▶ DELIVERED
+      │                                       │  └─(sink: DeviceGone)─▶ QUEUED again
+      │                                       └─(sink failed otherwise)─▶ FAILED
+      └─(expiration_ts passed)─▶ EXPIRED         DELIVERED ──(reply)──▶ SUCCESSFUL
+                                                 SENT/DELIVERED ──(timeout_ms)──▶ TIMEOUT
+    one-way: SENT ──(the sink returned)──▶ SUCCESSFUL (delivered_ts = finished_ts)
 
 A transport holding a live session that can receive RPC (an MQTT client subscribed to
-`v1/devices/me/rpc/request/+`, a gateway subscribed to `v1/gateway/rpc`) attaches an
-`RpcSink` for its device. `call` waits (within the request's timeout) for a sink,
-sends the request through it and, unless the call is one-way, waits for the device's
-reply, which the transport hands back with `reply`. A device behind a gateway is
-reached through its gateway's sink.
+`v1/devices/me/rpc/request/+`, a gateway subscribed to `v1/gateway/rpc`, a CoAP
+observer of `.../rpc`, an HTTP long-poll) attaches an `RpcSink` for its device. Whenever
+a sink is attached and the device has QUEUED requests, one dispatcher task per device
+hands them to the newest sink, in id order. So a request made while the device is
+offline goes out as soon as it has a session on any transport. What "the sink
+returned" proves is the transport's to say (docs/device-api.md has the table).
 
-Request ids are small integers, unique per device while this process runs, as the
-ThingsBoard device API expects (`.../rpc/request/{id}`).
+Two kinds of request, as in ThingsBoard:
+- `call`: the caller waits (up to `timeout_ms`, in all) for the reply. After a
+  restart such a request is FAILED: nobody waits for it any more.
+- `submit` (persistent): stored and returned at once; delivered whenever the device
+  comes, also after a restart, until `expiration_ts`; then it waits `timeout_ms` for
+  the reply. A request that was SENT when the platform stopped is QUEUED again (sent
+  twice rather than never); a DELIVERED one keeps waiting for its reply.
 
-Error handling: no sink in time, or no reply in time → `DeviceTimeout` (HTTP 504).
-A reply to an unknown or expired id is ignored (and counted).
+Ids are integers, unique per device for good (the store counts them), as ThingsBoard
+devices expect (`.../rpc/request/{id}`). Status changes are written behind, in
+batches (`RpcJournal`); `flushed()` waits for them (the MQTT PUBACK of a reply does).
+
+Error handling: no delivery or no reply in time → `DeviceTimeout` (HTTP 504) for a
+waiting caller; a sink that fails with anything but `DeviceGone` → FAILED and
+`DeviceGone` (502). Too many open requests for one device → `Overloaded` (503). A reply
+to an unknown or finished id is ignored (and counted).
+Resource handling: `start` loads open requests and starts the expiry task; `stop`
+fails the requests callers wait for, stops dispatchers and writes every change.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
+import heapq
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import msgspec
 
-from iotmesh.core.errors import DeviceGone, DeviceTimeout, PayloadError
+from iotmesh.commands.rpc_store import MemoryRpcStore, RpcJournal, RpcStore
+from iotmesh.core.clock import now_ms
+from iotmesh.core.errors import DeviceGone, DeviceTimeout, NotFound, Overloaded, PayloadError
 from iotmesh.core.lifecycle import Service
-from iotmesh.core.types import Device
+from iotmesh.core.settings import DeviceSettings
+from iotmesh.core.types import Device, RpcPage, RpcRecord, RpcStatus
 
 log = logging.getLogger(__name__)
 
 MAX_TIMEOUT_MS = 10 * 60 * 1000
+MAX_EXPIRATION_MS = 30 * 24 * 3600 * 1000
+SINK_TIMEOUT_S = 120.0  # a sink that has not returned by then did not deliver
+RETRY_S = 1.0  # after every attached sink refused a request, try again this much later
+EXPIRY_INTERVAL_S = 0.2  # how often due deadlines are looked for (a heap peek)
+PURGE_INTERVAL_MS = 3600 * 1000
+PURGE_BATCH = 1000
+
+QUEUED, SENT, DELIVERED = RpcStatus.QUEUED, RpcStatus.SENT, RpcStatus.DELIVERED
 
 
 def _gateway_key(gateway_id: str) -> str:
@@ -49,119 +83,490 @@ class RpcRequest(msgspec.Struct, frozen=True):
 
 RpcSink = Callable[[Device, RpcRequest], Awaitable[None]]
 """A live session's way to send a request to a device (or to a device behind a
-gateway); it raises if the session cannot take it."""
+gateway). It returns once the transport delivered it and raises `DeviceGone` if the
+session cannot take it (another session is then tried)."""
+
+
+class _Open:
+    """An unfinished request: its newest state, and the caller waiting for it (if any)."""
+
+    __slots__ = ("future", "record")
+
+    def __init__(self, record: RpcRecord, future: asyncio.Future[Any] | None) -> None:
+        self.record = record
+        self.future = future
+
+
+class _Queue:
+    """The unfinished requests of one device, in id order, and its dispatcher."""
+
+    __slots__ = ("device", "open", "task")
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        self.open: dict[int, _Open] = {}
+        self.task: asyncio.Task[None] | None = None
+
+
+def _deadline(record: RpcRecord) -> int:
+    """When an open request times out (SENT, DELIVERED) or expires (QUEUED)."""
+    if record.status is QUEUED or record.sent_ts is None:
+        return record.expiration_ts
+    return record.sent_ts + record.timeout_ms
 
 
 class RpcService(Service):
-    """Routes RPC requests to devices' live sessions and replies back to callers."""
+    """Stores RPC requests, routes them to devices' live sessions, replies back."""
 
     name = "rpc"
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        state: RpcStore | None = None,
+        settings: DeviceSettings | None = None,
+        *,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        """`state`: where requests are kept (the state store); None keeps them in memory."""
+        self._store: RpcStore = state if state is not None else MemoryRpcStore()
+        self._settings = settings if settings is not None else DeviceSettings()
+        self._clock = clock
+        self._journal = RpcJournal(self._store)
         self._sinks: dict[str, list[RpcSink]] = collections.defaultdict(list)
-        self._sink_added: dict[str, asyncio.Event] = {}
-        self._pending: dict[tuple[str, int], asyncio.Future[Any]] = {}
-        self._ids: dict[str, itertools.count[int]] = {}
+        self._queues: dict[str, _Queue] = {}
+        self._deadlines: list[tuple[int, str, int]] = []  # heap; stale entries are skipped
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._retries: dict[str, asyncio.TimerHandle] = {}
+        self._expiry: asyncio.Task[None] | None = None
+        self._next_purge = 0
         self.stray_replies = 0
+        self.finished: collections.Counter[str] = collections.Counter()
+
+    # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Nothing to start."""
+        """Start the journal; load unfinished requests (see the module docstring)."""
+        self._journal.start()
+        devices: dict[str, Device | None] = {}
+        now = self._clock()
+        for record in await self._store.open_rpcs():
+            if record.device_id not in devices:
+                devices[record.device_id] = await self._store.get_device(record.device_id)
+            device = devices[record.device_id]
+            if device is None:
+                continue
+            if not record.persistent:
+                error = "the platform restarted before the request finished"
+                failed = msgspec.structs.replace(
+                    record, status=RpcStatus.FAILED, finished_ts=now, error=error
+                )
+                self._journal.write(failed)
+                continue
+            if record.status is SENT:  # it may not have reached the device: send again
+                record = msgspec.structs.replace(record, status=QUEUED, sent_ts=None)
+                self._journal.write(record)
+            self._add(device, _Open(record, None))
+        self._expiry = asyncio.create_task(self._expiry_loop(), name="rpc.expiry")
 
     async def stop(self) -> None:
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(DeviceTimeout("the platform is shutting down"))
-        self._pending.clear()
+        if self._expiry is not None:
+            self._expiry.cancel()
+        for handle in self._retries.values():
+            handle.cancel()
+        self._retries.clear()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for queue in list(self._queues.values()):
+            for entry in list(queue.open.values()):
+                if not entry.record.persistent:
+                    error = "the platform is shutting down"
+                    self._finish(entry, RpcStatus.FAILED, DeviceTimeout(error), error=error)
+                elif entry.record.status is SENT:
+                    self._set(entry, status=QUEUED, sent_ts=None)
+        self._queues.clear()
+        if self._expiry is not None:
+            await asyncio.gather(self._expiry, return_exceptions=True)
+            self._expiry = None
+        await self._journal.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "open": sum(len(q.open) for q in self._queues.values()),
+            "stray_replies": self.stray_replies,
+            **{f"finished_{status.lower()}": n for status, n in self.finished.items()},
+        }
+
+    # -- sessions -------------------------------------------------------------------------
 
     def attach(self, device_id: str, sink: RpcSink) -> Callable[[], None]:
-        """Register a session's sink; returns the function that removes it."""
-        self._sinks[device_id].append(sink)
-        event = self._sink_added.pop(device_id, None)
-        if event is not None:
-            event.set()
-
-        def detach() -> None:
-            sinks = self._sinks.get(device_id)
-            if sinks and sink in sinks:
-                sinks.remove(sink)
-                if not sinks:
-                    del self._sinks[device_id]
-
+        """Register a session's sink (queued requests go out through it at once);
+        returns the function that removes it."""
+        detach = self._attach(device_id, sink)
+        self._kick(device_id)
         return detach
 
     def attach_gateway(self, gateway_id: str, sink: RpcSink) -> Callable[[], None]:
         """Register a gateway session's sink for the devices behind the gateway."""
-        return self.attach(_gateway_key(gateway_id), sink)
+        detach = self._attach(_gateway_key(gateway_id), sink)
+        for queue in list(self._queues.values()):
+            if queue.device.gateway_id == gateway_id:
+                self._kick(queue.device.id)
+        return detach
 
-    @staticmethod
-    def _owners(device: Device) -> list[str]:
+    def _attach(self, key: str, sink: RpcSink) -> Callable[[], None]:
+        self._sinks[key].append(sink)
+
+        def detach() -> None:
+            sinks = self._sinks.get(key)
+            if sinks and sink in sinks:
+                sinks.remove(sink)
+                if not sinks:
+                    del self._sinks[key]
+
+        return detach
+
+    def _sink_for(self, device: Device, tried: Iterable[RpcSink]) -> RpcSink | None:
+        """The newest sink of the device (or of its gateway) not tried yet."""
         owners = [device.id]
         if device.gateway_id:
             owners.append(_gateway_key(device.gateway_id))
-        return owners
-
-    def _sink_for(self, device: Device) -> RpcSink | None:
-        for owner in self._owners(device):
-            if self._sinks.get(owner):
-                return self._sinks[owner][-1]  # the newest session of the device
+        for owner in owners:
+            for sink in reversed(self._sinks.get(owner, ())):
+                if sink not in tried:
+                    return sink
         return None
 
-    async def _wait_for_sink(self, device: Device) -> RpcSink:
-        while (sink := self._sink_for(device)) is None:
-            owners = self._owners(device)
-            events = [self._sink_added.setdefault(o, asyncio.Event()) for o in owners]
-            waits = [asyncio.create_task(e.wait(), name=f"rpc.wait-{device.id}") for e in events]
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in waits:
-                    task.cancel()
-        return sink
+    # -- requests -------------------------------------------------------------------------
 
-    async def call(
-        self, device: Device, method: str, params: Any, *, timeout_ms: int, oneway: bool = False
-    ) -> Any:
-        """Send an RPC request to `device`; return its reply (None when one-way).
-
-        Raises:
-            PayloadError: empty method or a timeout out of range.
-            DeviceTimeout: the device was not reachable or did not reply in time.
-        """
+    @staticmethod
+    def _check(method: str, timeout_ms: int) -> None:
         if not method:
             raise PayloadError("method must not be empty")
         if not 0 < timeout_ms <= MAX_TIMEOUT_MS:
             raise PayloadError(f"timeout_ms must be between 1 and {MAX_TIMEOUT_MS}")
-        request_id = next(self._ids.setdefault(device.id, itertools.count(1)))
-        request = RpcRequest(request_id, method, params, oneway)
-        key = (device.id, request_id)
+
+    async def call(
+        self, device: Device, method: str, params: Any, *, timeout_ms: int, oneway: bool = False
+    ) -> Any:
+        """Send a request to `device` and wait for its reply (None when one-way: then
+        for its delivery), `timeout_ms` in all.
+
+        Raises:
+            PayloadError: empty method or a timeout out of range.
+            Overloaded: the device has `rpc_max_open` unfinished requests.
+            DeviceTimeout: the device was not reachable or did not reply in time.
+            DeviceGone: its session failed to take the request.
+        """
+        self._check(method, timeout_ms)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if not oneway:
-            self._pending[key] = future
+        now = self._clock()
+        entry = await self._create(
+            device, method, params, oneway, False, timeout_ms, now + timeout_ms, future
+        )
         try:
             async with asyncio.timeout(timeout_ms / 1000):
-                while True:
-                    sink = await self._wait_for_sink(device)
-                    try:
-                        await sink(device, request)
-                        break
-                    except DeviceGone:  # that session just lost interest: try another
-                        await asyncio.sleep(0.05)
-                if oneway:
-                    return None
                 return await future
         except TimeoutError:
+            status = RpcStatus.EXPIRED if entry.record.status is QUEUED else RpcStatus.TIMEOUT
+            self._finish(entry, status, None)
             raise DeviceTimeout(
                 f"device {device.name} did not answer {method!r} within {timeout_ms} ms"
             ) from None
         finally:
-            self._pending.pop(key, None)
+            if entry.record.status.open:  # the caller went away (cancelled)
+                self._finish(entry, RpcStatus.FAILED, None, error="the caller went away")
+
+    async def submit(
+        self,
+        device: Device,
+        method: str,
+        params: Any,
+        *,
+        timeout_ms: int,
+        oneway: bool = False,
+        expiration_ts: int | None = None,
+    ) -> RpcRecord:
+        """Store a persistent request and return it (QUEUED) at once; it is delivered
+        when the device has a session, until `expiration_ts` (Unix ms; default
+        `rpc_default_expiration_s` from now).
+
+        Raises:
+            PayloadError: empty method, timeout or expiration out of range.
+            Overloaded: the device has `rpc_max_open` unfinished requests.
+        """
+        self._check(method, timeout_ms)
+        now = self._clock()
+        if expiration_ts is None:
+            expiration_ts = now + int(self._settings.rpc_default_expiration_s * 1000)
+        if expiration_ts <= now:
+            raise PayloadError("the expiration time has passed already")
+        if expiration_ts - now > MAX_EXPIRATION_MS:
+            raise PayloadError(f"a request may wait at most {MAX_EXPIRATION_MS} ms")
+        entry = await self._create(device, method, params, oneway, True, timeout_ms, expiration_ts)
+        return entry.record
+
+    async def _create(
+        self,
+        device: Device,
+        method: str,
+        params: Any,
+        oneway: bool,
+        persistent: bool,
+        timeout_ms: int,
+        expiration_ts: int,
+        future: asyncio.Future[Any] | None = None,
+    ) -> _Open:
+        queue = self._queues.get(device.id)
+        limit = self._settings.rpc_max_open
+        if queue is not None and len(queue.open) >= limit:
+            raise Overloaded(f"device {device.name} has {limit} unfinished RPC requests", 5.0)
+        draft = RpcRecord(
+            device_id=device.id,
+            id=0,
+            method=method,
+            params=params,
+            oneway=oneway,
+            persistent=persistent,
+            status=QUEUED,
+            timeout_ms=timeout_ms,
+            created_ts=self._clock(),
+            expiration_ts=expiration_ts,
+        )
+        entry = _Open(await self._store.create_rpc(draft), future)
+        self._add(device, entry)
+        self._kick(device.id)
+        return entry
 
     def reply(self, device_id: str, request_id: int, payload: Any) -> bool:
-        """Hand a device's reply to the waiting caller; False if nobody waits for it."""
-        future = self._pending.get((device_id, request_id))
-        if future is None or future.done():
+        """A device's reply: the request is SUCCESSFUL and its caller gets `payload`.
+        False (and counted) when no two-way request of the device has this id open."""
+        queue = self._queues.get(device_id)
+        entry = queue.open.get(request_id) if queue is not None else None
+        if entry is None or entry.record.oneway:
             self.stray_replies += 1
             log.info("reply of device %s to unknown RPC %s ignored", device_id, request_id)
             return False
-        future.set_result(payload)
+        delivered = entry.record.delivered_ts or self._clock()
+        self._finish(entry, RpcStatus.SUCCESSFUL, payload, response=payload, delivered_ts=delivered)
         return True
+
+    async def flushed(self) -> None:
+        """Return once every status change so far is committed."""
+        await self._journal.flushed()
+
+    # -- queries --------------------------------------------------------------------------
+
+    async def get(self, device_id: str, rpc_id: int) -> RpcRecord:
+        """One request of the device.
+
+        Raises:
+            NotFound: the device has no request with this id.
+        """
+        await self._journal.flushed()
+        record = await self._store.get_rpc(device_id, rpc_id)
+        if record is None:
+            raise NotFound(f"device {device_id} has no RPC request {rpc_id}")
+        return record
+
+    async def list(
+        self, device_id: str, page: int, page_size: int, statuses: list[RpcStatus] | None = None
+    ) -> RpcPage:
+        """A page (0-based) of the device's requests, newest first."""
+        await self._journal.flushed()
+        records, total = await self._store.list_rpcs(
+            device_id, statuses, page * page_size, page_size
+        )
+        has_next = (page + 1) * page_size < total
+        return RpcPage(records, total, page, page_size, has_next)
+
+    async def delete(self, device_id: str, rpc_id: int) -> None:
+        """Delete a request; an unfinished one is withdrawn (its caller gets DeviceGone).
+
+        Raises:
+            NotFound: the device has no request with this id.
+        """
+        queue = self._queues.get(device_id)
+        entry = queue.open.pop(rpc_id, None) if queue is not None else None
+        if entry is not None and entry.future is not None and not entry.future.done():
+            entry.future.set_exception(DeviceGone("the RPC request was deleted"))
+        self._journal.forget(device_id, rpc_id)
+        if not await self._store.delete_rpc(device_id, rpc_id):
+            raise NotFound(f"device {device_id} has no RPC request {rpc_id}")
+
+    def forget(self, device_id: str) -> None:
+        """The device was deleted (its stored requests with it): drop what is open."""
+        queue = self._queues.pop(device_id, None)
+        if queue is None:
+            return
+        for entry in queue.open.values():
+            if entry.future is not None and not entry.future.done():
+                entry.future.set_exception(DeviceGone("the device was deleted"))
+        queue.open.clear()
+
+    # -- state changes --------------------------------------------------------------------
+
+    def _add(self, device: Device, entry: _Open) -> None:
+        queue = self._queues.get(device.id)
+        if queue is None:
+            queue = self._queues[device.id] = _Queue(device)
+        queue.device = device
+        queue.open[entry.record.id] = entry
+        self._push_deadline(entry.record)
+
+    def _push_deadline(self, record: RpcRecord) -> None:
+        heapq.heappush(self._deadlines, (_deadline(record), record.device_id, record.id))
+        if len(self._deadlines) > 1000 + 2 * sum(len(q.open) for q in self._queues.values()):
+            # Finished requests leave their entries behind: rebuild from the open ones.
+            self._deadlines = [
+                (_deadline(e.record), e.record.device_id, e.record.id)
+                for q in self._queues.values()
+                for e in q.open.values()
+            ]
+            heapq.heapify(self._deadlines)
+
+    def _set(self, entry: _Open, **changes: Any) -> RpcRecord:
+        record = entry.record = msgspec.structs.replace(entry.record, **changes)
+        self._journal.write(record)
+        if "status" in changes:
+            self._push_deadline(record)
+        return record
+
+    def _finish(
+        self, entry: _Open, status: RpcStatus, result: Any | BaseException, **changes: Any
+    ) -> None:
+        """End an open request; its caller (if any) gets `result` (raised if an error)."""
+        if not entry.record.status.open:
+            return
+        record = self._set(entry, status=status, finished_ts=self._clock(), **changes)
+        self.finished[status] += 1
+        queue = self._queues.get(record.device_id)
+        if queue is not None and queue.open.get(record.id) is entry:
+            del queue.open[record.id]
+            if not queue.open and queue.task is None:
+                del self._queues[record.device_id]
+        future = entry.future
+        if future is None or future.done():
+            return
+        if status is RpcStatus.EXPIRED or status is RpcStatus.TIMEOUT:
+            future.set_exception(DeviceTimeout(f"RPC request {record.id} ended {status}"))
+        elif isinstance(result, BaseException):
+            future.set_exception(result)
+        elif status is RpcStatus.FAILED:
+            future.set_exception(DeviceGone(record.error or "the request failed"))
+        else:
+            future.set_result(result)
+
+    # -- delivery -------------------------------------------------------------------------
+
+    def _kick(self, device_id: str) -> None:
+        """Start the device's dispatcher if it has queued requests and a sink."""
+        queue = self._queues.get(device_id)
+        if queue is None or queue.task is not None:
+            return
+        if not any(e.record.status is QUEUED for e in queue.open.values()):
+            return
+        if self._sink_for(queue.device, ()) is None:
+            return
+        handle = self._retries.pop(device_id, None)
+        if handle is not None:
+            handle.cancel()
+        task = asyncio.create_task(self._dispatch(queue), name=f"rpc.dispatch-{device_id}")
+        queue.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._dispatched)
+
+    def _dispatched(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("RPC dispatcher failed", exc_info=task.exception())
+
+    async def _dispatch(self, queue: _Queue) -> None:
+        """Hand the device's QUEUED requests to its sinks, oldest first."""
+        try:
+            while True:
+                entry = next((e for e in queue.open.values() if e.record.status is QUEUED), None)
+                if entry is None:
+                    return
+                if self._clock() >= entry.record.expiration_ts:
+                    self._finish(entry, RpcStatus.EXPIRED, None)
+                    continue
+                if not await self._deliver(queue.device, entry):
+                    if self._sink_for(queue.device, ()) is not None:
+                        loop = asyncio.get_running_loop()
+                        device_id = queue.device.id
+                        self._retries[device_id] = loop.call_later(RETRY_S, self._kick, device_id)
+                    return
+        finally:
+            queue.task = None
+            if not queue.open and self._queues.get(queue.device.id) is queue:
+                del self._queues[queue.device.id]
+
+    def _still_open(self, entry: _Open) -> bool:
+        queue = self._queues.get(entry.record.device_id)
+        return queue is not None and queue.open.get(entry.record.id) is entry
+
+    async def _deliver(self, device: Device, entry: _Open) -> bool:
+        """Hand one request to the newest sink that takes it; False if none did."""
+        tried: list[RpcSink] = []
+        while (sink := self._sink_for(device, tried)) is not None:
+            if not self._still_open(entry):
+                return True  # finished or deleted while a sink was being tried
+            tried.append(sink)
+            record = self._set(entry, status=SENT, sent_ts=self._clock())
+            request = RpcRequest(record.id, record.method, record.params, record.oneway)
+            try:
+                async with asyncio.timeout(SINK_TIMEOUT_S):
+                    await sink(device, request)
+            except (DeviceGone, TimeoutError) as exc:
+                log.info("RPC %s of device %s not taken: %s", record.id, device.id, exc)
+                if entry.record.status is SENT:
+                    self._set(entry, status=QUEUED, sent_ts=None)
+                continue
+            except Exception as exc:
+                log.exception("RPC %s of device %s: the session failed", record.id, device.id)
+                error = f"the session failed: {exc or type(exc).__name__}"
+                self._finish(entry, RpcStatus.FAILED, None, error=error)
+                return True
+            if entry.record.status is SENT:
+                now = self._clock()
+                if record.oneway:
+                    self._finish(entry, RpcStatus.SUCCESSFUL, None, delivered_ts=now)
+                else:
+                    self._set(entry, status=DELIVERED, delivered_ts=now)
+            return True
+        return False
+
+    # -- expiry ---------------------------------------------------------------------------
+
+    def expire_due(self) -> int:
+        """End every open request whose deadline passed (QUEUED → EXPIRED, SENT or
+        DELIVERED → TIMEOUT); return how many. Pops only due heap entries."""
+        now = self._clock()
+        ended = 0
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, device_id, rpc_id = heapq.heappop(self._deadlines)
+            queue = self._queues.get(device_id)
+            entry = queue.open.get(rpc_id) if queue is not None else None
+            if entry is None or _deadline(entry.record) > now:
+                continue  # finished, or its deadline moved (another heap entry has it)
+            status = RpcStatus.EXPIRED if entry.record.status is QUEUED else RpcStatus.TIMEOUT
+            self._finish(entry, status, None)
+            ended += 1
+        return ended
+
+    async def purge(self) -> int:
+        """Delete a batch of requests finished longer than `rpc_retention_s` ago."""
+        before = self._clock() - int(self._settings.rpc_retention_s * 1000)
+        return await self._store.purge_rpcs(before, PURGE_BATCH)
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            try:
+                self.expire_due()
+                if self._clock() >= self._next_purge and await self.purge() < PURGE_BATCH:
+                    self._next_purge = self._clock() + PURGE_INTERVAL_MS
+            except Exception:
+                log.exception("RPC expiry pass failed")
+            await asyncio.sleep(EXPIRY_INTERVAL_S)

@@ -127,6 +127,34 @@ class CoapSettings(_Section):
     )
 
 
+class DeviceSettings(_Section):
+    """Device state every transport shares: connectivity and server-side RPC."""
+
+    inactivity_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="A device without a live session (MQTT connection, CoAP observation,"
+        " HTTP long-poll) counts as online this long after its last upload or request.",
+    )
+    rpc_max_open: int = Field(
+        100,
+        ge=1,
+        description="Unfinished RPC requests (queued, sent, awaiting a reply) a device may"
+        " have; a new one beyond that is refused with 503.",
+    )
+    rpc_default_expiration_s: float = Field(
+        86400.0,
+        gt=0,
+        description="How long a persistent RPC request waits for its device when the"
+        " request sets no expiration; then it is EXPIRED.",
+    )
+    rpc_retention_s: float = Field(
+        7 * 86400.0,
+        gt=0,
+        description="How long finished RPC requests stay listed before they are deleted.",
+    )
+
+
 class BusSettings(_Section):
     """The message bus between transports and the pipeline."""
 
@@ -216,6 +244,7 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     mqtt: MqttSettings = MqttSettings()
     coap: CoapSettings = CoapSettings()
+    devices: DeviceSettings = DeviceSettings()
     bus: BusSettings = BusSettings()
     storage: StorageSettings = StorageSettings()
     writer: WriterSettings = WriterSettings()

@@ -118,3 +118,70 @@ class DevicePage(msgspec.Struct):
     page: int
     page_size: int
     has_next: bool
+
+
+class RpcStatus(enum.StrEnum):
+    """Where a server-side RPC request is in its life (docs/device-api.md has the table).
+
+    QUEUED → SENT → DELIVERED → SUCCESSFUL; or TIMEOUT (no reply in time), EXPIRED
+    (not delivered before its expiration time), FAILED (a session error, a shutdown).
+    """
+
+    QUEUED = "QUEUED"
+    SENT = "SENT"
+    DELIVERED = "DELIVERED"
+    SUCCESSFUL = "SUCCESSFUL"
+    TIMEOUT = "TIMEOUT"
+    EXPIRED = "EXPIRED"
+    FAILED = "FAILED"
+
+    @property
+    def open(self) -> bool:
+        """Whether the request can still change (it is not finished)."""
+        return self in (RpcStatus.QUEUED, RpcStatus.SENT, RpcStatus.DELIVERED)
+
+
+class RpcRecord(msgspec.Struct, frozen=True):
+    """One server-side RPC request as the state store keeps it (times in Unix ms).
+
+    `id` is unique per device for good (ThingsBoard devices see it in
+    `.../rpc/request/{id}`). `timeout_ms` bounds the wait for the reply after SENT;
+    `expiration_ts` bounds the wait for delivery. `response` is the device's reply,
+    `error` says why a request FAILED.
+    """
+
+    device_id: str
+    id: int
+    method: str
+    params: Value
+    oneway: bool
+    persistent: bool
+    status: RpcStatus
+    timeout_ms: int
+    created_ts: int
+    expiration_ts: int
+    sent_ts: int | None = None
+    delivered_ts: int | None = None
+    finished_ts: int | None = None
+    response: Value = None
+    error: str | None = None
+
+
+class RpcPage(msgspec.Struct):
+    """One page of a device's RPC requests, newest first."""
+
+    data: list[RpcRecord]
+    total: int
+    page: int
+    page_size: int
+    has_next: bool
+
+
+class DeviceActivity(msgspec.Struct, frozen=True):
+    """What connectivity remembers of a device across a restart (Unix ms; 0: never)."""
+
+    device_id: str
+    transport: str | None
+    last_activity_ts: int
+    last_connect_ts: int
+    last_disconnect_ts: int

@@ -6,6 +6,11 @@ client subscribed to `v1/devices/me/attributes`, later a CoAP observer or an HTT
 long-poll) registers a listener for that device; every committed change of shared
 attributes is handed to each listener of the device. Listeners are called after the
 store committed, so a device is never told about a value that could still be lost.
+
+The twin (`twin`) is the same data seen as desired and reported state: desired = SHARED
+(what users want the device to take), reported = CLIENT (what the device says it has).
+Each key carries its own version, which grows by one per change; a deleted key that is
+set again starts over at 1.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import collections
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+
+import msgspec
 
 from iotmesh.core.clock import now_ms
 from iotmesh.core.errors import PayloadError
@@ -41,6 +48,28 @@ def _check(values: dict[str, Any]) -> dict[str, Any]:
         if value is None:
             raise PayloadError(f"value of attribute {key!r} is null")
     return values
+
+
+class TwinValue(msgspec.Struct):
+    """One key of a twin side: its value, version and last change (Unix ms)."""
+
+    value: Any
+    version: int
+    ts: int
+
+
+class Twin(msgspec.Struct):
+    """A device's twin; `*_version` is the highest key version of that side (0: empty)."""
+
+    desired: dict[str, TwinValue]
+    reported: dict[str, TwinValue]
+    desired_version: int
+    reported_version: int
+
+
+def _side(attributes: list[Attribute]) -> tuple[dict[str, TwinValue], int]:
+    values = {a.key: TwinValue(a.value, a.version, a.last_update_ts) for a in attributes}
+    return values, max((a.version for a in attributes), default=0)
 
 
 class AttributeService(Service):
@@ -82,6 +111,12 @@ class AttributeService(Service):
     ) -> dict[str, Any]:
         """Like `get`, as a plain key → value map (the form devices receive)."""
         return {a.key: a.value for a in await self.get(device_id, scope, keys)}
+
+    async def twin(self, device_id: str) -> Twin:
+        """The device's twin: desired = SHARED attributes, reported = CLIENT ones."""
+        desired, desired_version = _side(await self.get(device_id, AttributeScope.SHARED))
+        reported, reported_version = _side(await self.get(device_id, AttributeScope.CLIENT))
+        return Twin(desired, reported, desired_version, reported_version)
 
     async def save(
         self, device_id: str, scope: AttributeScope, values: dict[str, Any]

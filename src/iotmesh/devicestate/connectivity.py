@@ -9,17 +9,41 @@ Every transport reports what it sees of a device, whatever the protocol:
 
 The calls are synchronous and cheap (a dict update), so transports make them on their
 hot paths. Readers get a `Connectivity` snapshot computed at the time of the read.
+
+With a `store` (the state store), what is known of each device (transport, last
+activity, connect and disconnect times; not its sessions) is saved every
+`save_interval_s` and at stop, and loaded at start: after a restart a device is offline
+(no session yet) but its last activity is still shown. A crash loses at most the last
+interval's updates.
+
+Error handling: a failed save is logged and retried at the next interval.
+Resource handling: `start` loads and starts the save task; `stop` saves one last time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import msgspec
 
 from iotmesh.core.clock import now_ms
+from iotmesh.core.errors import IotmeshError
 from iotmesh.core.lifecycle import Service
+from iotmesh.core.types import DeviceActivity
+
+log = logging.getLogger(__name__)
+
+
+class ActivityStore(Protocol):
+    """Where connectivity is saved (the state store is one)."""
+
+    async def load_activity(self) -> list[DeviceActivity]: ...
+
+    async def save_activity(self, records: Sequence[DeviceActivity]) -> None: ...
 
 
 class Connectivity(msgspec.Struct, frozen=True):
@@ -50,17 +74,68 @@ class ConnectivityService(Service):
     name = "connectivity"
 
     def __init__(
-        self, inactivity_timeout_s: float = 600.0, clock: Callable[[], int] = now_ms
+        self,
+        inactivity_timeout_s: float = 600.0,
+        clock: Callable[[], int] = now_ms,
+        *,
+        store: ActivityStore | None = None,
+        save_interval_s: float = 30.0,
     ) -> None:
         self._timeout_ms = int(inactivity_timeout_s * 1000)
         self._clock = clock
         self._devices: dict[str, _Record] = {}
+        self._store = store
+        self._save_interval_s = save_interval_s
+        self._dirty: set[str] = set()  # devices changed since the last save
+        self._saver: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Nothing to start: the state lives in memory."""
+        """Load what was saved (with a store) and start saving changes."""
+        if self._store is None:
+            return
+        for saved in await self._store.load_activity():
+            record = self._record(saved.device_id)
+            record.transport = saved.transport
+            record.last_activity = saved.last_activity_ts
+            record.last_connect = saved.last_connect_ts
+            record.last_disconnect = saved.last_disconnect_ts
+        self._saver = asyncio.create_task(self._save_loop(), name="connectivity.save")
 
     async def stop(self) -> None:
-        """Nothing to release."""
+        """Save what changed since the last save (with a store)."""
+        if self._saver is None:
+            return
+        self._saver.cancel()
+        await asyncio.gather(self._saver, return_exceptions=True)
+        self._saver = None
+        await self.save()
+
+    async def save(self) -> None:
+        """Write the devices that changed since the last save."""
+        if self._store is None or not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, set()
+        records = [
+            DeviceActivity(
+                device_id,
+                r.transport,
+                r.last_activity,
+                r.last_connect,
+                r.last_disconnect,
+            )
+            for device_id in dirty
+            if (r := self._devices.get(device_id)) is not None
+        ]
+        try:
+            await self._store.save_activity(records)
+        except IotmeshError as exc:
+            log.warning("saving the connectivity of %d devices failed: %s", len(records), exc)
+            self._dirty |= dirty  # again next time
+
+    async def _save_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._save_interval_s)
+            await self.save()
 
     def _record(self, device_id: str) -> _Record:
         record = self._devices.get(device_id)
@@ -73,6 +148,7 @@ class ConnectivityService(Service):
         record = self._record(device_id)
         record.last_activity = self._clock()
         record.transport = transport
+        self._dirty.add(device_id)
 
     def opened(self, device_id: str, transport: str) -> None:
         """A live session of the device over `transport` began."""
@@ -80,6 +156,7 @@ class ConnectivityService(Service):
         record.last_connect = record.last_activity = self._clock()
         record.transport = transport
         record.sessions[transport] += 1
+        self._dirty.add(device_id)
 
     def closed(self, device_id: str, transport: str) -> None:
         """A live session of the device over `transport` ended."""
@@ -88,6 +165,7 @@ class ConnectivityService(Service):
             return
         record.sessions[transport] -= 1
         record.last_disconnect = self._clock()
+        self._dirty.add(device_id)
 
     def state(self, device_id: str) -> Connectivity:
         """The device's connectivity now; a device never seen is offline."""
@@ -108,6 +186,7 @@ class ConnectivityService(Service):
     def forget(self, device_id: str) -> None:
         """Drop what is known of a deleted device."""
         self._devices.pop(device_id, None)
+        self._dirty.discard(device_id)
 
     def stats(self) -> dict[str, int]:
         now = self._clock()

@@ -1,4 +1,5 @@
-"""The state store interface: devices, their credentials and attributes.
+"""The state store interface: devices, their credentials, attributes, RPC requests and
+when each device was last heard from.
 
 Implementations: SQLite (`storage/sqlite/state.py`), PostgreSQL later. Unique names,
 tokens, certificates and MQTT Basic logins are enforced by the store, which raises
@@ -10,7 +11,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from iotmesh.core.types import Attribute, AttributeScope, BasicCredentials, Device
+from iotmesh.core.types import (
+    Attribute,
+    AttributeScope,
+    BasicCredentials,
+    Device,
+    DeviceActivity,
+    RpcRecord,
+    RpcStatus,
+)
 
 
 class StateStore(Protocol):
@@ -106,3 +115,49 @@ class StateStore(Protocol):
         self, device_id: str, scope: AttributeScope, keys: Sequence[str]
     ) -> int:
         """Delete some attributes of one scope; return how many existed."""
+
+    # -- server-side RPC requests (commands/rpc.py) -----------------------------------------
+
+    async def create_rpc(self, record: RpcRecord) -> RpcRecord:
+        """Store a new request and return it with its id: the device's next request
+        number, never given twice, even after the request was deleted (`record.id` is
+        ignored).
+
+        Raises:
+            NotFound: no such device.
+        """
+
+    async def update_rpcs(self, records: Sequence[RpcRecord]) -> None:
+        """Write the status, times, response and error of stored requests (one
+        transaction); requests that no longer exist are skipped."""
+
+    async def get_rpc(self, device_id: str, rpc_id: int) -> RpcRecord | None:
+        """One request of a device, or None."""
+
+    async def list_rpcs(
+        self,
+        device_id: str,
+        statuses: Sequence[RpcStatus] | None,
+        offset: int,
+        limit: int,
+    ) -> tuple[list[RpcRecord], int]:
+        """A page of a device's requests, newest first (only `statuses` if given), and
+        the total count."""
+
+    async def open_rpcs(self) -> list[RpcRecord]:
+        """Every request not finished (QUEUED, SENT, DELIVERED), by device and id."""
+
+    async def delete_rpc(self, device_id: str, rpc_id: int) -> bool:
+        """Delete one request; False when it did not exist."""
+
+    async def purge_rpcs(self, finished_before: int, limit: int) -> int:
+        """Delete up to `limit` requests finished before `finished_before`; return how many."""
+
+    # -- connectivity (devicestate/connectivity.py) ---------------------------------------
+
+    async def load_activity(self) -> list[DeviceActivity]:
+        """What was saved of every device's connectivity."""
+
+    async def save_activity(self, records: Sequence[DeviceActivity]) -> None:
+        """Insert or replace these devices' connectivity (one transaction); records of
+        devices that no longer exist are skipped."""

@@ -5,10 +5,17 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from iotmesh.core.errors import StorageError
-from iotmesh.core.types import AttributeScope, BasicCredentials
+from iotmesh.core.errors import NotFound, StorageError
+from iotmesh.core.types import (
+    AttributeScope,
+    BasicCredentials,
+    DeviceActivity,
+    RpcRecord,
+    RpcStatus,
+)
 from iotmesh.storage.sqlite.state import MIGRATIONS, SqliteStateStore
 
 
@@ -21,7 +28,8 @@ def _old_database(path: Path, version: int) -> None:
         " VALUES ('5f0e6f6a-3c53-4a56-9d1c-7d1d2b5a0001', 'old', 'default', NULL, 1)"
     )
     conn.execute(
-        "INSERT INTO credentials VALUES ('5f0e6f6a-3c53-4a56-9d1c-7d1d2b5a0001', 'old-token')"
+        "INSERT INTO credentials (device_id, access_token)"
+        " VALUES ('5f0e6f6a-3c53-4a56-9d1c-7d1d2b5a0001', 'old-token')"
     )
     conn.close()
 
@@ -88,3 +96,42 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="newer than this release"):
         await store.open()
     await store.close()
+
+
+async def test_schema_4_upgrades_to_rpc_requests(tmp_path: Path) -> None:
+    """A data dir from before stored RPC keeps its devices and gains the RPC tables."""
+    path = tmp_path / "state.db"
+    _old_database(path, 4)
+    device_id = "5f0e6f6a-3c53-4a56-9d1c-7d1d2b5a0001"
+    store = SqliteStateStore(path)
+    await store.open()
+    try:
+        device = await store.device_by_token("old-token")
+        assert device is not None
+        assert device.id == device_id
+        assert await store.open_rpcs() == []
+        draft = RpcRecord(device_id, 0, "m", {"a": 1}, False, True, RpcStatus.QUEUED, 10, 1, 2)
+        first = await store.create_rpc(draft)
+        second = await store.create_rpc(draft)
+        assert (first.id, second.id) == (1, 2)
+        done = msgspec.structs.replace(
+            first, status=RpcStatus.SUCCESSFUL, finished_ts=5, response=[1, "x"]
+        )
+        await store.update_rpcs([done])
+        assert await store.get_rpc(device_id, 1) == done
+        assert await store.open_rpcs() == [second]
+        records, total = await store.list_rpcs(device_id, [RpcStatus.SUCCESSFUL], 0, 10)
+        assert (records, total) == ([done], 1)
+        assert await store.purge_rpcs(6, 100) == 1
+        with pytest.raises(NotFound):
+            await store.create_rpc(msgspec.structs.replace(draft, device_id="nope"))
+        seen = DeviceActivity(device_id, "mqtt", 3, 2, 1)
+        await store.save_activity([seen, DeviceActivity("gone", None, 1, 0, 0)])
+        assert await store.load_activity() == [seen]  # "gone" is no device: skipped
+        assert await store.delete_device(device_id)
+        assert await store.open_rpcs() == []  # cascaded
+        assert await store.load_activity() == []
+    finally:
+        await store.close()
+    (version,) = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()
+    assert version == len(MIGRATIONS) == 5

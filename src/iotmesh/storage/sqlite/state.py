@@ -1,4 +1,5 @@
-"""SQLite state store: devices, credentials and attributes in `state.db` of the data dir.
+"""SQLite state store: devices, credentials, attributes, RPC requests and device activity
+in `state.db` of the data dir.
 
 Schema changes are numbered migrations applied at start-up (`PRAGMA user_version` holds
 the number applied), so a data dir made by an older release opens and upgrades.
@@ -16,8 +17,16 @@ from typing import Any
 import msgspec
 
 from iotmesh.core.errors import Conflict, NotFound
-from iotmesh.core.types import Attribute, AttributeScope, BasicCredentials, Device
-from iotmesh.storage.sqlite import migrations
+from iotmesh.core.types import (
+    Attribute,
+    AttributeScope,
+    BasicCredentials,
+    Device,
+    DeviceActivity,
+    RpcRecord,
+    RpcStatus,
+)
+from iotmesh.storage.sqlite import device_activity, migrations, rpc_requests
 from iotmesh.storage.sqlite.db_thread import DbThread
 
 # Migration N turns schema N-1 into schema N. Append only; never edit a released one.
@@ -71,6 +80,9 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX basic_credentials_login
         ON basic_credentials (ifnull(client_id, ''), ifnull(username, ''));
     """,
+    # 5: server-side RPC requests and their lifecycle, and the per-device id counter;
+    # when each device was last heard from.
+    rpc_requests.MIGRATION + device_activity.MIGRATION,
 )
 
 _DEVICE_COLUMNS = """
@@ -363,6 +375,43 @@ class SqliteStateStore:
             )
         )
         return count
+
+    # -- RPC requests (storage/sqlite/rpc_requests.py) ------------------------------------
+
+    async def create_rpc(self, record: RpcRecord) -> RpcRecord:
+        return await self._run(lambda: rpc_requests.create(self._db, record))
+
+    async def update_rpcs(self, records: Sequence[RpcRecord]) -> None:
+        await self._run(lambda: rpc_requests.update(self._db, records))
+
+    async def get_rpc(self, device_id: str, rpc_id: int) -> RpcRecord | None:
+        return await self._run(lambda: rpc_requests.get(self._db, device_id, rpc_id))
+
+    async def list_rpcs(
+        self,
+        device_id: str,
+        statuses: Sequence[RpcStatus] | None,
+        offset: int,
+        limit: int,
+    ) -> tuple[list[RpcRecord], int]:
+        return await self._run(
+            lambda: rpc_requests.page(self._db, device_id, statuses, offset, limit)
+        )
+
+    async def open_rpcs(self) -> list[RpcRecord]:
+        return await self._run(lambda: rpc_requests.open_requests(self._db))
+
+    async def delete_rpc(self, device_id: str, rpc_id: int) -> bool:
+        return await self._run(lambda: rpc_requests.delete(self._db, device_id, rpc_id))
+
+    async def purge_rpcs(self, finished_before: int, limit: int) -> int:
+        return await self._run(lambda: rpc_requests.purge(self._db, finished_before, limit))
+
+    async def load_activity(self) -> list[DeviceActivity]:
+        return await self._run(lambda: device_activity.load(self._db))
+
+    async def save_activity(self, records: Sequence[DeviceActivity]) -> None:
+        await self._run(lambda: device_activity.save(self._db, records))
 
 
 def _json_encode(value: Any) -> bytes:

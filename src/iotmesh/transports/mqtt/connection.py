@@ -190,6 +190,9 @@ class MqttConnection(asyncio.Protocol):
             task.cancel()
         session = self.session
         if session is None or session.connection is not self:
+            # Taken over (or refused while its session was stored): the session lives
+            # on with another connection, but this one's pushes and presence end here.
+            self.ctx.device_api.on_disconnect(self)
             return
         will, session.will = session.will, None
         session.detach()

@@ -16,6 +16,12 @@ Durability: telemetry and attribute PUBLISHes are acknowledged after their commi
 All telemetry a connection sent in one socket read goes to the pipeline as one message
 (`flush_telemetry`), so a burst costs one bus message and one share of a commit.
 
+Connectivity: a device is online (transport "mqtt") from its accepted CONNECT until its
+connection ends, whatever the cause; each PUBLISH is activity (telemetry counts once
+per socket read). Devices behind a gateway are online ("gateway") from the first
+message the gateway sends for them until `v1/gateway/disconnect` or the end of the
+gateway's connection (`gateway.py`).
+
 Errors: a payload that is not valid gets PUBACK/PUBREC 0x99 (payload format invalid)
 in v5; v3.1.1 has no negative acknowledgement, so the connection is closed, as
 ThingsBoard does. Either way nothing of that message is stored.
@@ -23,6 +29,7 @@ ThingsBoard does. Either way nothing of that message is stored.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable
 from functools import partial
@@ -35,7 +42,7 @@ from iotmesh.commands.rpc import RpcRequest, RpcService
 from iotmesh.core.clock import now_ms
 from iotmesh.core.errors import AuthError, DeviceGone, IotmeshError, PayloadError
 from iotmesh.core.types import AttributeScope, Device, TsRecord
-from iotmesh.devicestate import AttributeService
+from iotmesh.devicestate import AttributeService, ConnectivityService
 from iotmesh.pipeline.ingest import TelemetryIngest
 from iotmesh.proto.mqtt import Publish, ReasonCode, topic_matches
 from iotmesh.proto.thingsboard import attributes_from_json, decode_json, parse_telemetry, split_keys
@@ -54,6 +61,7 @@ ATTRIBUTES_REQUEST = "v1/devices/me/attributes/request/"
 ATTRIBUTES_RESPONSE = "v1/devices/me/attributes/response/"
 RPC_REQUEST = "v1/devices/me/rpc/request/"
 RPC_RESPONSE = "v1/devices/me/rpc/response/"
+MQTT = "mqtt"  # the transport name connectivity shows
 
 _json = msgspec.json.Encoder()
 
@@ -79,8 +87,10 @@ class DeviceApi:
         attributes: AttributeService,
         rpc: RpcService,
         session_limits: dict[str, Any] | None = None,
+        connectivity: ConnectivityService | None = None,
     ) -> None:
         self.session_limits = session_limits
+        self.connectivity = connectivity if connectivity is not None else ConnectivityService()
         self.registry = registry
         self.ingest = ingest
         self.attributes = attributes
@@ -102,7 +112,9 @@ class DeviceApi:
             if topic == TELEMETRY:
                 records = parse_telemetry(packet.payload, now_ms())
                 conn.hold_telemetry((device.id, records, slot))
-            elif topic == ATTRIBUTES:
+                return  # activity: once per read, in flush_telemetry
+            self.connectivity.activity(device.id, MQTT)
+            if topic == ATTRIBUTES:
                 values = attributes_from_json(decode_json(packet.payload))
                 self.run(conn, slot, self.attributes.save(device.id, AttributeScope.CLIENT, values))
             elif topic.startswith(ATTRIBUTES_REQUEST):
@@ -112,7 +124,7 @@ class DeviceApi:
             elif topic.startswith(RPC_RESPONSE):
                 reply_to = _int_id(topic[len(RPC_RESPONSE) :])
                 self.rpc.reply(device.id, reply_to, _json_or_text(packet.payload))
-                conn.complete(slot)
+                self.run(conn, slot, self.rpc.flushed())  # acked once the reply is stored
             elif topic.startswith(RPC_REQUEST):
                 request_id = topic[len(RPC_REQUEST) :]
                 doc = decode_json(packet.payload)
@@ -164,6 +176,7 @@ class DeviceApi:
             entry[0].extend(records)
             entry[1].append(slot)
         for device_id, (records, slots) in by_device.items():
+            self.connectivity.activity(device_id, MQTT)
             conn.submit_started()
             if self.ingest.submit_nowait(device_id, records, partial(self._submitted, conn, slots)):
                 continue  # on the bus already: no task needed to wait for it
@@ -223,8 +236,15 @@ class DeviceApi:
     # -- messages to devices --------------------------------------------------------------
 
     @staticmethod
-    def send(conn: MqttConnection, topic: str, payload: bytes) -> bool:
-        """Publish to the client if it subscribed to `topic`; False when it did not."""
+    def send(
+        conn: MqttConnection,
+        topic: str,
+        payload: bytes,
+        confirm: asyncio.Future[None] | None = None,
+    ) -> bool:
+        """Publish to the client if it subscribed to `topic`; False when it did not.
+
+        `confirm`: resolved when the client has it (`Session.deliver`)."""
         session = conn.session
         if session is None:
             return False
@@ -234,7 +254,7 @@ class DeviceApi:
                 qos = max(qos, entry.options.qos)
         if qos < 0:
             return False
-        session.deliver(Publish(topic, payload, qos))
+        session.deliver(Publish(topic, payload, qos), confirm)
         conn.flush_later()
         return True
 
@@ -253,8 +273,11 @@ class DeviceApi:
 
             async def deliver(target: Device, request: RpcRequest) -> None:
                 body = {"method": request.method, "params": request.params}
-                if not self.send(conn, f"{RPC_REQUEST}{request.id}", json_payload(body)):
+                topic = f"{RPC_REQUEST}{request.id}"
+                confirm = asyncio.get_running_loop().create_future()
+                if not self.send(conn, topic, json_payload(body), confirm):
                     raise DeviceGone("the device is not subscribed to RPC requests")
+                await confirm  # written (QoS 0), PUBACK (QoS 1) or PUBREC (QoS 2)
 
             conn.pushes["rpc"] = self.rpc.attach(device.id, deliver)
         if self.gateway is not None and topic_filter.startswith(GATEWAY_PREFIX):
@@ -275,7 +298,11 @@ class DeviceApi:
                 conn.pushes.pop(kind)()
 
     def on_connect(self, conn: MqttConnection) -> None:
-        """A client finished CONNECT (hook for connectivity state)."""
+        """A client finished CONNECT: a device's session is open until it ends."""
+        device = conn.principal.device
+        if device is not None and "online" not in conn.pushes:
+            self.connectivity.opened(device.id, MQTT)
+            conn.pushes["online"] = partial(self.connectivity.closed, device.id, MQTT)
 
     def on_disconnect(self, conn: MqttConnection) -> None:
         """A client's connection ended: stop every push to it."""

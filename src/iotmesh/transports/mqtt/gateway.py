@@ -10,6 +10,10 @@ created and belongs to the gateway (`gateway_id`).
     v1/gateway/attributes/request  {"id": 1, "device": "A", "client": true, "key": "k"}
                                    (or "keys": [...], [] for all) → v1/gateway/attributes/response
     v1/gateway/rpc                 {"device": "A", "id": 1, "data": {...}}  (RPC reply)
+A device behind the gateway is online (transport "gateway") from the first message the
+gateway sends for it until `v1/gateway/disconnect` names it or the gateway's connection
+ends; its telemetry and attributes count as its activity.
+
 The server publishes to the gateway:
     v1/gateway/attributes          {"device": "A", "data": {...}}   (shared changes)
     v1/gateway/rpc                 {"device": "A", "data": {"id", "method", "params"}}
@@ -17,6 +21,8 @@ The server publishes to the gateway:
 
 from __future__ import annotations
 
+import asyncio
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from iotmesh.commands.rpc import RpcRequest
@@ -37,6 +43,7 @@ ATTRIBUTES = "v1/gateway/attributes"
 ATTRIBUTES_REQUEST = "v1/gateway/attributes/request"
 ATTRIBUTES_RESPONSE = "v1/gateway/attributes/response"
 RPC = "v1/gateway/rpc"
+GATEWAY = "gateway"  # the transport name connectivity shows for devices behind one
 
 
 def _device_name(doc: Any) -> str:
@@ -72,6 +79,11 @@ class GatewayApi:
                 assert device is not None
         cache[name] = device
         self._watch_shared(conn, device)
+        online = f"online:{device.id}"
+        if online not in conn.pushes:
+            connectivity = self._api.connectivity
+            connectivity.opened(device.id, GATEWAY)
+            conn.pushes[online] = partial(connectivity.closed, device.id, GATEWAY)
         return device
 
     def on_publish(self, conn: MqttConnection, packet: Publish, slot: AckSlot | None) -> None:
@@ -89,7 +101,11 @@ class GatewayApi:
             type_ = doc.get("type") or "default"
             api.run(conn, slot, self.child(conn, name, str(type_)))
         elif topic == DISCONNECT:
-            conn.gateway_children.pop(_device_name(doc), None)
+            child = conn.gateway_children.pop(_device_name(doc), None)
+            if child is not None:
+                closed = conn.pushes.pop(f"online:{child.id}", None)
+                if closed is not None:
+                    closed()
             conn.complete(slot)
         elif topic == RPC:
             api.run(conn, slot, self._rpc_reply(conn, doc))
@@ -103,6 +119,7 @@ class GatewayApi:
         parsed = [(name, telemetry_from_json(entries, now)) for name, entries in doc.items()]
         for name, records in parsed:
             device = await self.child(conn, name)
+            self._api.connectivity.activity(device.id, GATEWAY)
             await self._api.ingest.submit(device.id, records)
 
     async def _attributes(self, conn: MqttConnection, doc: Any) -> None:
@@ -111,6 +128,7 @@ class GatewayApi:
         parsed = [(name, attributes_from_json(values, name)) for name, values in doc.items()]
         for name, values in parsed:
             device = await self.child(conn, name)
+            self._api.connectivity.activity(device.id, GATEWAY)
             await self._api.attributes.save(device.id, AttributeScope.CLIENT, values)
 
     async def _attribute_request(self, conn: MqttConnection, doc: Any) -> None:
@@ -135,6 +153,7 @@ class GatewayApi:
         if not isinstance(request_id, int):
             raise PayloadError("'id' must be the number of the RPC request")
         self._api.rpc.reply(device.id, request_id, doc.get("data"))
+        await self._api.rpc.flushed()  # acked once the reply is stored
 
     def on_subscribe(self, conn: MqttConnection, topic_filter: str) -> None:
         gateway = conn.principal.device
@@ -146,8 +165,10 @@ class GatewayApi:
             async def deliver(target: Device, request: RpcRequest) -> None:
                 data = {"id": request.id, "method": request.method, "params": request.params}
                 body = {"device": target.name, "data": data}
-                if not self._api.send(conn, RPC, json_payload(body)):
+                confirm = asyncio.get_running_loop().create_future()
+                if not self._api.send(conn, RPC, json_payload(body), confirm):
                     raise DeviceGone("the gateway is not subscribed to v1/gateway/rpc")
+                await confirm  # as for a device: written, PUBACK or PUBREC
 
             conn.pushes["gateway-rpc"] = self._api.rpc.attach_gateway(gateway.id, deliver)
         if topic_matches(topic_filter, ATTRIBUTES):

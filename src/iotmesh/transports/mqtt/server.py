@@ -27,7 +27,7 @@ from iotmesh.commands.rpc import RpcService
 from iotmesh.core.errors import StartupError
 from iotmesh.core.lifecycle import Health, Service
 from iotmesh.core.settings import MqttSettings
-from iotmesh.devicestate import AttributeService
+from iotmesh.devicestate import AttributeService, ConnectivityService
 from iotmesh.pipeline.ingest import TelemetryIngest
 from iotmesh.proto.mqtt import Connack, Publish, ReasonCode, Will, topic_matches
 from iotmesh.registry.service import DeviceRegistry
@@ -326,13 +326,17 @@ class MqttServer(Service):
         attributes: AttributeService,
         rpc: RpcService,
         sessions: SessionStore | None = None,
+        connectivity: ConnectivityService | None = None,
     ) -> None:
         """`sessions`: where persistent sessions outlive a restart (None: memory only);
-        the server opens and closes it."""
+        the server opens and closes it. `connectivity`: told of every device connection,
+        its end, and its uploads."""
         self._host = host
         self._sessions_store = sessions
         self._settings = settings
-        self._device_api = DeviceApi(registry, ingest, attributes, rpc, _limits(settings))
+        self._device_api = DeviceApi(
+            registry, ingest, attributes, rpc, _limits(settings), connectivity
+        )
         self._registry = registry
         self._servers: list[asyncio.Server] = []
         self._expiry_task: asyncio.Task[None] | None = None

@@ -10,6 +10,11 @@ messages are unacknowledged at once; the rest wait in the queue. When the socket
 write buffer is full (`pause_writing`), delivery waits too: a slow subscriber cannot
 make the server buffer without bound.
 
+Delivery confirmation: `deliver(message, confirm)` resolves the future `confirm` once
+the client has the message: for QoS 0 when it is written to the socket, for QoS 1 at
+its PUBACK, for QoS 2 at its PUBREC. It fails with `DeviceGone` when the message is
+dropped or the connection ends first (server-side RPC counts as DELIVERED only then).
+
 Persistence: a session with a `keeper` (`persistence.SessionPersistence`) tells it what
 must outlive a restart: every QoS 1/2 message queued while the client is offline (the
 keeper returns the message's store `seq`), every stored message once it is acknowledged
@@ -18,11 +23,13 @@ or expired, and the whole session when its client leaves (`detach`).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from iotmesh.core.errors import DeviceGone, PayloadError
 from iotmesh.core.types import Device
 from iotmesh.proto.mqtt import Properties, Publish, Pubrel, Subscription, Will
 
@@ -84,6 +91,10 @@ class Session:
         self.incoming_qos2: set[int] = set()  # PUBREC sent, waiting for PUBREL
         self._next_id = 1
         self.dropped = 0
+        # Futures of `deliver(..., confirm)`: by id() of the queued message, then by the
+        # packet id it went out with (until its PUBACK or PUBREC).
+        self._confirm_queued: dict[int, asyncio.Future[None]] = {}
+        self._confirm_inflight: dict[int, asyncio.Future[None]] = {}
 
     @property
     def persistent(self) -> bool:
@@ -105,23 +116,46 @@ class Session:
                 return packet_id
         raise RuntimeError("no free packet id")  # cannot happen: inflight ≤ 65535
 
-    def deliver(self, message: Publish) -> None:
-        """Send now if the client is connected and has room, else queue (QoS > 0)."""
+    def deliver(self, message: Publish, confirm: asyncio.Future[None] | None = None) -> None:
+        """Send now if the client is connected and has room, else queue (QoS > 0).
+
+        `confirm`: resolved once the client has the message (see the module docstring).
+        """
         conn = self.connection
         if conn is not None and not self.queue and conn.can_send(len(self.inflight)):
-            self._send(conn, message)
+            self._sent(message, self._send(conn, message), confirm)
             return
-        if message.qos == 0 and conn is None:
-            return  # QoS 0 is not kept for offline clients (MQTT 3.1.2.4)
+        if conn is None and (message.qos == 0 or confirm is not None):
+            # QoS 0 is not kept for offline clients (MQTT 3.1.2.4); a sender that wants
+            # a confirmation keeps the message itself and sends it to the next session.
+            _fail(confirm, DeviceGone("the client is offline"))
+            return
+        if confirm is not None:
+            self._confirm_queued[id(message)] = confirm
         self._enqueue(message)
+
+    def _sent(
+        self, message: Publish, packet_id: int | None, confirm: asyncio.Future[None] | None
+    ) -> None:
+        """Follow the confirmation of a message that `_send` just handled."""
+        if confirm is None:
+            return
+        if packet_id is not None:
+            self._confirm_inflight[packet_id] = confirm
+        elif message.qos == 0:
+            _done(confirm)
+        else:
+            _fail(confirm, PayloadError("larger than the client's maximum packet size"))
 
     def _enqueue(self, message: Publish) -> None:
         if len(self.queue) >= self._max_queued:
             oldest_qos0 = next((item for item in self.queue if item[0].qos == 0), None)
             if oldest_qos0 is None:
                 self.dropped += 1
+                _fail(self._confirm_queued.pop(id(message), None), DeviceGone("queue full"))
                 return
             self.queue.remove(oldest_qos0)
+            _fail(self._confirm_queued.pop(id(oldest_qos0[0]), None), DeviceGone("queue full"))
             self.dropped += 1
         seq = None
         if self.connection is None and message.qos and self.keeper is not None and self.persistent:
@@ -154,11 +188,14 @@ class Session:
         conn = self.connection
         while conn is not None and self.queue and conn.can_send(len(self.inflight)):
             message, queued_at, seq = self.queue.popleft()
+            confirm = self._confirm_queued.pop(id(message), None)
             fresh = unexpired(message, time.monotonic() - queued_at)
             if fresh is None:
                 self._forget(seq)
+                _fail(confirm, DeviceGone("the message expired"))
                 continue
             packet_id = self._send(conn, fresh)
+            self._sent(fresh, packet_id, confirm)
             if seq is not None:
                 if packet_id is None:
                     self._forget(seq)
@@ -169,6 +206,7 @@ class Session:
         """PUBACK or PUBCOMP arrived: the message is done."""
         if self.inflight.pop(packet_id, None) is None:
             return False
+        _done(self._confirm_inflight.pop(packet_id, None))
         self._forget(self.stored_seqs.pop(packet_id, None))
         self.pump()
         return True
@@ -182,6 +220,7 @@ class Session:
         if not isinstance(self.inflight.get(packet_id), Publish):
             return False
         self.inflight[packet_id] = Pubrel(packet_id)
+        _done(self._confirm_inflight.pop(packet_id, None))
         return True
 
     def resend_inflight(self) -> None:
@@ -199,7 +238,12 @@ class Session:
         self.pump()
 
     def detach(self) -> None:
-        """The connection is gone."""
+        """The connection is gone: messages not confirmed yet will not be (here)."""
+        confirms = [*self._confirm_queued.values(), *self._confirm_inflight.values()]
+        self._confirm_queued.clear()
+        self._confirm_inflight.clear()
+        for confirm in confirms:
+            _fail(confirm, DeviceGone("the connection ended before the client confirmed"))
         self.connection = None
         self.disconnected_at = time.monotonic()
         if self.keeper is not None and self.persistent:
@@ -227,6 +271,16 @@ class Session:
             queue.append((message, queued_at, seq))
         self.queue = queue
         return found
+
+
+def _done(confirm: asyncio.Future[None] | None) -> None:
+    if confirm is not None and not confirm.done():
+        confirm.set_result(None)
+
+
+def _fail(confirm: asyncio.Future[None] | None, exc: Exception) -> None:
+    if confirm is not None and not confirm.done():
+        confirm.set_exception(exc)
 
 
 def unexpired(message: Publish, waited_s: float) -> Publish | None:

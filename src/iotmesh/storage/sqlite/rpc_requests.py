@@ -1,0 +1,192 @@
+"""Server-side RPC requests in the SQLite state store (`rpc_requests`, migration 5).
+
+Functions over the state store's connection, run on its thread by `SqliteStateStore`.
+Request ids come from `rpc_ids`, a counter per device that only grows, so an id is
+never given twice to one device, even after its request was deleted or purged: a
+device that remembers the last id it handled is never confused.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from iotmesh.core.errors import NotFound
+from iotmesh.core.types import RpcRecord, RpcStatus
+
+MIGRATION = """
+    CREATE TABLE rpc_ids (
+        device_id  TEXT PRIMARY KEY REFERENCES devices (id) ON DELETE CASCADE,
+        last_id    INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE rpc_requests (
+        device_id      TEXT NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+        id             INTEGER NOT NULL,
+        method         TEXT NOT NULL,
+        params         BLOB NOT NULL,
+        oneway         INTEGER NOT NULL,
+        persistent     INTEGER NOT NULL,
+        status         TEXT NOT NULL,
+        timeout_ms     INTEGER NOT NULL,
+        created_ts     INTEGER NOT NULL,
+        expiration_ts  INTEGER NOT NULL,
+        sent_ts        INTEGER,
+        delivered_ts   INTEGER,
+        finished_ts    INTEGER,
+        response       BLOB,
+        error          TEXT,
+        PRIMARY KEY (device_id, id)
+    ) WITHOUT ROWID;
+    CREATE INDEX rpc_requests_open ON rpc_requests (device_id, id)
+        WHERE status IN ('QUEUED', 'SENT', 'DELIVERED');
+    CREATE INDEX rpc_requests_finished ON rpc_requests (finished_ts)
+        WHERE finished_ts IS NOT NULL;
+"""
+
+_COLUMNS = (
+    "device_id, id, method, params, oneway, persistent, status, timeout_ms, created_ts,"
+    " expiration_ts, sent_ts, delivered_ts, finished_ts, response, error"
+)
+_OPEN = "('QUEUED', 'SENT', 'DELIVERED')"
+
+_json = msgspec.json.Encoder()
+
+
+def _encode(value: Any) -> bytes:
+    return _json.encode(value)
+
+
+def _record(row: tuple[Any, ...]) -> RpcRecord:
+    return RpcRecord(
+        device_id=row[0],
+        id=row[1],
+        method=row[2],
+        params=msgspec.json.decode(row[3]),
+        oneway=bool(row[4]),
+        persistent=bool(row[5]),
+        status=RpcStatus(row[6]),
+        timeout_ms=row[7],
+        created_ts=row[8],
+        expiration_ts=row[9],
+        sent_ts=row[10],
+        delivered_ts=row[11],
+        finished_ts=row[12],
+        response=None if row[13] is None else msgspec.json.decode(row[13]),
+        error=row[14],
+    )
+
+
+def create(db: sqlite3.Connection, record: RpcRecord) -> RpcRecord:
+    """Insert `record` with the device's next id (one transaction)."""
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        if not db.execute("SELECT 1 FROM devices WHERE id = ?", (record.device_id,)).fetchone():
+            raise NotFound(f"device {record.device_id} does not exist")
+        (rpc_id,) = db.execute(
+            "INSERT INTO rpc_ids VALUES (?, 1) ON CONFLICT (device_id) DO UPDATE"
+            " SET last_id = rpc_ids.last_id + 1 RETURNING last_id",
+            (record.device_id,),
+        ).fetchone()
+        stored = msgspec.structs.replace(record, id=rpc_id)
+        db.execute(
+            f"INSERT INTO rpc_requests ({_COLUMNS}) VALUES ({','.join('?' * 15)})",
+            (
+                stored.device_id,
+                stored.id,
+                stored.method,
+                _encode(stored.params),
+                int(stored.oneway),
+                int(stored.persistent),
+                stored.status.value,
+                stored.timeout_ms,
+                stored.created_ts,
+                stored.expiration_ts,
+                stored.sent_ts,
+                stored.delivered_ts,
+                stored.finished_ts,
+                None if stored.response is None else _encode(stored.response),
+                stored.error,
+            ),
+        )
+    return stored
+
+
+def update(db: sqlite3.Connection, records: Sequence[RpcRecord]) -> None:
+    """Write the changing fields of stored requests, all in one transaction."""
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany(
+            "UPDATE rpc_requests SET status = ?, sent_ts = ?, delivered_ts = ?,"
+            " finished_ts = ?, response = ?, error = ? WHERE device_id = ? AND id = ?",
+            [
+                (
+                    r.status.value,
+                    r.sent_ts,
+                    r.delivered_ts,
+                    r.finished_ts,
+                    None if r.response is None else _encode(r.response),
+                    r.error,
+                    r.device_id,
+                    r.id,
+                )
+                for r in records
+            ],
+        )
+
+
+def get(db: sqlite3.Connection, device_id: str, rpc_id: int) -> RpcRecord | None:
+    row = db.execute(
+        f"SELECT {_COLUMNS} FROM rpc_requests WHERE device_id = ? AND id = ?",
+        (device_id, rpc_id),
+    ).fetchone()
+    return None if row is None else _record(row)
+
+
+def page(
+    db: sqlite3.Connection,
+    device_id: str,
+    statuses: Sequence[RpcStatus] | None,
+    offset: int,
+    limit: int,
+) -> tuple[list[RpcRecord], int]:
+    where = "WHERE device_id = ?"
+    params: tuple[Any, ...] = (device_id,)
+    if statuses is not None:
+        where += f" AND status IN ({','.join('?' * len(statuses))})"
+        params += tuple(s.value for s in statuses)
+    rows = db.execute(
+        f"SELECT {_COLUMNS} FROM rpc_requests {where} ORDER BY id DESC LIMIT ? OFFSET ?",
+        (*params, limit, offset),
+    ).fetchall()
+    (total,) = db.execute(f"SELECT count(*) FROM rpc_requests {where}", params).fetchone()
+    return [_record(r) for r in rows], total
+
+
+def open_requests(db: sqlite3.Connection) -> list[RpcRecord]:
+    rows = db.execute(
+        f"SELECT {_COLUMNS} FROM rpc_requests WHERE status IN {_OPEN} ORDER BY device_id, id"
+    ).fetchall()
+    return [_record(r) for r in rows]
+
+
+def delete(db: sqlite3.Connection, device_id: str, rpc_id: int) -> bool:
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        cursor = db.execute(
+            "DELETE FROM rpc_requests WHERE device_id = ? AND id = ?", (device_id, rpc_id)
+        )
+    return cursor.rowcount > 0
+
+
+def purge(db: sqlite3.Connection, finished_before: int, limit: int) -> int:
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        cursor = db.execute(
+            "DELETE FROM rpc_requests WHERE (device_id, id) IN (SELECT device_id, id"
+            " FROM rpc_requests WHERE finished_ts < ? LIMIT ?)",
+            (finished_before, limit),
+        )
+    return cursor.rowcount
