@@ -1,0 +1,333 @@
+"""`InfluxTimeSeriesStore`: the time-series store contract on an InfluxDB server.
+
+The data model and the type mapping are in `lineproto.py` (one measurement, a series per
+(entity, key), a typed field per value kind plus `kind`). Reads are InfluxQL over HTTP:
+
+- raw ranges: one `SELECT kind, v_* ... GROUP BY "key" ORDER BY time LIMIT n` for all the
+  keys of a query (InfluxDB applies LIMIT per series, the contract's per-key limit);
+- aggregations run in InfluxDB (`GROUP BY time(<interval>ms) fill(none)`, whose buckets
+  are aligned to the epoch, as the contract wants): `COUNT(kind)` for COUNT, and for the
+  others SUM/COUNT/MIN/MAX of `v_l` over the points whose `kind` is LONG and of `v_d`
+  over the DOUBLE ones, combined here per bucket (a long where a bucket has only longs).
+  A probe first finds where each key's data lies in the range, to refuse too many
+  buckets (`aggregate.check_buckets`) and to narrow the range InfluxDB groups over. Two
+  cases InfluxDB cannot answer exactly are aggregated here from the raw points with
+  `storage/aggregate.py`, like the SQLite store: long sums that could overflow int64
+  (InfluxDB's integer SUM wraps) and series holding non-finite doubles;
+- latest values and keys: `SELECT LAST(kind), v_* ... GROUP BY "key"`;
+- deletes: count first, then `DELETE` (1.x) or /api/v2/delete (2.x); a device deleted:
+  `DROP SERIES`.
+
+Transactions: a `write` is one HTTP request. InfluxDB does not roll a failed request back
+across shards, but every point is written whole and rewriting it is idempotent, so the
+writer's retry of the same batch ends in the state a transaction would have left.
+
+Resource handling: `open` connects, checks the server and creates the database if
+missing; `close` releases the connection pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import httpx
+import msgspec
+
+from iotmesh.core.errors import StorageError
+from iotmesh.core.settings import InfluxSettings
+from iotmesh.core.types import Aggregation, Order, TsPoint
+from iotmesh.storage import aggregate
+from iotmesh.storage.influx.client import InfluxClient, Series, literal
+from iotmesh.storage.influx.lineproto import (
+    MAX_TS_MS,
+    MEASUREMENT,
+    MIN_TS_MS,
+    NONFINITE,
+    decode_tag,
+    encode_batch,
+    encode_tag,
+)
+from iotmesh.storage.points import INT64_MAX, Kind, Points
+from iotmesh.storage.timeseries import Query, SeriesWrite
+
+_SELECT_VALUE = "v_d, v_l, v_b, v_s, v_j"
+_NUMERIC = f"(kind = {Kind.DOUBLE.value} OR kind = {Kind.LONG.value} OR kind = {NONFINITE})"
+_json = msgspec.json.Decoder()
+
+# Per bucket: [sum, count, min, max] of the longs, then of the doubles.
+_Stats = list[Any]
+
+
+class InfluxTimeSeriesStore:
+    """A `TimeSeriesStore` on InfluxDB 1.x (tested) or 2.x/3.x (same protocol)."""
+
+    def __init__(
+        self, settings: InfluxSettings, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.settings = settings
+        self.client = InfluxClient(settings, transport)
+
+    async def open(self) -> None:
+        await self.client.open()
+        try:
+            await self.client.ping()
+            await self.client.ensure_database()
+        except BaseException:
+            await self.client.close()
+            raise
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def write(self, batch: Sequence[SeriesWrite]) -> None:
+        await self.client.write(encode_batch(batch))
+
+    # -- reads ---------------------------------------------------------------------
+
+    async def query(self, query: Query) -> dict[str, list[TsPoint]]:
+        q = query
+        aggregate.validate(q.start_ts, q.end_ts, q.agg, q.interval_ms, q.limit)
+        start, end = max(q.start_ts, MIN_TS_MS), min(q.end_ts, MAX_TS_MS)
+        keys = list(dict.fromkeys(q.keys))
+        if start > end or not keys:
+            return {}
+        if q.agg is Aggregation.NONE:
+            raw = await self._raw(q.entity_id, keys, start, end, q.order, q.limit)
+            return {k: raw[k] for k in keys if k in raw}
+        found = await self._aggregated(q, keys, start, end)
+        return {k: found[k] for k in keys if found.get(k)}
+
+    async def _raw(
+        self,
+        entity: str,
+        keys: Sequence[str],
+        start: int,
+        end: int,
+        order: Order,
+        limit: int | None,
+    ) -> dict[str, list[TsPoint]]:
+        where = _where(entity, keys, start, end)
+        tail = f" LIMIT {limit}" if limit is not None else ""
+        statement = (
+            f"SELECT kind, {_SELECT_VALUE} FROM {MEASUREMENT} WHERE {where}"
+            f' GROUP BY "key" ORDER BY time {order.value}{tail}'
+        )
+        (result,) = await self.client.query([statement])
+        out: dict[str, list[TsPoint]] = {}
+        for series in result:
+            read = _reader(series.columns, "kind")
+            out[decode_tag(series.tags["key"])] = [
+                TsPoint(row[0], read(row)) for row in series.values
+            ]
+        return out
+
+    async def _aggregated(
+        self, q: Query, keys: list[str], start: int, end: int
+    ) -> dict[str, list[TsPoint]]:
+        numeric = q.agg is not Aggregation.COUNT
+        where = _where(q.entity_id, keys, start, end) + (f" AND {_NUMERIC}" if numeric else "")
+        probe = [
+            f'SELECT FIRST(kind) FROM {MEASUREMENT} WHERE {where} GROUP BY "key"',
+            f'SELECT LAST(kind) FROM {MEASUREMENT} WHERE {where} GROUP BY "key"',
+        ]
+        if numeric:
+            probe.append(
+                f"SELECT COUNT(kind) FROM {MEASUREMENT} WHERE {where} AND kind = {NONFINITE}"
+                ' GROUP BY "key"'
+            )
+        results = await self.client.query(probe)
+        first, last = _by_key_ts(results[0]), _by_key_ts(results[1])
+        exact_here = set(_by_key_ts(results[2])) if numeric else set()
+        for key, lo in first.items():
+            aggregate.check_buckets(lo, last[key], q.interval_ms)
+        statements: list[str] = []
+        planned: list[str] = []
+        for key in first:
+            if key in exact_here:
+                continue
+            w = _where(q.entity_id, [key], first[key], last[key])
+            group = (
+                f" GROUP BY time({q.interval_ms}ms) fill(none)"
+                f" ORDER BY time {q.order.value} LIMIT {q.limit}"
+            )
+            if numeric:
+                for kind, f in ((Kind.LONG, "v_l"), (Kind.DOUBLE, "v_d")):
+                    statements.append(
+                        f"SELECT SUM({f}), COUNT({f}), MIN({f}), MAX({f}) FROM {MEASUREMENT}"
+                        f" WHERE {w} AND kind = {kind.value}{group}"
+                    )
+            else:
+                statements.append(f"SELECT COUNT(kind) FROM {MEASUREMENT} WHERE {w}{group}")
+            planned.append(key)
+        results = await self.client.query(statements) if statements else []
+        out: dict[str, list[TsPoint]] = {}
+        per_key = 2 if numeric else 1
+        for i, key in enumerate(planned):
+            parts = results[i * per_key : (i + 1) * per_key]
+            if not numeric:
+                rows = [row for series in parts[0] for row in series.values]
+                out[key] = [TsPoint(int(t), int(c)) for t, c in _ordered(rows, q.order, q.limit)]
+                continue
+            combined = _combine(q.agg, parts[0], parts[1])
+            if combined is None:
+                exact_here.add(key)  # a long sum could overflow int64 in InfluxDB
+                continue
+            out[key] = [TsPoint(t, v) for t, v in _ordered(combined, q.order, q.limit)]
+        for key in exact_here:
+            out[key] = await self._aggregate_here(q, key, first[key], last[key])
+        return out
+
+    async def _aggregate_here(self, q: Query, key: str, start: int, end: int) -> list[TsPoint]:
+        """Aggregate one key from its raw points, exactly as `storage/aggregate.py` does."""
+        raw = (await self._raw(q.entity_id, [key], start, end, Order.ASC, None)).get(key, [])
+        points = Points.from_values([p.ts for p in raw], [p.value for p in raw])
+        buckets = aggregate.aggregate(points, q.agg, q.interval_ms)
+        return aggregate.to_ts_points(buckets, q.order, q.limit)
+
+    async def latest(self, entity_id: str, keys: Sequence[str] | None = None) -> dict[str, TsPoint]:
+        if keys is not None and not keys:
+            return {}
+        where = _where(entity_id, keys, MIN_TS_MS, MAX_TS_MS)
+        statement = (
+            f'SELECT LAST(kind), {_SELECT_VALUE} FROM {MEASUREMENT} WHERE {where} GROUP BY "key"'
+        )
+        (result,) = await self.client.query([statement])
+        out: dict[str, TsPoint] = {}
+        for series in result:
+            read = _reader(series.columns, "last")
+            for row in series.values:
+                out[decode_tag(series.tags["key"])] = TsPoint(row[0], read(row))
+        return out
+
+    async def keys(self, entity_id: str) -> list[str]:
+        where = _where(entity_id, None, MIN_TS_MS, MAX_TS_MS)
+        statement = f'SELECT LAST(kind) FROM {MEASUREMENT} WHERE {where} GROUP BY "key"'
+        (result,) = await self.client.query([statement])
+        return sorted(decode_tag(s.tags["key"]) for s in result if s.values)
+
+    # -- deletes -------------------------------------------------------------------
+
+    async def delete(self, entity_id: str, keys: Sequence[str], start_ts: int, end_ts: int) -> int:
+        start, end = max(start_ts, MIN_TS_MS), min(end_ts, MAX_TS_MS)
+        if not keys or start > end:
+            return 0
+        where = _where(entity_id, keys, start, end)
+        (counted,) = await self.client.query(
+            [f'SELECT COUNT(kind) FROM {MEASUREMENT} WHERE {where} GROUP BY "key"']
+        )
+        count = sum(int(row[1]) for series in counted for row in series.values)
+        if count == 0:
+            return 0
+        if self.settings.version == 1:
+            await self.client.query([f"DELETE FROM {MEASUREMENT} WHERE {where}"])
+        else:
+            for key in dict.fromkeys(keys):
+                predicate = f"{_v2_tag('entity', entity_id)} AND {_v2_tag('key', key)}"
+                await self.client.delete_v2(predicate, start, end)
+        return count
+
+    async def delete_entity(self, entity_id: str) -> None:
+        if self.settings.version == 1:
+            entity = literal(encode_tag(entity_id))
+            await self.client.query([f"DROP SERIES FROM {MEASUREMENT} WHERE entity = {entity}"])
+        else:
+            await self.client.delete_v2(_v2_tag("entity", entity_id), MIN_TS_MS, MAX_TS_MS)
+
+
+# -- InfluxQL helpers ----------------------------------------------------------------
+
+
+def _where(entity: str, keys: Sequence[str] | None, start: int, end: int) -> str:
+    """The WHERE clause of one entity's keys (all when None) within [start, end] ms."""
+    parts = [f"entity = {literal(encode_tag(entity))}"]
+    if keys is not None:
+        parts.append(
+            "("
+            + " OR ".join(f'"key" = {literal(encode_tag(k))}' for k in dict.fromkeys(keys))
+            + ")"
+        )
+    parts.append(f"time >= {start * 1_000_000} AND time <= {end * 1_000_000}")
+    return " AND ".join(parts)
+
+
+def _v2_tag(tag: str, value: str) -> str:
+    """A tag comparison in the predicate syntax of /api/v2/delete."""
+    escaped = encode_tag(value).replace('"', '\\"')
+    return f'{tag}="{escaped}"'
+
+
+def _reader(columns: list[str], kind_column: str) -> Callable[[list[Any]], Any]:
+    """A function of a row giving its value in its stored type, by its kind."""
+    at = {name: i for i, name in enumerate(columns)}
+    kind_i = at[kind_column]
+    col = {name: at.get(name) for name in ("v_d", "v_l", "v_b", "v_s", "v_j")}
+
+    def cell(row: list[Any], name: str) -> Any:
+        i = col[name]
+        value = row[i] if i is not None else None
+        if value is None:
+            raise StorageError(f"InfluxDB point at {row[0]} has kind {row[kind_i]} but no {name}")
+        return value
+
+    def read(row: list[Any]) -> Any:
+        kind = row[kind_i]
+        if kind == Kind.DOUBLE:
+            return float(cell(row, "v_d"))
+        if kind == Kind.LONG:
+            return int(cell(row, "v_l"))
+        if kind == Kind.BOOL:
+            return bool(cell(row, "v_b"))
+        if kind == Kind.STRING:
+            return str(cell(row, "v_s"))
+        if kind == Kind.JSON:
+            return _json.decode(cell(row, "v_j"))
+        if kind == NONFINITE:
+            return float(cell(row, "v_s"))
+        raise StorageError(f"InfluxDB point at {row[0]} has an unknown kind {kind!r}")
+
+    return read
+
+
+def _by_key_ts(result: list[Series]) -> dict[str, int]:
+    """The ts of the one row of each series of a FIRST/LAST/COUNT probe, by key."""
+    return {decode_tag(s.tags["key"]): int(s.values[0][0]) for s in result if s.values}
+
+
+def _ordered(rows: list[Any], order: Order, limit: int) -> list[Any]:
+    rows = sorted(rows, key=lambda r: r[0], reverse=order is Order.DESC)
+    return rows[:limit]
+
+
+def _combine(agg: Aggregation, longs: list[Series], doubles: list[Series]) -> list[Any] | None:
+    """Each bucket's answer from the LONG and DOUBLE stats: [(ts, value)], unsorted.
+
+    None when a long bucket's sum could have overflowed int64 inside InfluxDB.
+    """
+    stats: dict[int, _Stats] = {}
+    for offset, result in ((0, longs), (4, doubles)):
+        for series in result:
+            for t, s, c, lo, hi in series.values:
+                stats.setdefault(int(t), [0, 0, None, None, 0.0, 0, None, None])[
+                    offset : offset + 4
+                ] = [s, c, lo, hi]
+    out = []
+    for t, (sum_l, n_l, min_l, max_l, sum_d, n_d, min_d, max_d) in stats.items():
+        if n_l and max(abs(min_l), abs(max_l)) * n_l > INT64_MAX:
+            return None
+        value: Any
+        if agg is Aggregation.AVG:
+            value = sum_l / n_l if not n_d else (sum_l + float(sum_d)) / (n_l + n_d)
+        elif agg is Aggregation.SUM:
+            value = sum_l if not n_d else float(sum_l + float(sum_d))
+        else:
+            pick = min if agg is Aggregation.MIN else max
+            present = [v for v, n in ((min_l, n_l), (min_d, n_d)) if n]
+            if agg is Aggregation.MAX:
+                present = [v for v, n in ((max_l, n_l), (max_d, n_d)) if n]
+            value = pick(present) if not n_d else float(pick(float(v) for v in present))
+        out.append((t, value))
+    return out
+
+
+__all__ = ["InfluxTimeSeriesStore"]
