@@ -29,8 +29,8 @@ def free_port() -> int:
 class InfluxServer:
     """A started influxd process."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, root: Path) -> None:
-        self.proc = proc
+    def __init__(self, port: int, root: Path) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
         self.port = port
         self.root = root
         self.url = f"http://127.0.0.1:{port}"
@@ -68,31 +68,43 @@ bind-address = "127.0.0.1:{rpc_port}"
   level = "warn"
 """
         )
-        log = (root / "influxd.log").open("wb")
-        proc = subprocess.Popen(
-            [binary, "-config", str(config)], stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
-        server = cls(proc, port, root)
+        server = cls(port, root)
+        server.launch()
+        return server
+
+    def launch(self) -> None:
+        """Start influxd (again, after `stop`) with the same config, ports and files.
+
+        Raises:
+            RuntimeError: influxd exited or was not ready in time (with its log).
+        """
+        binary = shutil.which("influxd")
+        assert binary is not None
+        with (self.root / "influxd.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [binary, "-config", str(self.root / "influxdb.conf")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"influxd exited with {proc.returncode}:\n{server.output()}")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"influxd exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                if httpx.get(server.url + "/ping", timeout=2).status_code == 204:
-                    return server
+                if httpx.get(self.url + "/ping", timeout=2).status_code == 204:
+                    return
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-        server.stop()
-        raise RuntimeError(f"influxd was not ready in time:\n{server.output()}")
+        self.stop()
+        raise RuntimeError(f"influxd was not ready in time:\n{self.output()}")
 
     def output(self) -> str:
         return (self.root / "influxd.log").read_text(errors="replace")
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop influxd by its PID (SIGTERM, then SIGKILL if it hangs)."""
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(timeout)
