@@ -169,3 +169,18 @@ def test_doctor_on_defaults_checks_the_data_dir(tmp_path: Path) -> None:
     assert found.returncode == 0, found.stdout + found.stderr
     assert "timeseries=sqlite" in found.stdout
     assert "SQLite" in found.stdout
+
+
+def test_a_dropped_database_is_created_again(
+    influx_server: tuple[RunningServer, str], influxd: InfluxServer
+) -> None:
+    server, database = influx_server
+    with server.admin() as admin, server.anonymous() as dev:
+        device = _device(admin, "survivor")
+        url = f"/api/v1/{device['access_token']}/telemetry"
+        assert dev.post(url, json={"ts": T0, "values": {"t": 1}}).status_code == 200
+        r = httpx.post(influxd.url + "/query", data={"q": f'DROP DATABASE "{database}"'})
+        r.raise_for_status()
+        assert dev.post(url, json={"ts": T0 + 1, "values": {"t": 2}}).status_code == 200
+    rows = _influx_query(influxd, database, "SELECT kind, v_l FROM telemetry")
+    assert [(ts, v) for ts, _, v in rows] == [(T0 + 1, 2)]

@@ -15,6 +15,7 @@ from iotmesh.core.types import TsRecord
 from iotmesh.storage.influx.lineproto import (
     MAX_TS_MS,
     MIN_TS_MS,
+    bodies,
     check_ts,
     decode_tag,
     encode_batch,
@@ -93,3 +94,12 @@ def test_batch_keeps_the_last_write_of_a_point() -> None:
         r"telemetry,entity=dev\ 1,key=t kind=1i,v_l=2i 6",
     ]
     assert encode_batch([]) == b""
+
+
+def test_large_batches_are_cut_into_bodies_at_line_ends() -> None:
+    lines = [f"telemetry,entity=d,key=k kind=1i,v_l={i}i {i}" for i in range(1000)]
+    parts = bodies(lines, 4096)
+    assert len(parts) > 1
+    assert all(len(p) <= 4096 + 100 for p in parts)
+    assert b"".join(parts).decode().splitlines() == lines
+    assert bodies([], 4096) == []

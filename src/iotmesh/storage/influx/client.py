@@ -14,7 +14,8 @@ Error handling (the BatchWriter retries `StorageError`, fails a sender on `Paylo
     5xx                                              -> StorageError (retried)
     401 / 403 (credentials)                          -> StorageError (retried: a fixed
                                                         password lets the queue drain)
-    404 on write (database or bucket missing)        -> StorageError
+    404 on write (database or bucket missing)        -> DatabaseNotFound (a StorageError;
+                                                        the store creates it again)
     400 on write (points InfluxDB refuses to parse)  -> PayloadError with InfluxDB's text
     a query's error (statement or response)          -> StorageError with InfluxDB's text
 
@@ -35,6 +36,10 @@ from iotmesh.core.errors import PayloadError, StorageError
 from iotmesh.core.settings import InfluxSettings
 
 CHUNK_SIZE = 10_000
+
+
+class DatabaseNotFound(StorageError):
+    """The database (1.x) or bucket (2.x) written to does not exist (HTTP 404)."""
 
 
 class _Series(msgspec.Struct):
@@ -180,6 +185,8 @@ class InfluxClient:
             return
         if response.status_code == 400:
             raise PayloadError(f"InfluxDB refused the points: {_error(response)}")
+        if response.status_code == 404:
+            raise DatabaseNotFound(f"InfluxDB write failed (404): {_error(response)}")
         raise StorageError(f"InfluxDB write failed ({response.status_code}): {_error(response)}")
 
     async def query(self, statements: Sequence[str], *, db: bool = True) -> list[list[Series]]:
@@ -289,4 +296,4 @@ def literal(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-__all__ = ["InfluxClient", "Series", "ServerInfo", "ident", "literal"]
+__all__ = ["DatabaseNotFound", "InfluxClient", "Series", "ServerInfo", "ident", "literal"]

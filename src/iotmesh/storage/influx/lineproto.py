@@ -126,8 +126,8 @@ def fields(value: Any) -> str:
     return f"kind={kind.value}i,v_j={escape_string_field(text)}"
 
 
-def encode_batch(batch: Sequence[SeriesWrite]) -> bytes:
-    """The line protocol body of a write batch, timestamps in ms.
+def encode_lines(batch: Sequence[SeriesWrite]) -> list[str]:
+    """The lines (without newline) of a write batch, timestamps in ms.
 
     Records of the same (entity, key, ts) within the batch are reduced to the last one
     here, so the last write wins whatever InfluxDB does with duplicates in a request.
@@ -149,7 +149,31 @@ def encode_batch(batch: Sequence[SeriesWrite]) -> bytes:
             prefix = f"{MEASUREMENT},entity={escape_tag(entity)},key={escape_tag(key)} "
             tags[(entity, key)] = prefix
         lines.append(f"{prefix}{fields(value)} {ts}")
+    return lines
+
+
+def encode_batch(batch: Sequence[SeriesWrite]) -> bytes:
+    """The line protocol body of a write batch (see `encode_lines`)."""
+    lines = encode_lines(batch)
     return ("\n".join(lines) + "\n").encode() if lines else b""
+
+
+def bodies(lines: Sequence[str], max_bytes: int) -> list[bytes]:
+    """`lines` as request bodies of at most about `max_bytes` each (a line is never cut).
+
+    InfluxDB refuses bodies over its `max-body-size` (25 MB by default), and its docs
+    advise batches of a few thousand points; the writer's batches may be larger.
+    """
+    out: list[bytes] = []
+    start, size = 0, 0
+    for i, line in enumerate(lines):
+        size += len(line) + 1  # characters: a close enough bound for mostly-ASCII lines
+        if size >= max_bytes:
+            out.append(("\n".join(lines[start : i + 1]) + "\n").encode())
+            start, size = i + 1, 0
+    if start < len(lines):
+        out.append(("\n".join(lines[start:]) + "\n").encode())
+    return out
 
 
 __all__ = [
@@ -159,8 +183,10 @@ __all__ = [
     "MIN_TS_MS",
     "NONFINITE",
     "VALUE_FIELDS",
+    "bodies",
     "decode_tag",
     "encode_batch",
+    "encode_lines",
     "encode_tag",
     "escape_string_field",
     "escape_tag",

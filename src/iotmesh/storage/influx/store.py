@@ -18,9 +18,20 @@ The data model and the type mapping are in `lineproto.py` (one measurement, a se
 - deletes: count first, then `DELETE` (1.x) or /api/v2/delete (2.x); a device deleted:
   `DROP SERIES`.
 
-Transactions: a `write` is one HTTP request. InfluxDB does not roll a failed request back
-across shards, but every point is written whole and rewriting it is idempotent, so the
-writer's retry of the same batch ends in the state a transaction would have left.
+Transactions: a `write` is one HTTP request (or a few, for batches over
+`MAX_BODY_BYTES`). InfluxDB does not roll a failed request back, but every point is
+written whole and rewriting it is idempotent, so the writer's retry of the same batch
+ends in the state a transaction would have left. Acknowledged means durable: InfluxDB
+answers a write after its WAL is fsynced (1.x: `wal-fsync-delay = "0s"`, the default).
+
+Visibility: InfluxDB 1.x makes a write visible one (series, field) at a time: all the
+points of a batch in one series' `kind` field at once, then its `v_d` field at once, and
+so on. A reader can therefore catch a point whose `kind` is visible and its value field
+not yet (or the reverse). Such a point is treated as not yet written, which keeps
+whole batches (each field of a series shows a batch all or nothing), and the read is run
+again a few ms later, so that a `limit` or `latest` answer is not cut short by a write in
+flight. Aggregations do not check this: one run during a write may count a point the
+next raw read still skips.
 
 Resource handling: `open` connects, checks the server and creates the database if
 missing; `close` releases the connection pool.
@@ -28,6 +39,9 @@ missing; `close` releases the connection pool.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,18 +52,28 @@ from iotmesh.core.errors import StorageError
 from iotmesh.core.settings import InfluxSettings
 from iotmesh.core.types import Aggregation, Order, TsPoint
 from iotmesh.storage import aggregate
-from iotmesh.storage.influx.client import InfluxClient, Series, literal
+from iotmesh.storage.influx.client import DatabaseNotFound, InfluxClient, Series, literal
 from iotmesh.storage.influx.lineproto import (
     MAX_TS_MS,
     MEASUREMENT,
     MIN_TS_MS,
     NONFINITE,
+    bodies,
     decode_tag,
-    encode_batch,
+    encode_lines,
     encode_tag,
 )
 from iotmesh.storage.points import INT64_MAX, Kind, Points
 from iotmesh.storage.timeseries import Query, SeriesWrite
+
+log = logging.getLogger(__name__)
+
+# Reads again (5, 10, 20, 40 ms apart) when a point is caught half-visible; see the
+# module docstring, "Visibility".
+MIDWRITE_RETRIES = 4
+
+# Most bytes per /write request: well under InfluxDB's default max-body-size (25 MB).
+MAX_BODY_BYTES = 4 * 1024 * 1024
 
 _SELECT_VALUE = "v_d, v_l, v_b, v_s, v_j"
 _NUMERIC = f"(kind = {Kind.DOUBLE.value} OR kind = {Kind.LONG.value} OR kind = {NONFINITE})"
@@ -81,7 +105,14 @@ class InfluxTimeSeriesStore:
         await self.client.close()
 
     async def write(self, batch: Sequence[SeriesWrite]) -> None:
-        await self.client.write(encode_batch(batch))
+        try:
+            for body in bodies(encode_lines(batch), MAX_BODY_BYTES):
+                await self.client.write(body)
+        except DatabaseNotFound:
+            # Dropped while we run: create it again, so the writer's retry can succeed.
+            with contextlib.suppress(StorageError):
+                await self.client.ensure_database()
+            raise
 
     # -- reads ---------------------------------------------------------------------
 
@@ -113,14 +144,23 @@ class InfluxTimeSeriesStore:
             f"SELECT kind, {_SELECT_VALUE} FROM {MEASUREMENT} WHERE {where}"
             f' GROUP BY "key" ORDER BY time {order.value}{tail}'
         )
-        (result,) = await self.client.query([statement])
-        out: dict[str, list[TsPoint]] = {}
-        for series in result:
-            read = _reader(series.columns, "kind")
-            out[decode_tag(series.tags["key"])] = [
-                TsPoint(row[0], read(row)) for row in series.values
-            ]
-        return out
+        for attempt in range(MIDWRITE_RETRIES + 1):
+            (result,) = await self.client.query([statement])
+            out: dict[str, list[TsPoint]] = {}
+            torn = False
+            for series in result:
+                read = _reader(series.columns, "kind")
+                points = []
+                for row in series.values:
+                    try:
+                        points.append(TsPoint(row[0], read(row)))
+                    except _MidWrite:
+                        torn = True
+                if points:
+                    out[decode_tag(series.tags["key"])] = points
+            if not torn or not await _wait_for_writes(attempt):
+                return out
+        raise AssertionError("unreachable")
 
     async def _aggregated(
         self, q: Query, keys: list[str], start: int, end: int
@@ -192,13 +232,20 @@ class InfluxTimeSeriesStore:
         statement = (
             f'SELECT LAST(kind), {_SELECT_VALUE} FROM {MEASUREMENT} WHERE {where} GROUP BY "key"'
         )
-        (result,) = await self.client.query([statement])
-        out: dict[str, TsPoint] = {}
-        for series in result:
-            read = _reader(series.columns, "last")
-            for row in series.values:
-                out[decode_tag(series.tags["key"])] = TsPoint(row[0], read(row))
-        return out
+        for attempt in range(MIDWRITE_RETRIES + 1):
+            (result,) = await self.client.query([statement])
+            out: dict[str, TsPoint] = {}
+            torn = False
+            for series in result:
+                read = _reader(series.columns, "last")
+                for row in series.values:
+                    try:
+                        out[decode_tag(series.tags["key"])] = TsPoint(row[0], read(row))
+                    except _MidWrite:
+                        torn = True
+            if not torn or not await _wait_for_writes(attempt):
+                return out
+        raise AssertionError("unreachable")
 
     async def keys(self, entity_id: str) -> list[str]:
         where = _where(entity_id, None, MIN_TS_MS, MAX_TS_MS)
@@ -257,8 +304,24 @@ def _v2_tag(tag: str, value: str) -> str:
     return f'{tag}="{escaped}"'
 
 
+class _MidWrite(Exception):
+    """A row caught while InfluxDB makes a write visible (its fields do not agree)."""
+
+
+async def _wait_for_writes(attempt: int) -> bool:
+    """Pause before reading again after catching a write half-visible; False: give up."""
+    if attempt >= MIDWRITE_RETRIES:
+        log.warning("points still half-visible after %d reads; answering without them", attempt)
+        return False
+    await asyncio.sleep(0.005 * 2**attempt)
+    return True
+
+
 def _reader(columns: list[str], kind_column: str) -> Callable[[list[Any]], Any]:
-    """A function of a row giving its value in its stored type, by its kind."""
+    """A function of a row giving its value in its stored type, by its kind.
+
+    Raises `_MidWrite` for a row whose `kind` or value field is not visible yet.
+    """
     at = {name: i for i, name in enumerate(columns)}
     kind_i = at[kind_column]
     col = {name: at.get(name) for name in ("v_d", "v_l", "v_b", "v_s", "v_j")}
@@ -267,7 +330,7 @@ def _reader(columns: list[str], kind_column: str) -> Callable[[list[Any]], Any]:
         i = col[name]
         value = row[i] if i is not None else None
         if value is None:
-            raise StorageError(f"InfluxDB point at {row[0]} has kind {row[kind_i]} but no {name}")
+            raise _MidWrite
         return value
 
     def read(row: list[Any]) -> Any:
@@ -284,6 +347,8 @@ def _reader(columns: list[str], kind_column: str) -> Callable[[list[Any]], Any]:
             return _json.decode(cell(row, "v_j"))
         if kind == NONFINITE:
             return float(cell(row, "v_s"))
+        if kind is None:
+            raise _MidWrite
         raise StorageError(f"InfluxDB point at {row[0]} has an unknown kind {kind!r}")
 
     return read
