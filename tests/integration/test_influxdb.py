@@ -105,6 +105,23 @@ def test_http_telemetry_lands_in_influxdb_and_reads_back(
     )
 
 
+def test_a_timestamp_influxdb_cannot_hold_is_refused_alone(
+    influx_server: tuple[RunningServer, str],
+) -> None:
+    server, _ = influx_server
+    with server.admin() as admin, server.anonymous() as dev:
+        device = _device(admin, "time-traveller")
+        url = f"/api/v1/{device['access_token']}/telemetry"
+        r = dev.post(url, json={"ts": 10**13, "values": {"t": 1}})  # the year 2286
+        assert r.status_code == 422, r.text
+        assert "outside what InfluxDB stores" in r.json()["detail"]
+        assert dev.post(url, json={"ts": T0, "values": {"t": 2}}).status_code == 200
+        got = admin.get(
+            f"/api/v1/devices/{device['id']}/telemetry", params={"keys": "t", "end_ts": 2 * 10**13}
+        ).json()
+        assert got == {"t": [{"ts": T0, "value": 2}]}
+
+
 def test_acknowledged_only_after_influxdb_has_it(data_dir: Path, tmp_path: Path) -> None:
     """With InfluxDB down, an upload waits (the writer retries); it is acknowledged once
     InfluxDB is back and has the points, and nothing is lost."""
