@@ -201,3 +201,9 @@ def test_a_dropped_database_is_created_again(
         assert dev.post(url, json={"ts": T0 + 1, "values": {"t": 2}}).status_code == 200
     rows = _influx_query(influxd, database, "SELECT kind, v_l FROM telemetry")
     assert [(ts, v) for ts, _, v in rows] == [(T0 + 1, 2)]
+
+
+def test_run_refuses_to_start_without_its_influxdb(data_dir: Path, tmp_path: Path) -> None:
+    nobody = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(RuntimeError, match="cannot start: InfluxDB at .* unreachable"):
+        start_server(data_dir, tmp_path / "logs", "--storage", "influxdb", "--influx-url", nobody)
