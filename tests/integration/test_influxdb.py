@@ -205,5 +205,5 @@ def test_a_dropped_database_is_created_again(
 
 def test_run_refuses_to_start_without_its_influxdb(data_dir: Path, tmp_path: Path) -> None:
     nobody = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(RuntimeError, match="cannot start: InfluxDB at .* unreachable"):
+    with pytest.raises(RuntimeError, match=r"cannot start: InfluxDB at .* unreachable"):
         start_server(data_dir, tmp_path / "logs", "--storage", "influxdb", "--influx-url", nobody)
