@@ -52,6 +52,7 @@ from iotmesh.core.errors import StorageError
 from iotmesh.core.settings import InfluxSettings
 from iotmesh.core.types import Aggregation, Order, TsPoint
 from iotmesh.storage import aggregate
+from iotmesh.storage.influx import aggregates
 from iotmesh.storage.influx.client import DatabaseNotFound, InfluxClient, Series, literal
 from iotmesh.storage.influx.lineproto import (
     MAX_TS_MS,
@@ -63,7 +64,7 @@ from iotmesh.storage.influx.lineproto import (
     encode_lines,
     encode_tag,
 )
-from iotmesh.storage.points import INT64_MAX, Kind, Points
+from iotmesh.storage.points import Kind, Points
 from iotmesh.storage.timeseries import Query, SeriesWrite
 
 log = logging.getLogger(__name__)
@@ -76,11 +77,7 @@ MIDWRITE_RETRIES = 4
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
 _SELECT_VALUE = "v_d, v_l, v_b, v_s, v_j"
-_NUMERIC = f"(kind = {Kind.DOUBLE.value} OR kind = {Kind.LONG.value} OR kind = {NONFINITE})"
 _json = msgspec.json.Decoder()
-
-# Per bucket: [sum, count, min, max] of the longs, then of the doubles.
-_Stats = list[Any]
 
 
 class InfluxTimeSeriesStore:
@@ -165,58 +162,80 @@ class InfluxTimeSeriesStore:
     async def _aggregated(
         self, q: Query, keys: list[str], start: int, end: int
     ) -> dict[str, list[TsPoint]]:
+        spans, exact_here = await self._probe(q, keys, start, end)
         numeric = q.agg is not Aggregation.COUNT
-        where = _where(q.entity_id, keys, start, end) + (f" AND {_NUMERIC}" if numeric else "")
+        group = aggregates.group_by(q.interval_ms, q.order.value, q.limit)
+        statements: list[str] = []
+        planned = [key for key in spans if key not in exact_here]
+        for key in planned:
+            w = _where(q.entity_id, [key], *spans[key])
+            if numeric:
+                statements.extend(aggregates.statements(q.agg, w, group))
+            else:
+                statements.append(f"SELECT COUNT(kind) FROM {MEASUREMENT} WHERE {w}{group}")
+        results = await self.client.query(statements) if statements else []
+        out: dict[str, list[TsPoint]] = {}
+        if not numeric:
+            for key, result in zip(planned, results, strict=True):
+                rows = [row for series in result for row in series.values]
+                out[key] = [TsPoint(int(t), int(c)) for t, c in _ordered(rows, q.order, q.limit)]
+            return out
+        for i, key in enumerate(planned):
+            by_long = aggregates.longs(q.agg, results[2 * i])
+            by_double = aggregates.doubles(results[2 * i + 1])
+            counts: dict[int, float] = {}
+            if both := aggregates.mixed(q.agg, by_long, by_double):
+                lo, hi = spans[key]  # within the query's range, like the buckets' points
+                w = _where(
+                    q.entity_id, [key], max(lo, min(both)), min(hi, max(both) + q.interval_ms - 1)
+                )
+                group_all = aggregates.group_by(q.interval_ms, "ASC", None)
+                (result,) = await self.client.query([aggregates.count_doubles(w, group_all)])
+                counts = aggregates.doubles(result)
+            try:
+                combined = aggregates.combine(q.agg, by_long, by_double, counts)
+            except aggregates.MayOverflow:
+                exact_here.add(key)
+                continue
+            out[key] = [TsPoint(t, v) for t, v in _ordered(combined, q.order, q.limit)]
+        for key in exact_here:
+            out[key] = await self._aggregate_here(q, key, *spans[key])
+        return out
+
+    async def _probe(
+        self, q: Query, keys: list[str], start: int, end: int
+    ) -> tuple[dict[str, tuple[int, int]], set[str]]:
+        """Where each key's data lies in the range, and which keys to aggregate here.
+
+        Returns the (first ts, last ts) of each key with data (cheap: InfluxDB reads
+        only the first and last block), and the keys holding non-finite doubles (looked
+        for only where `v_s` has points at all).
+
+        Raises:
+            PayloadError: a key's data spans more than `aggregate.MAX_BUCKETS` buckets
+                (its points of every kind, as the SQLite store counts them).
+        """
+        numeric = q.agg is not Aggregation.COUNT
+        where = _where(q.entity_id, keys, start, end)
         probe = [
             f'SELECT FIRST(kind) FROM {MEASUREMENT} WHERE {where} GROUP BY "key"',
             f'SELECT LAST(kind) FROM {MEASUREMENT} WHERE {where} GROUP BY "key"',
         ]
         if numeric:
-            probe.append(
-                f"SELECT COUNT(kind) FROM {MEASUREMENT} WHERE {where} AND kind = {NONFINITE}"
-                ' GROUP BY "key"'
-            )
+            probe.append(f'SELECT COUNT(v_s) FROM {MEASUREMENT} WHERE {where} GROUP BY "key"')
         results = await self.client.query(probe)
         first, last = _by_key_ts(results[0]), _by_key_ts(results[1])
-        exact_here = set(_by_key_ts(results[2])) if numeric else set()
-        for key, lo in first.items():
-            aggregate.check_buckets(lo, last[key], q.interval_ms)
-        statements: list[str] = []
-        planned: list[str] = []
-        for key in first:
-            if key in exact_here:
-                continue
-            w = _where(q.entity_id, [key], first[key], last[key])
-            group = (
-                f" GROUP BY time({q.interval_ms}ms) fill(none)"
-                f" ORDER BY time {q.order.value} LIMIT {q.limit}"
-            )
-            if numeric:
-                for kind, f in ((Kind.LONG, "v_l"), (Kind.DOUBLE, "v_d")):
-                    statements.append(
-                        f"SELECT SUM({f}), COUNT({f}), MIN({f}), MAX({f}) FROM {MEASUREMENT}"
-                        f" WHERE {w} AND kind = {kind.value}{group}"
-                    )
-            else:
-                statements.append(f"SELECT COUNT(kind) FROM {MEASUREMENT} WHERE {w}{group}")
-            planned.append(key)
-        results = await self.client.query(statements) if statements else []
-        out: dict[str, list[TsPoint]] = {}
-        per_key = 2 if numeric else 1
-        for i, key in enumerate(planned):
-            parts = results[i * per_key : (i + 1) * per_key]
-            if not numeric:
-                rows = [row for series in parts[0] for row in series.values]
-                out[key] = [TsPoint(int(t), int(c)) for t, c in _ordered(rows, q.order, q.limit)]
-                continue
-            combined = _combine(q.agg, parts[0], parts[1])
-            if combined is None:
-                exact_here.add(key)  # a long sum could overflow int64 in InfluxDB
-                continue
-            out[key] = [TsPoint(t, v) for t, v in _ordered(combined, q.order, q.limit)]
-        for key in exact_here:
-            out[key] = await self._aggregate_here(q, key, first[key], last[key])
-        return out
+        spans = {key: (lo, last[key]) for key, lo in first.items()}
+        for lo, hi in spans.values():
+            aggregate.check_buckets(lo, hi, q.interval_ms)
+        with_strings = list(_by_key_ts(results[2])) if numeric else []
+        if not with_strings:
+            return spans, set()
+        w = _where(q.entity_id, with_strings, start, end) + f" AND kind = {NONFINITE}"
+        (found,) = await self.client.query(
+            [f'SELECT COUNT(kind) FROM {MEASUREMENT} WHERE {w} GROUP BY "key"']
+        )
+        return spans, set(_by_key_ts(found))
 
     async def _aggregate_here(self, q: Query, key: str, start: int, end: int) -> list[TsPoint]:
         """Aggregate one key from its raw points, exactly as `storage/aggregate.py` does."""
@@ -362,37 +381,6 @@ def _by_key_ts(result: list[Series]) -> dict[str, int]:
 def _ordered(rows: list[Any], order: Order, limit: int) -> list[Any]:
     rows = sorted(rows, key=lambda r: r[0], reverse=order is Order.DESC)
     return rows[:limit]
-
-
-def _combine(agg: Aggregation, longs: list[Series], doubles: list[Series]) -> list[Any] | None:
-    """Each bucket's answer from the LONG and DOUBLE stats: [(ts, value)], unsorted.
-
-    None when a long bucket's sum could have overflowed int64 inside InfluxDB.
-    """
-    stats: dict[int, _Stats] = {}
-    for offset, result in ((0, longs), (4, doubles)):
-        for series in result:
-            for t, s, c, lo, hi in series.values:
-                stats.setdefault(int(t), [0, 0, None, None, 0.0, 0, None, None])[
-                    offset : offset + 4
-                ] = [s, c, lo, hi]
-    out = []
-    for t, (sum_l, n_l, min_l, max_l, sum_d, n_d, min_d, max_d) in stats.items():
-        if n_l and max(abs(min_l), abs(max_l)) * n_l > INT64_MAX:
-            return None
-        value: Any
-        if agg is Aggregation.AVG:
-            value = sum_l / n_l if not n_d else (sum_l + float(sum_d)) / (n_l + n_d)
-        elif agg is Aggregation.SUM:
-            value = sum_l if not n_d else float(sum_l + float(sum_d))
-        else:
-            pick = min if agg is Aggregation.MIN else max
-            present = [v for v, n in ((min_l, n_l), (min_d, n_d)) if n]
-            if agg is Aggregation.MAX:
-                present = [v for v, n in ((max_l, n_l), (max_d, n_d)) if n]
-            value = pick(present) if not n_d else float(pick(float(v) for v in present))
-        out.append((t, value))
-    return out
 
 
 __all__ = ["InfluxTimeSeriesStore"]
