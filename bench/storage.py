@@ -244,7 +244,7 @@ def report(results: dict[str, Any]) -> None:
     )
     row(f"AVG/minute, {multi}: all queries", lambda _, r: f"{r['multi_total_ms']:.0f} ms")
     row("  one query, median", lambda _, r: f"{r['multi_median_ms']:.2f} ms")
-    Console().print(table)
+    Console(width=160).print(table)
     m = results["machine"]
     print(f"{m['cpu_model']}, {m['cpu_count']} CPUs, Python {m['python']}, {m['platform']}")
     if "influxdb_version" in results:
