@@ -123,3 +123,15 @@ async def test_version_2_uses_token_org_bucket_and_the_v1_query_endpoint() -> No
     assert b"db=b1" in query.content
     delete = next(r for r in seen if r.url.path == "/api/v2/delete")
     assert json.loads(delete.content)["predicate"] == 'entity="dev"'
+
+
+async def test_a_server_limit_is_a_storage_error_not_bad_data() -> None:
+    reason = "partial write: max-series-per-database limit exceeded: (5) dropped=4"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, headers={"X-Influxdb-Error": reason})
+
+    async with _client(handler) as client:
+        with pytest.raises(StorageError, match="raise the limit") as caught:
+            await client.write(b"x\n")
+    assert not isinstance(caught.value, PayloadError)

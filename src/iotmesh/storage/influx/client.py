@@ -16,7 +16,9 @@ Error handling (the BatchWriter retries `StorageError`, fails a sender on `Paylo
                                                         password lets the queue drain)
     404 on write (database or bucket missing)        -> DatabaseNotFound (a StorageError;
                                                         the store creates it again)
-    400 on write (points InfluxDB refuses to parse)  -> PayloadError with InfluxDB's text
+    400 on write, a server limit exceeded            -> StorageError (retried: devices
+      (max-series-per-database, max-values-per-tag)     wait until the limit is raised)
+    400 on write, other (points InfluxDB refuses)    -> PayloadError with InfluxDB's text
     a query's error (statement or response)          -> StorageError with InfluxDB's text
 
 Resource handling: `open` creates the HTTP connection pool, `close` releases it.
@@ -184,7 +186,15 @@ class InfluxClient:
         if response.status_code == 204:
             return
         if response.status_code == 400:
-            raise PayloadError(f"InfluxDB refused the points: {_error(response)}")
+            reason = _error(response)
+            if "limit exceeded" in reason:
+                # A limit of the server (max-series-per-database, max-values-per-tag):
+                # not the device's fault; retried until the operator raises it.
+                raise StorageError(
+                    f"InfluxDB refused new series: {reason} (raise the limit in its [data]"
+                    " section, or set it to 0)"
+                )
+            raise PayloadError(f"InfluxDB refused the points: {reason}")
         if response.status_code == 404:
             raise DatabaseNotFound(f"InfluxDB write failed (404): {_error(response)}")
         raise StorageError(f"InfluxDB write failed ({response.status_code}): {_error(response)}")
