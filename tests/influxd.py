@@ -36,8 +36,11 @@ class InfluxServer:
         self.url = f"http://127.0.0.1:{port}"
 
     @classmethod
-    def start(cls, root: Path) -> InfluxServer:
+    def start(cls, root: Path, *, auth: bool = False) -> InfluxServer:
         """Start influxd with its files under `root`; return once /ping answers.
+
+        With `auth`, InfluxDB wants credentials (`auth-enabled`); until a first admin
+        user is created (`CREATE USER ... WITH ALL PRIVILEGES`), it accepts only that.
 
         Raises:
             RuntimeError: influxd is not installed, exited, or was not ready in time.
@@ -62,6 +65,7 @@ bind-address = "127.0.0.1:{rpc_port}"
 [http]
   bind-address = "127.0.0.1:{port}"
   log-enabled = false
+  auth-enabled = {"true" if auth else "false"}
 [continuous_queries]
   enabled = false
 [logging]

@@ -207,3 +207,40 @@ def test_run_refuses_to_start_without_its_influxdb(data_dir: Path, tmp_path: Pat
     nobody = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(RuntimeError, match=r"cannot start: InfluxDB at .* unreachable"):
         start_server(data_dir, tmp_path / "logs", "--storage", "influxdb", "--influx-url", nobody)
+
+
+def test_influxdb_with_credentials(data_dir: Path, tmp_path: Path) -> None:
+    """auth-enabled influxd: the password from the environment works, a wrong one is
+    reported by doctor and stops run from starting."""
+    influx = InfluxServer.start(tmp_path / "influxd", auth=True)
+    try:
+        q = "CREATE USER iot WITH PASSWORD 's3cret' WITH ALL PRIVILEGES"
+        httpx.post(influx.url + "/query", data={"q": q}, timeout=10).raise_for_status()
+        args = [*_influx_args(influx, "secured"), "--influx-username", "iot"]
+        good = {"IOTMESH_STORAGE__INFLUXDB__PASSWORD": "s3cret"}
+        bad = {"IOTMESH_STORAGE__INFLUXDB__PASSWORD": "wrong"}
+
+        checked = subprocess.run(
+            iotmesh_command("doctor", "--data-dir", str(data_dir), *args),
+            capture_output=True,
+            text=True,
+            env=child_env(bad),
+            timeout=60,
+        )
+        assert checked.returncode == 1
+        assert "refused the credentials (401)" in checked.stdout
+        with pytest.raises(RuntimeError, match="refused the credentials"):
+            start_server(data_dir, tmp_path / "logs-bad", *args, env=bad)
+
+        srv = start_server(data_dir, tmp_path / "logs", *args, env=good)
+        try:
+            with srv.admin() as admin, srv.anonymous() as dev:
+                device = _device(admin, "guarded")
+                url = f"/api/v1/{device['access_token']}/telemetry"
+                assert dev.post(url, json={"ts": T0, "values": {"t": 7}}).status_code == 200
+                got = admin.get(f"/api/v1/devices/{device['id']}/telemetry", params={"keys": "t"})
+                assert got.json() == {"t": [{"ts": T0, "value": 7}]}
+        finally:
+            srv.stop()
+    finally:
+        influx.stop()
