@@ -6,12 +6,12 @@ The data model and the type mapping are in `lineproto.py` (one measurement, a se
 - raw ranges: one `SELECT kind, v_* ... GROUP BY "key" ORDER BY time LIMIT n` for all the
   keys of a query (InfluxDB applies LIMIT per series, the contract's per-key limit);
 - aggregations run in InfluxDB (`GROUP BY time(<interval>ms) fill(none)`, whose buckets
-  are aligned to the epoch, as the contract wants): `COUNT(kind)` for COUNT, and for the
-  others SUM/COUNT/MIN/MAX of `v_l` over the points whose `kind` is LONG and of `v_d`
-  over the DOUBLE ones, combined here per bucket (a long where a bucket has only longs).
-  A probe first finds where each key's data lies in the range, to refuse too many
-  buckets (`aggregate.check_buckets`) and to narrow the range InfluxDB groups over. Two
-  cases InfluxDB cannot answer exactly are aggregated here from the raw points with
+  are aligned to the epoch, as the contract wants): `COUNT(kind)` for COUNT; for the
+  others, the longs (`kind` LONG, `v_l`) and the doubles (`kind` DOUBLE, `v_d`) are
+  aggregated apart and combined here per bucket (`aggregates.py`). A probe first finds
+  where each key's data lies in the range, to refuse too many buckets
+  (`aggregate.check_buckets`) and to narrow the range InfluxDB groups over. Two cases
+  InfluxDB cannot answer exactly are aggregated here from the raw points with
   `storage/aggregate.py`, like the SQLite store: long sums that could overflow int64
   (InfluxDB's integer SUM wraps) and series holding non-finite doubles;
 - latest values and keys: `SELECT LAST(kind), v_* ... GROUP BY "key"`;
