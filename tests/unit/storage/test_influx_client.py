@@ -7,6 +7,7 @@ against influxd in tests/contract and tests/integration.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 
@@ -135,3 +136,28 @@ async def test_a_server_limit_is_a_storage_error_not_bad_data() -> None:
         with pytest.raises(StorageError, match="raise the limit") as caught:
             await client.write(b"x\n")
     assert not isinstance(caught.value, PayloadError)
+
+
+async def test_close_waits_for_a_write_in_progress() -> None:
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/write":
+            entered.set()
+            await release.wait()
+            return httpx.Response(204)
+        if request.url.path == "/ping":
+            return httpx.Response(204)
+        body = {"results": [{"statement_id": 0, "series": [{"values": [["iotmesh"]]}]}]}
+        return httpx.Response(200, content=json.dumps(body).encode())
+
+    store = InfluxTimeSeriesStore(InfluxSettings(), httpx.MockTransport(handler))
+    await store.open()
+    write = asyncio.create_task(store.write([SeriesWrite("d", [TsRecord(1, {"t": 1})])]))
+    await entered.wait()
+    close = asyncio.create_task(store.close())
+    await asyncio.sleep(0.01)
+    assert not close.done()
+    release.set()
+    await write  # the write completed, not cut off by close
+    await close

@@ -34,7 +34,7 @@ flight. Aggregations do not check this: one run during a write may count a point
 next raw read still skips.
 
 Resource handling: `open` connects, checks the server and creates the database if
-missing; `close` releases the connection pool.
+missing; `close` waits for a write in progress, then releases the connection pool.
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ class InfluxTimeSeriesStore:
     ) -> None:
         self.settings = settings
         self.client = InfluxClient(settings, transport)
+        # Held by a write; `close` takes it, so it waits for a write in progress.
+        self._writing = asyncio.Lock()
 
     async def open(self) -> None:
         await self.client.open()
@@ -99,12 +101,14 @@ class InfluxTimeSeriesStore:
             raise
 
     async def close(self) -> None:
-        await self.client.close()
+        async with self._writing:
+            await self.client.close()
 
     async def write(self, batch: Sequence[SeriesWrite]) -> None:
         try:
-            for body in bodies(encode_lines(batch), MAX_BODY_BYTES):
-                await self.client.write(body)
+            async with self._writing:
+                for body in bodies(encode_lines(batch), MAX_BODY_BYTES):
+                    await self.client.write(body)
         except DatabaseNotFound:
             # Dropped while we run: create it again, so the writer's retry can succeed.
             with contextlib.suppress(StorageError):
