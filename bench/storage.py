@@ -1,8 +1,11 @@
-"""Benchmark of the SQLite time-series store: ingest through the group-commit writer,
-then aggregate queries over compacted data.
+"""Benchmark of the time-series stores: ingest through the group-commit writer, then
+aggregate queries, the same workload on each backend in one run.
 
-Run: `.venv/bin/python bench/storage.py` (about a minute; `--help` for the knobs).
-Prints a table and writes bench/results/storage.json.
+Run: `.venv/bin/python bench/storage.py` (a few minutes; `--help` for the knobs).
+Prints a table and writes bench/results/storage.json. `--backends sqlite,influxdb`
+(default both): SQLite in a temp dir; InfluxDB 1.x as a temporary `influxd` (the
+Debian package, started like the tests start it: free port, data in a temp dir, WAL
+fsynced on every write) unless `--influx-url` names a running one.
 
 1. Ingest: `--devices` devices send messages of 3 keys (temperature and humidity as
    doubles, count as a long). `--tasks` submitter tasks, like pipeline consumers, each
@@ -13,7 +16,7 @@ Prints a table and writes bench/results/storage.json.
    remaining compaction backlog took afterwards.
 2. Query: AVG per minute over the whole range (every bucket: limit 100k), on 1M points
    of one series (1 Hz, ~11.6 days) and on 1000 series of 1000 points each (one query
-   per series; total and median), after compaction has settled.
+   per series; total and median), after compaction (SQLite) has settled.
 """
 
 from __future__ import annotations
@@ -32,13 +35,17 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from iotmesh.core.settings import SqliteSettings, WriterSettings
+from iotmesh.core.settings import InfluxSettings, SqliteSettings, WriterSettings
 from iotmesh.core.types import Aggregation, Order, TsRecord
+from iotmesh.storage.influx import InfluxClient, InfluxTimeSeriesStore
 from iotmesh.storage.sqlite.tsdb import SqliteTimeSeriesStore
-from iotmesh.storage.timeseries import Query, SeriesWrite
+from iotmesh.storage.timeseries import Query, SeriesWrite, TimeSeriesStore
 from iotmesh.storage.writer import BatchWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from tests.influxd import InfluxServer
+
 from _measure import machine
 
 RESULTS = Path(__file__).parent / "results" / "storage.json"
@@ -70,6 +77,30 @@ def python_loop_ns() -> float:
     return best / 200_000 * 1e9
 
 
+class Backend:
+    """Builds the stores of one backend: a fresh one (file, database) per name."""
+
+    def __init__(self, name: str, data_dir: Path, args: argparse.Namespace) -> None:
+        self.name = name
+        self.data_dir = data_dir
+        self.args = args
+        self.influx_url: str = args.influx_url or ""
+
+    def store(self, name: str) -> TimeSeriesStore:
+        if self.name == "sqlite":
+            settings = SqliteSettings(synchronous=self.args.sync)
+            return SqliteTimeSeriesStore(self.data_dir / f"{name}.db", settings)
+        database = f"bench_{name}_{time.time_ns()}"
+        return InfluxTimeSeriesStore(InfluxSettings(url=self.influx_url, database=database))
+
+    async def settle(self, store: TimeSeriesStore) -> float:
+        """Wait for background work (SQLite compaction); return the seconds it took."""
+        started = time.perf_counter()
+        if isinstance(store, SqliteTimeSeriesStore):
+            await store.compact()
+        return time.perf_counter() - started
+
+
 async def submitter(
     writer: BatchWriter, devices: list[str], messages: int, batch: int, pool: list[dict[str, Any]]
 ) -> None:
@@ -86,8 +117,8 @@ async def submitter(
         await writer.write(out)
 
 
-async def ingest(data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    store = SqliteTimeSeriesStore(data_dir / "ingest.db", SqliteSettings(synchronous=args.sync))
+async def ingest(backend: Backend, args: argparse.Namespace) -> dict[str, Any]:
+    store = backend.store("ingest")
     await store.open()
     try:
         writer = BatchWriter(store, WriterSettings())
@@ -105,9 +136,7 @@ async def ingest(data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
                 )
         elapsed = time.perf_counter() - started
         await writer.stop()
-        compact_started = time.perf_counter()
-        await store.compact()
-        compact_s = time.perf_counter() - compact_started
+        compact_s = await backend.settle(store)
         points = messages * KEYS_PER_MESSAGE
         return {
             "points": points,
@@ -125,14 +154,14 @@ def avg_per_minute(entity: str, start: int, end: int) -> Query:
     return Query(entity, ("v",), start, end, Aggregation.AVG, 60_000, 100_000, Order.ASC)
 
 
-async def timed(store: SqliteTimeSeriesStore, q: Query) -> tuple[float, int]:
+async def timed(store: TimeSeriesStore, q: Query) -> tuple[float, int]:
     started = time.perf_counter()
     result = await store.query(q)
     return time.perf_counter() - started, len(result.get("v", []))
 
 
-async def queries(data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    store = SqliteTimeSeriesStore(data_dir / "query.db", SqliteSettings(synchronous=args.sync))
+async def queries(backend: Backend, args: argparse.Namespace) -> dict[str, Any]:
+    store = backend.store("query")
     await store.open()
     try:
         # One series, 1 Hz, written 10k points per transaction.
@@ -160,7 +189,7 @@ async def queries(data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
                     for s in range(series)
                 ]
             )
-        await store.compact()
+        await backend.settle(store)
         end = T0 + n * 1000
         single = [await timed(store, avg_per_minute("single", T0, end)) for _ in range(args.repeat)]
         buckets = single[0][1]
@@ -183,34 +212,43 @@ async def queries(data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(results: dict[str, Any]) -> None:
-    ing, q = results["ingest"], results["query"]
+    names = [n for n in ("sqlite", "influxdb") if n in results["backends"]]
+    runs = [results["backends"][n] for n in names]
+    first = runs[0]
+    ing, q = first["ingest"], first["query"]
     single = f"1 series x {q['single_series_points']:,} points"
     multi = f"{q['multi_series']:,} series x {q['multi_points_per_series']:,} points"
-    table = Table(title="SQLite time-series store")
+    table = Table(title="Time-series stores, same workload")
     table.add_column("measure")
-    table.add_column("result", justify="right")
-    table.add_column("target", justify="right")
-    table.add_row(
+    for name in names:
+        table.add_column(name, justify="right")
+    table.add_column("target (SQLite)", justify="right")
+
+    def row(label: str, cell: Any, target: str = "") -> None:
+        table.add_row(label, *(cell(r["ingest"], r["query"]) for r in runs), target)
+
+    row(
         f"ingest via BatchWriter, {ing['points']:,} points",
-        f"{ing['points_per_s']:,.0f} points/s",
+        lambda i, _: f"{i['points_per_s']:,.0f} points/s",
         ">= 300,000",
     )
-    table.add_row(
+    row(
         "  commits (points per commit)",
-        f"{ing['commits']:,} ({ing['points_per_commit']:,.0f})",
-        "",
+        lambda i, _: f"{i['commits']:,} ({i['points_per_commit']:,.0f})",
     )
-    table.add_row("  compaction left after ingest", f"{ing['compaction_backlog_s']:.2f} s", "")
-    table.add_row(
+    row("  background work left after ingest", lambda i, _: f"{i['compaction_backlog_s']:.2f} s")
+    row(
         f"AVG/minute, {single} ({q['single_series_buckets']:,} buckets)",
-        f"{q['single_series_ms_median']:.1f} ms (min {q['single_series_ms_min']:.1f})",
+        lambda _, r: f"{r['single_series_ms_median']:.1f} ms (min {r['single_series_ms_min']:.1f})",
         "<= 100 ms",
     )
-    table.add_row(f"AVG/minute, {multi}: all queries", f"{q['multi_total_ms']:.0f} ms", "")
-    table.add_row("  one query, median", f"{q['multi_median_ms']:.2f} ms", "")
-    Console().print(table)
+    row(f"AVG/minute, {multi}: all queries", lambda _, r: f"{r['multi_total_ms']:.0f} ms")
+    row("  one query, median", lambda _, r: f"{r['multi_median_ms']:.2f} ms")
+    Console(width=160).print(table)
     m = results["machine"]
     print(f"{m['cpu_model']}, {m['cpu_count']} CPUs, Python {m['python']}, {m['platform']}")
+    if "influxdb_version" in results:
+        print(f"InfluxDB {results['influxdb_version']}")
     print(
         f"host speed: {m['python_loop_ns_before']:.1f} / {m['python_loop_ns_after']:.1f} ns per"
         " Python loop iteration (before / after; lower is faster)"
@@ -229,19 +267,39 @@ async def main() -> None:
     parser.add_argument("--sync", choices=["FULL", "NORMAL"], default="FULL")
     parser.add_argument("--skip-ingest", action="store_true")
     parser.add_argument("--skip-query", action="store_true")
+    parser.add_argument(
+        "--backends", default="sqlite,influxdb", help="comma-separated: sqlite, influxdb"
+    )
+    parser.add_argument(
+        "--influx-url", default=None, help="a running InfluxDB 1.x (default: start influxd)"
+    )
     args = parser.parse_args()
+    names = [n.strip() for n in args.backends.split(",") if n.strip()]
     data_dir = Path(tempfile.mkdtemp(prefix="iotmesh-bench-"))
+    influxd: InfluxServer | None = None
     try:
-        results: dict[str, Any] = {"machine": machine(), "args": vars(args)}
+        results: dict[str, Any] = {"machine": machine(), "args": vars(args), "backends": {}}
         results["machine"]["python_loop_ns_before"] = python_loop_ns()
-        results["ingest"] = None if args.skip_ingest else await ingest(data_dir, args)
-        results["query"] = None if args.skip_query else await queries(data_dir, args)
+        for name in names:
+            backend = Backend(name, data_dir, args)
+            if name == "influxdb" and not backend.influx_url:
+                influxd = InfluxServer.start(data_dir / "influxd")
+                backend.influx_url = influxd.url
+            if name == "influxdb":
+                async with InfluxClient(InfluxSettings(url=backend.influx_url)) as client:
+                    results["influxdb_version"] = (await client.ping()).version
+            results["backends"][name] = {
+                "ingest": None if args.skip_ingest else await ingest(backend, args),
+                "query": None if args.skip_query else await queries(backend, args),
+            }
         results["machine"]["python_loop_ns_after"] = python_loop_ns()
     finally:
+        if influxd is not None:
+            influxd.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    if results["ingest"] and results["query"]:
+    if not args.skip_ingest and not args.skip_query:
         report(results)
     else:
         print(json.dumps(results, indent=2))

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -38,6 +39,16 @@ from iotmesh.transports.http import HttpServer
 from iotmesh.transports.mqtt import MqttServer
 
 log = logging.getLogger(__name__)
+
+
+def timeseries_store(settings: Settings, data_dir: Path) -> TimeSeriesStore:
+    """The time-series store `storage.timeseries` names (unopened)."""
+    if settings.storage.timeseries == "influxdb":
+        # Imported only when chosen: the embedded default needs no InfluxDB client.
+        from iotmesh.storage.influx import InfluxTimeSeriesStore
+
+        return InfluxTimeSeriesStore(settings.storage.influxdb)
+    return SqliteTimeSeriesStore(data_dir / "timeseries.db", settings.storage.sqlite)
 
 
 class _StoreService(Service):
@@ -130,7 +141,7 @@ class Platform:
         attributes = AttributeService(state)
         rpc = RpcService(state, settings.devices)
         connectivity = ConnectivityService(settings.devices.inactivity_timeout_s, store=state)
-        store = SqliteTimeSeriesStore(path / "timeseries.db", settings.storage.sqlite)
+        store = timeseries_store(settings, path)
         writer = BatchWriter(store, settings.writer)
         bus = MemoryBus(settings.bus)
         latest = LatestValues()

@@ -2,20 +2,28 @@
 
 To add a backend, append a `Backend` to `BACKENDS`: a name (the pytest id), a factory
 building an unopened store from a tmp dir, and `settle`, which waits until background
-work (compaction, rollups) has finished so tests can check it changes no answer.
+work (compaction, rollups) has finished so tests can check it changes no answer. A
+backend that needs a server names its session fixture in `server`; `make` then takes
+the server first and the `backend` fixture binds it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from iotmesh.core.settings import SqliteSettings
+from iotmesh.core.settings import InfluxSettings, SqliteSettings
+from iotmesh.storage.influx import InfluxTimeSeriesStore
 from iotmesh.storage.sqlite.tsdb import SqliteTimeSeriesStore
 from iotmesh.storage.timeseries import TimeSeriesStore
+from tests.influxd import InfluxServer
 
 
 @dataclass(frozen=True)
@@ -23,8 +31,9 @@ class Backend:
     """How the contract suite builds and settles one backend."""
 
     name: str
-    make: Callable[[Path], TimeSeriesStore]
+    make: Callable[..., TimeSeriesStore]
     settle: Callable[[TimeSeriesStore], Awaitable[None]]
+    server: str | None = None
 
 
 async def no_background_work(store: TimeSeriesStore) -> None:
@@ -42,8 +51,15 @@ def _sqlite(tmp_path: Path) -> TimeSeriesStore:
     return SqliteTimeSeriesStore(tmp_path / "timeseries.db", settings)
 
 
+def _influxdb(server: InfluxServer, tmp_path: Path) -> TimeSeriesStore:
+    # A database per test, named after its tmp dir: the same on a reopen in one test.
+    database = "contract_" + hashlib.sha1(str(tmp_path).encode()).hexdigest()[:16]
+    return InfluxTimeSeriesStore(InfluxSettings(url=server.url, database=database))
+
+
 BACKENDS = [
     Backend("sqlite", _sqlite, _sqlite_settle),
+    Backend("influxdb", _influxdb, no_background_work, server="influxd"),
 ]
 
 
@@ -51,6 +67,9 @@ BACKENDS = [
 def backend(request: pytest.FixtureRequest) -> Backend:
     """The backend under test."""
     b: Backend = request.param
+    if b.server is not None:
+        server: Any = request.getfixturevalue(b.server)
+        b = dataclasses.replace(b, make=functools.partial(b.make, server))
     return b
 
 

@@ -13,6 +13,16 @@ from typing import Annotated
 import typer
 
 from iotmesh import __version__
+from iotmesh.cli.storage_options import (
+    InfluxBucketOpt,
+    InfluxDatabaseOpt,
+    InfluxOrgOpt,
+    InfluxUrlOpt,
+    InfluxUserOpt,
+    InfluxVersionOpt,
+    StorageOpt,
+    storage_overrides,
+)
 from iotmesh.core.errors import IotmeshError
 from iotmesh.core.settings import Settings, load_settings
 
@@ -55,6 +65,10 @@ async def _serve(settings: Settings) -> None:
         if "tls_port" in mqtt:
             print(f"  MQTT over TLS                 {mqtt['host']}:{mqtt['tls_port']}")
         print(f"  data dir                      {platform.data_dir.path}")
+        if settings.storage.timeseries == "influxdb":
+            influx = settings.storage.influxdb
+            where = influx.database if influx.version == 1 else f"bucket {influx.bucket}"
+            print(f"  telemetry                     InfluxDB {influx.url} ({where})")
         if platform.admin_token_generated:
             print(f"  admin token (shown once)      {platform.admin_token}")
             print(f"    saved in {platform.data_dir.path / 'admin_token'}")
@@ -72,8 +86,18 @@ def run(
     coap_port: Annotated[int | None, typer.Option(help="CoAP port (0 = any free).")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML settings file.")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
+    storage: StorageOpt = None,
+    influx_url: InfluxUrlOpt = None,
+    influx_version: InfluxVersionOpt = None,
+    influx_database: InfluxDatabaseOpt = None,
+    influx_username: InfluxUserOpt = None,
+    influx_org: InfluxOrgOpt = None,
+    influx_bucket: InfluxBucketOpt = None,
 ) -> None:
-    """Run the whole platform in this process, on embedded defaults (SQLite, in-process bus)."""
+    """Run the whole platform in this process, on embedded defaults (SQLite, in-process bus).
+
+    `--storage influxdb --influx-url URL` keeps telemetry in InfluxDB instead.
+    """
     try:
         settings = load_settings(
             config,
@@ -84,6 +108,15 @@ def run(
                 "mqtt.port": mqtt_port,
                 "coap.port": coap_port,
                 "log_level": log_level,
+                **storage_overrides(
+                    storage,
+                    influx_url,
+                    influx_version,
+                    influx_database,
+                    influx_username,
+                    influx_org,
+                    influx_bucket,
+                ),
             },
         )
         _configure_logging(settings.log_level)

@@ -205,12 +205,39 @@ class WriterSettings(_Section):
     )
 
 
+class InfluxSettings(_Section):
+    """An InfluxDB server holding telemetry (`storage.timeseries = "influxdb"`)."""
+
+    url: str = Field("http://127.0.0.1:8086", description="Base URL of the InfluxDB HTTP API.")
+    version: Literal[1, 2] = Field(
+        1,
+        description="1: InfluxDB 1.x (database, user/password); 2: InfluxDB 2.x/3.x API"
+        " (token, org, bucket; queries through its 1.x-compatible /query).",
+    )
+    database: str = Field(
+        "iotmesh", min_length=1, description="1.x: the database (created if missing)."
+    )
+    username: str | None = Field(None, description="1.x: user name, when auth is enabled.")
+    password: SecretStr | None = Field(None, description="1.x: password of `username`.")
+    token: SecretStr | None = Field(None, description="2.x/3.x: API token.")
+    org: str | None = Field(None, description="2.x: organization the bucket belongs to.")
+    bucket: str = Field(
+        "iotmesh",
+        min_length=1,
+        description="2.x/3.x: bucket (queried as the database of the same name).",
+    )
+    timeout_s: float = Field(10.0, gt=0, description="Timeout of one HTTP request to InfluxDB.")
+
+
 class StorageSettings(_Section):
     """Which storage backends hold data."""
 
-    timeseries: Literal["sqlite"] = Field("sqlite", description="Time-series store backend.")
+    timeseries: Literal["sqlite", "influxdb"] = Field(
+        "sqlite", description="Time-series store backend."
+    )
     state: Literal["sqlite"] = Field("sqlite", description="State store (devices, tokens).")
     sqlite: SqliteSettings = SqliteSettings()
+    influxdb: InfluxSettings = InfluxSettings()
 
 
 def _default_data_dir() -> Path:

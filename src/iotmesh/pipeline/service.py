@@ -3,6 +3,9 @@
 Error handling: a message a processor drops is terminated on the bus (dead-lettered)
 and its publisher gets an error; a failed store commit is retried by the writer, and
 only if the writer gives up (it is stopping) are the messages nacked for redelivery.
+A batch the store refuses as data (`PayloadError`, e.g. a timestamp InfluxDB cannot
+hold) is written again message by message, so that only the refused messages are
+terminated (with the store's reason) and the others are stored.
 A message is acked only after its transaction committed.
 """
 
@@ -14,7 +17,7 @@ from typing import Any
 
 from iotmesh.bus import subjects
 from iotmesh.bus.interface import Delivery, Subscriber, Subscription
-from iotmesh.core.errors import StorageError
+from iotmesh.core.errors import PayloadError, StorageError
 from iotmesh.core.lifecycle import Service
 from iotmesh.core.types import TelemetryMessage
 from iotmesh.pipeline.latest import LatestValues
@@ -80,6 +83,9 @@ class Pipeline(Service):
         batch = [SeriesWrite(message.device_id, message.records) for _, message in accepted]
         try:
             await self._writer.write(batch)
+        except PayloadError:
+            await self._write_each(accepted)
+            return
         except StorageError as exc:
             log.warning("store failed, %d messages will be redelivered: %s", len(batch), exc)
             for delivery, _ in accepted:
@@ -87,4 +93,24 @@ class Pipeline(Service):
             return
         self._latest.update(message for _, message in accepted)
         for delivery, _ in accepted:
+            delivery.ack()
+
+    async def _write_each(self, accepted: list[tuple[Delivery, TelemetryMessage]]) -> None:
+        """Write messages one by one (in order): terminate those the store refuses."""
+        for i, (delivery, message) in enumerate(accepted):
+            try:
+                await self._writer.write([SeriesWrite(message.device_id, message.records)])
+            except PayloadError as exc:
+                self.dropped += 1
+                log.warning("store refused message %s: %s", delivery.msg_id, exc)
+                delivery.term(str(exc))
+                continue
+            except StorageError as exc:
+                log.warning(
+                    "store failed, %d messages will be redelivered: %s", len(accepted) - i, exc
+                )
+                for later, _ in accepted[i:]:
+                    later.nack(delay=1.0)
+                return
+            self._latest.update([message])
             delivery.ack()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
 from iotmesh.bus.interface import Delivery
 from iotmesh.bus.memory import MemoryBus
-from iotmesh.core.errors import StorageError
+from iotmesh.core.errors import PayloadError, StorageError
 from iotmesh.core.settings import BusSettings, WriterSettings
 from iotmesh.core.types import TelemetryMessage, TsPoint, TsRecord
 from iotmesh.pipeline.latest import LatestValues
@@ -170,3 +170,27 @@ async def test_every_delivery_is_settled_when_handle_returns() -> None:
         await asyncio.wait_for(pipeline.handle(deliveries), timeout=2)
 
     assert all(d.settled for d in deliveries)
+
+
+class RefusingStore(RecordingStore):
+    """Refuses, as data, any batch holding a negative timestamp."""
+
+    async def write(self, batch: Sequence[SeriesWrite]) -> None:
+        if any(r.ts < 0 for s in batch for r in s.records):
+            raise PayloadError("timestamp out of range")
+        await super().write(batch)
+
+
+async def test_a_message_the_store_refuses_is_termed_and_the_rest_stored() -> None:
+    store = RefusingStore()
+    good1 = message("m1", "dev-1", TsRecord(1, {"t": 1}))
+    bad = message("m2", "dev-2", TsRecord(-5, {"t": 2}))
+    good2 = message("m3", "dev-1", TsRecord(3, {"t": 3}))
+
+    async with pipeline_with(store) as (pipeline, _):
+        await pipeline.handle([good1, bad, good2])
+
+    assert (good1.state, bad.state, good2.state) == ("ack", "term", "ack")
+    assert "out of range" in bad.reason
+    assert pipeline.dropped == 1
+    assert store.entities() == ["dev-1", "dev-1"]

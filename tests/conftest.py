@@ -1,0 +1,19 @@
+"""Fixtures shared by the test folders: real servers the suites run against."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.influxd import InfluxServer
+
+
+@pytest.fixture(scope="session")
+def influxd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxServer]:
+    """One real influxd for the session, started on first use; tests use own databases."""
+    server = InfluxServer.start(tmp_path_factory.mktemp("influxd"))
+    try:
+        yield server
+    finally:
+        server.stop()
