@@ -211,6 +211,9 @@ class DurableGroup(Subscription):
         self._tick = settings.ack_wait_s / 3
         self._closing = asyncio.Event()
         self._owned: dict[int, tuple[asyncio.Event, asyncio.Task[None]]] = {}
+        # Loop time until which each held lease is surely ours (measured from before
+        # the request that took or renewed it): a partition is not read past it.
+        self._valid_until: dict[int, float] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -249,11 +252,15 @@ class DurableGroup(Subscription):
 
     async def _rebalance(self) -> None:
         members = await self._engine.heartbeat(self._gid, self.member)
+        loop = asyncio.get_running_loop()
         for p in list(self._owned):
+            asked = loop.time()
             if self._owned[p][1].done() or not await self._engine.renew(
                 self._lease(p), self.member
             ):
                 await self._drop(p, release=False)
+            else:
+                self._valid_until[p] = asked + self._settings.ack_wait_s
         total = self._settings.partitions
         target = math.ceil(total / max(members, 1))
         surplus = sorted(self._owned, reverse=True)[: max(len(self._owned) - target, 0)]
@@ -263,7 +270,9 @@ class DurableGroup(Subscription):
             if len(self._owned) >= target or self._closing.is_set():
                 break
             p = (start + i) % total
+            asked = loop.time()
             if p not in self._owned and await self._engine.acquire(self._lease(p), self.member):
+                self._valid_until[p] = asked + self._settings.ack_wait_s
                 stop = asyncio.Event()
                 task = asyncio.create_task(
                     self._consume(p, stop), name=f"bus.{self._group}.partition-{p}"
@@ -272,6 +281,7 @@ class DurableGroup(Subscription):
 
     async def _drop(self, partition: int, *, release: bool) -> None:
         stop, task = self._owned.pop(partition)
+        self._valid_until.pop(partition, None)
         stop.set()
         try:
             await task  # the batch in hand is settled first
@@ -285,7 +295,15 @@ class DurableGroup(Subscription):
         source = await self._engine.open_source(self._gid, self._pattern, partition, self.member)
         try:
             await source.take_over()
+            loop = asyncio.get_running_loop()
             while not stop.is_set():
+                if loop.time() + self._tick > self._valid_until.get(partition, 0.0):
+                    # Renewals failed (engine unreachable?): the lease may pass to
+                    # another member, so stop reading before it can.
+                    log.warning(
+                        "bus group %s: lease on partition %d lapsing", self._group, partition
+                    )
+                    break
                 try:
                     batch = await source.fetch(self._max_batch, min(1.0, self._tick))
                     delay = await self._process(source, batch) if batch else 0.0

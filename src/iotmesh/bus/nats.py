@@ -80,8 +80,18 @@ class _NatsSource(Source):
         self._sub = sub
 
     async def take_over(self) -> None:
-        """Nothing to do: JetStream redelivers what an earlier holder left after ack_wait,
-        before new messages, and the lease is only won after ack_wait."""
+        """Let what an earlier holder left unsettled become redeliverable first.
+
+        JetStream hands out redeliveries before new messages, but only once their ack
+        wait has run out, and the holder's keep-alives restarted it until it died. Its
+        last keep-alive came at most a renewal period (a third of the ack wait) after
+        its last lease renewal, and the lease outlived that renewal by a whole ack
+        wait: so if anything is pending, a third of the ack wait (and a margin for the
+        server's timer) is enough for it all to be first in line again.
+        """
+        info = await self._sub.consumer_info()
+        if info.num_ack_pending:
+            await asyncio.sleep(self._bus.settings.ack_wait_s * (1 / 3 + 0.1))
 
     async def fetch(self, max_batch: int, wait: float) -> list[EngineMessage]:
         try:
@@ -153,9 +163,15 @@ class NatsBus(Bus, Engine):
         except (OSError, nats.errors.Error) as exc:
             raise BusError(f"cannot connect to NATS at {self.settings.nats_url}: {exc}") from exc
         self._js = self._nc.jetstream(timeout=timeout)
-        self._kv = await self._js.create_key_value(
-            bucket=f"{self._ns}_bus_leases", ttl=self.settings.ack_wait_s, history=1
-        )
+        bucket = f"{self._ns}_bus_leases"
+        try:
+            self._kv = await self._js.create_key_value(
+                bucket=bucket, ttl=self.settings.ack_wait_s, history=1
+            )
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != 10058:  # made by a process with another ack wait: use it
+                raise BusError(f"cannot create the lease bucket: {exc.description}") from exc
+            self._kv = await self._js.key_value(bucket)
 
     async def stop(self) -> None:
         groups, self._groups = self._groups, []

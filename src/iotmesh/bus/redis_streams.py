@@ -50,14 +50,17 @@ from iotmesh.core.errors import Overloaded
 from iotmesh.core.settings import BusSettings
 
 # KEYS: stream, dedup key. ARGV: cap (0: none), dedup ms, minid (or ""), field/value...
+# The dedup key is written last: a script that fails half-way leaves no key that
+# would make the retry look like a duplicate.
 _PUBLISH = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 if ARGV[1] ~= '0' and redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return -1 end
-if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[2]) == false then return 0 end
 if ARGV[3] ~= '' then
   redis.call('XADD', KEYS[1], 'MINID', '~', ARGV[3], '*', unpack(ARGV, 4))
 else
   redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4))
 end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 return 1
 """
 
