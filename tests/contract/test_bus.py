@@ -32,7 +32,14 @@ import pytest
 from iotmesh.bus import subjects
 from iotmesh.bus.interface import Bus, BusError, DeadLettered, Delivery
 from iotmesh.core.errors import Overloaded
+from iotmesh.core.settings import WriterSettings
+from iotmesh.core.types import TsRecord
+from iotmesh.pipeline.ingest import TelemetryIngest
+from iotmesh.pipeline.latest import LatestValues
+from iotmesh.pipeline.service import Pipeline
+from iotmesh.storage.writer import BatchWriter
 from tests.contract.bus_backends import BACKENDS, Backend, BusHarness
+from tests.unit.doubles import RecordingStore
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -537,3 +544,26 @@ async def test_what_a_dead_member_held_is_redelivered_to_another(
     await bus.subscribe("telemetry.>", "pipeline", survivor)
     await eventually(lambda: len(survivor.acked) == 3)
     assert survivor.seen == [("m1", 2), ("m2", 1), ("m3", 1)]  # what it held comes first
+
+
+# -- the consumer the platform has -------------------------------------------------------
+
+
+async def test_the_pipeline_stores_what_ingest_publishes(
+    make_harness: Callable[..., BusHarness],
+) -> None:
+    h = make_harness()
+    bus = await h.bus()
+    store = RecordingStore()
+    writer = BatchWriter(store, WriterSettings())
+    await writer.start()
+    pipeline = Pipeline(bus, writer, LatestValues())
+    await pipeline.start()
+    try:
+        ingest = TelemetryIngest(bus, enqueue_timeout_s=5.0)
+        for i in range(3):
+            await ingest.submit(f"dev-{i}", [TsRecord(1000 + i, {"t": i})])
+        await eventually(lambda: sorted(store.entities()) == ["dev-0", "dev-1", "dev-2"])
+    finally:
+        await pipeline.stop()
+        await writer.stop()
