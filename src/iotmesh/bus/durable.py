@@ -320,13 +320,17 @@ class DurableGroup(Subscription):
             with contextlib.suppress(Exception):
                 await source.close()
 
+    async def _dead_letter(self, message: EngineMessage, reason: str) -> None:
+        await self._engine.dead_letter(self._group, message, reason)
+        log.warning("bus group %s dead-lettered %s: %s", self._group, message.msg_id, reason)
+
     async def _process(self, source: Source, batch: list[EngineMessage]) -> float:
         """Hand one batch to the handler and settle it; return how long to wait."""
         limit = self._settings.max_deliver
         worn = [m for m in batch if m.attempt > limit]
         for message in worn:
             reason = f"delivered {message.attempt - 1} times, never settled"
-            await self._engine.dead_letter(self._group, message, reason)
+            await self._dead_letter(message, reason)
         if worn:
             await source.ack(worn)
         deliveries = [_DurableDelivery(m) for m in batch if m.attempt <= limit]
@@ -358,7 +362,7 @@ class DurableGroup(Subscription):
                 retry.append(d.message)
                 delay = max(delay, d.delay)
                 continue
-            await self._engine.dead_letter(self._group, d.message, reason)
+            await self._dead_letter(d.message, reason)
             done.append(d.message)
         if done:
             await source.ack(done)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,8 +65,6 @@ from iotmesh.bus.interface import BatchHandler, Bus, BusError, Subscription
 from iotmesh.core.errors import Overloaded
 from iotmesh.core.settings import BusSettings
 
-log = logging.getLogger(__name__)
-
 KEY_HEADER = "Iotmesh-Key"
 MSG_ID_HEADER = "Iotmesh-Msg-Id"  # set on dead letters, whose Nats-Msg-Id names the group
 REASON_HEADER = "Iotmesh-Reason"
@@ -96,7 +93,7 @@ class _NatsSource(Source):
     async def fetch(self, max_batch: int, wait: float) -> list[EngineMessage]:
         try:
             msgs = await self._sub.fetch(max_batch, timeout=wait)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats-py raises its own and asyncio's: nothing came
             return []
         return [self._bus.to_message(m) for m in msgs]
 
@@ -306,7 +303,6 @@ class NatsBus(Bus, Engine):
         }
         subject = dead_letter_subject(self.settings, group, message.subject)
         await self._publish(subject, message.data, headers, self.settings.request_timeout_s)
-        log.warning("bus: %s dead-lettered %s: %s", group, message.msg_id, reason)
 
     # -- leases -------------------------------------------------------------------
 

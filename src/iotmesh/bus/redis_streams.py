@@ -253,6 +253,7 @@ class RedisBus(Bus, Engine):
         timeout: float | None,
         extra: tuple[str, ...] = (),
     ) -> None:
+        _ = self.redis  # BusError when stopped
         space = check_name("subject space", subject.partition(".")[0])
         stream = self.stream(space, subjects.partition_of(key, self.settings.partitions))
         dead = space == self.settings.dead_letter_subject
