@@ -158,16 +158,69 @@ class DeviceSettings(_Section):
 class BusSettings(_Section):
     """The message bus between transports and the pipeline."""
 
-    backend: Literal["memory"] = Field("memory", description="Bus implementation.")
+    backend: Literal["memory", "nats", "redis"] = Field(
+        "memory",
+        description=(
+            "Bus implementation: in-process (memory), NATS JetStream (nats) or Redis Streams"
+            " (redis)."
+        ),
+    )
     partitions: int = Field(
         8, ge=1, le=1024, description="Partitions per subject; a device always maps to one."
     )
     partition_queue: int = Field(
-        1024, ge=1, description="Messages a partition holds before publishers wait."
+        1024,
+        ge=1,
+        description=(
+            "Messages a partition holds before publishers wait: memory, per group queue;"
+            " nats and redis, stored and not yet acknowledged by every group."
+        ),
     )
-    max_batch: int = Field(512, ge=1, description="Most messages handed to a consumer at once.")
+    max_batch: int = Field(
+        512,
+        ge=1,
+        description="Most messages handed to a consumer at once (and unsettled per partition).",
+    )
     max_deliver: int = Field(
         5, ge=1, description="Deliveries of one message before it is given up (dead-lettered)."
+    )
+    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server (backend nats).")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis server (backend redis).")
+    namespace: str = Field(
+        "iotmesh",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description=(
+            "Prefix of every stream, subject, consumer and key the bus makes in the engine,"
+            " so several platforms can share one NATS or Redis."
+        ),
+    )
+    ack_wait_s: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "nats/redis: how long a partition stays with a group member that stopped"
+            " answering (its lease) before another member takes it over and its unsettled"
+            " messages are redelivered."
+        ),
+    )
+    dedup_window_s: float = Field(
+        120.0,
+        gt=0,
+        description="nats/redis: a second publish with the same message id within it is dropped.",
+    )
+    dead_letter_subject: str = Field(
+        "deadletter",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description=(
+            "nats/redis: subject space of dead letters; a message a group gives up is"
+            " published to `<this>.<group>.<subject>`."
+        ),
+    )
+    dead_letter_max_age_s: float = Field(
+        7 * 86400.0, gt=0, description="nats/redis: how long dead letters are kept."
+    )
+    request_timeout_s: float = Field(
+        5.0, gt=0, description="nats/redis: longest wait for one answer from the engine."
     )
 
 
