@@ -167,7 +167,9 @@ class Platform:
             health=self.health,
             stats=self.stats,
         )
-        self.http = HttpServer(create_app(ctx), settings.host, settings.http)
+        self.http = HttpServer(
+            create_app(ctx), settings.host, settings.http, stats=ctx.long_polls.stats
+        )
         await self._enter(self.http)
         self.data_dir.write_run_info(self.run_info())
 
@@ -188,15 +190,19 @@ class Platform:
         mqtt: dict[str, Any] = {"host": host, "port": self.mqtt.port}
         if self.mqtt.tls_port is not None:
             mqtt["tls_port"] = self.mqtt.tls_port
+        http: dict[str, Any] = {
+            "host": host,
+            "port": self.http.port,
+            "url": f"http://{shown}:{self.http.port}",
+        }
+        if self.http.tls_port is not None:
+            http["tls_port"] = self.http.tls_port
+            http["tls_url"] = f"https://{shown}:{self.http.tls_port}"
         return {
             "pid": os.getpid(),
             "version": __version__,
             "data_dir": str(self.data_dir.path),
-            "http": {
-                "host": host,
-                "port": self.http.port,
-                "url": f"http://{shown}:{self.http.port}",
-            },
+            "http": http,
             "mqtt": mqtt,
         }
 

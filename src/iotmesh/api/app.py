@@ -9,6 +9,7 @@ from iotmesh.api import (
     attributes,
     credentials,
     device_http,
+    device_poll,
     devices,
     health,
     problems,
@@ -39,4 +40,5 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(attributes.router)
     app.include_router(rpc.router)
     app.include_router(device_http.router)
+    app.include_router(device_poll.router)
     return app

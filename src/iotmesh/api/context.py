@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 from fastapi import Request, Response
 
+from iotmesh.api.polls import LongPolls
 from iotmesh.commands.rpc import RpcService
 from iotmesh.core.lifecycle import Health
 from iotmesh.core.settings import Settings
@@ -34,6 +35,7 @@ class ApiContext:
     ingest: TelemetryIngest
     health: Callable[[], dict[str, Health]]
     stats: Callable[[], dict[str, dict[str, Any]]]
+    long_polls: LongPolls = dataclasses.field(default_factory=LongPolls)
 
 
 def context(request: Request) -> ApiContext:

@@ -1,20 +1,40 @@
 """The ThingsBoard device HTTP API: devices authenticate by the token in the path.
 
-`POST /api/v1/{access_token}/telemetry` answers 200 only after the points are durable.
-Errors: 400 malformed payload, 401 unknown token, 413 over `http.max_payload_bytes`,
-503 (with Retry-After) when the pipeline has no room within `http.enqueue_timeout_s`.
+    POST /api/v1/{token}/telemetry          telemetry, any ThingsBoard JSON form
+    POST /api/v1/{token}/attributes         client attributes
+    GET  /api/v1/{token}/attributes         ?clientKeys=a,b&sharedKeys=c → {"client", "shared"}
+    POST /api/v1/{token}/rpc                client-side RPC {"method", "params"} → the answer
+    POST /api/v1/{token}/rpc/{id}           the device's reply to server-side RPC {id}
+    GET  /api/v1/{token}/attributes/updates long-poll, see `api/device_poll.py`
+    GET  /api/v1/{token}/rpc                long-poll, see `api/device_poll.py`
+
+Uploads answer 200 only after they are durable (telemetry committed, attributes saved).
+Every request counts as activity of the device (`ctx.connectivity`, transport "http").
+
+Errors (problem+json, mapped in api/problems.py): 400 malformed payload, 401 unknown
+token, 413 over `http.max_payload_bytes`, 503 (with Retry-After) when the pipeline has
+no room within `http.enqueue_timeout_s`.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
-from iotmesh.api.context import ApiContext, context
+from iotmesh.api.context import ApiContext, MsgspecResponse, context
+from iotmesh.commands.client_rpc import answer_client_rpc
 from iotmesh.core.clock import now_ms
 from iotmesh.core.errors import PayloadError, PayloadTooLarge
-from iotmesh.proto.thingsboard import parse_telemetry
+from iotmesh.core.types import AttributeScope, Device
+from iotmesh.proto.thingsboard import (
+    attributes_from_json,
+    decode_json,
+    parse_telemetry,
+    split_keys,
+)
+
+TRANSPORT = "http"
 
 router = APIRouter(prefix="/api/v1/{access_token}", tags=["device API"])
 
@@ -55,6 +75,29 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+async def authenticate(ctx: ApiContext, access_token: str) -> Device:
+    """The device of an access token, its request counted as activity.
+
+    Raises:
+        AuthError: unknown or revoked token (401).
+    """
+    device = await ctx.registry.authenticate(access_token)
+    ctx.connectivity.activity(device.id, TRANSPORT)
+    return device
+
+
+async def read_json(request: Request, ctx: ApiContext) -> Any:
+    """The request body as JSON, within `http.max_payload_bytes`."""
+    return decode_json(await read_body(request, ctx.settings.http.max_payload_bytes))
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "malformed JSON or values"},
+    401: {"description": "unknown access token"},
+    413: {"description": "payload too large"},
+}
+
+
 @router.post(
     "/telemetry",
     status_code=200,
@@ -84,7 +127,101 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def post_telemetry(access_token: str, request: Request, ctx: Ctx) -> Response:
     """Upload telemetry in any ThingsBoard JSON form; 200 means it is stored durably."""
     body = await read_body(request, ctx.settings.http.max_payload_bytes)
-    device = await ctx.registry.authenticate(access_token)
+    device = await authenticate(ctx, access_token)
     records = parse_telemetry(body, now_ms())
     await ctx.ingest.submit(device.id, records)
+    return Response(status_code=200)
+
+
+@router.post(
+    "/attributes",
+    status_code=200,
+    responses=_ERRORS,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"example": {"firmware": "1.2", "uptime": 360}}},
+        }
+    },
+)
+async def post_attributes(access_token: str, request: Request, ctx: Ctx) -> Response:
+    """Report client attributes; 200 means they are saved."""
+    doc = await read_json(request, ctx)
+    device = await authenticate(ctx, access_token)
+    await ctx.attributes.save(device.id, AttributeScope.CLIENT, attributes_from_json(doc))
+    return Response(status_code=200)
+
+
+KeysParam = Annotated[str | None, Query(description="Comma-separated keys; all when absent.")]
+
+
+@router.get(
+    "/attributes",
+    response_class=MsgspecResponse,
+    responses={
+        200: {"content": {"application/json": {"example": {"client": {"fw": "1.2"}}}}},
+        401: _ERRORS[401],
+    },
+)
+async def get_attributes(
+    access_token: str,
+    ctx: Ctx,
+    clientKeys: KeysParam = None,  # noqa: N803 (ThingsBoard's parameter name)
+    sharedKeys: KeysParam = None,  # noqa: N803
+) -> MsgspecResponse:
+    """Client and shared attribute values: the named keys of each scope, or all of both
+    scopes when neither parameter is given (as ThingsBoard)."""
+    device = await authenticate(ctx, access_token)
+    client_keys = split_keys(clientKeys or None)
+    shared_keys = split_keys(sharedKeys or None)
+    everything = client_keys is None and shared_keys is None
+    answer: dict[str, Any] = {}
+    if everything or client_keys:
+        answer["client"] = await ctx.attributes.values(
+            device.id, AttributeScope.CLIENT, client_keys
+        )
+    if everything or shared_keys:
+        answer["shared"] = await ctx.attributes.values(
+            device.id, AttributeScope.SHARED, shared_keys
+        )
+    return MsgspecResponse(answer)
+
+
+@router.post(
+    "/rpc",
+    response_class=MsgspecResponse,
+    responses=_ERRORS,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"example": {"method": "getCurrentTime"}}},
+        }
+    },
+)
+async def client_rpc(access_token: str, request: Request, ctx: Ctx) -> MsgspecResponse:
+    """Client-side RPC: the platform answers `{"method", "params"}` (see
+    commands/client_rpc.py for the methods); an unknown method gets `{"error": ...}`."""
+    doc = await read_json(request, ctx)
+    device = await authenticate(ctx, access_token)
+    del device  # the answer does not depend on the device (yet)
+    if not isinstance(doc, dict) or not isinstance(doc.get("method"), str):
+        raise PayloadError('client RPC must be a JSON object with a "method" string')
+    return MsgspecResponse(answer_client_rpc(doc["method"], doc.get("params")))
+
+
+@router.post(
+    "/rpc/{request_id}",
+    status_code=200,
+    responses={**_ERRORS, 200: {"description": "reply handed over (or stale: ignored)"}},
+)
+async def rpc_reply(access_token: str, request_id: int, request: Request, ctx: Ctx) -> Response:
+    """The device's reply to server-side RPC `request_id` (any JSON; other text is kept
+    as a string). A reply nobody waits for any more is ignored, as ThingsBoard does."""
+    body = await read_body(request, ctx.settings.http.max_payload_bytes)
+    device = await authenticate(ctx, access_token)
+    try:
+        payload: Any = decode_json(body)
+    except PayloadError:
+        payload = body.decode("utf-8", "replace")
+    ctx.rpc.reply(device.id, request_id, payload)
     return Response(status_code=200)

@@ -50,6 +50,25 @@ class HttpSettings(_Section):
         description="How long an upload may wait for room in the pipeline before 503.",
     )
     keep_alive_s: float = Field(75.0, gt=0, description="Idle keep-alive of HTTP connections.")
+    tls_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="HTTPS port (HTTP/2 and HTTP/1.1 by ALPN; 443 or 8443 are usual);"
+        " unset: no TLS listener.",
+    )
+    certfile: Path | None = Field(None, description="Server certificate (PEM) for HTTPS.")
+    keyfile: Path | None = Field(None, description="Private key (PEM) of the certificate.")
+    long_poll_default_s: float = Field(
+        60.0,
+        gt=0,
+        description="Wait of a device long-poll (attribute updates, RPC) sent without `timeout`.",
+    )
+    long_poll_max_s: float = Field(
+        300.0,
+        gt=0,
+        description="Longest wait a device long-poll may ask for; longer `timeout`s are cut.",
+    )
 
 
 class AclRule(_Section):
