@@ -38,8 +38,11 @@ class ApiContext:
     long_polls: LongPolls = dataclasses.field(default_factory=LongPolls)
 
 
-def context(request: Request) -> ApiContext:
-    """FastAPI dependency: the ApiContext of the running app."""
+async def context(request: Request) -> ApiContext:
+    """FastAPI dependency: the ApiContext of the running app.
+
+    `async` on purpose: FastAPI runs a plain `def` dependency in a worker thread, a
+    thread hop per request that cost ~15% of the server's CPU under HTTP load."""
     ctx: ApiContext = request.app.state.ctx
     return ctx
 
