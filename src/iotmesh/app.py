@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from iotmesh import __version__
-from iotmesh.api import ApiContext, create_app
+from iotmesh.api import ApiContext, create_asgi_app
 from iotmesh.bus.memory import MemoryBus
 from iotmesh.commands import RpcService
 from iotmesh.core.lifecycle import Health, Service
@@ -35,6 +35,7 @@ from iotmesh.storage.sqlite.tsdb import SqliteTimeSeriesStore
 from iotmesh.storage.timeseries import TimeSeriesStore
 from iotmesh.storage.writer import BatchWriter
 from iotmesh.transports.http import HttpServer
+from iotmesh.transports.http_granian import GranianHttpServer
 from iotmesh.transports.mqtt import MqttServer
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class Platform:
         self._stack = contextlib.AsyncExitStack()
         self._services: list[Service] = []
         self._shutdown = asyncio.Event()
-        self.http: HttpServer | None = None
+        self.http: HttpServer | GranianHttpServer | None = None
         self.mqtt: MqttServer | None = None
 
     async def __aenter__(self) -> Self:
@@ -167,8 +168,9 @@ class Platform:
             health=self.health,
             stats=self.stats,
         )
-        self.http = HttpServer(
-            create_app(ctx), settings.host, settings.http, stats=ctx.long_polls.stats
+        server = GranianHttpServer if settings.http.server == "granian" else HttpServer
+        self.http = server(
+            create_asgi_app(ctx), settings.host, settings.http, stats=ctx.long_polls.stats
         )
         await self._enter(self.http)
         self.data_dir.write_run_info(self.run_info())

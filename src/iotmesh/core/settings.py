@@ -41,6 +41,11 @@ class HttpSettings(_Section):
     """The HTTP server: REST API and device HTTP API."""
 
     port: int = Field(8080, ge=0, le=65535, description="TCP port; 0 picks a free port.")
+    server: Literal["granian", "hypercorn"] = Field(
+        "granian",
+        description="HTTP server software: granian (Rust, embedded in the event loop; fast)"
+        " or hypercorn (pure Python).",
+    )
     max_payload_bytes: int = Field(
         64 * 1024, ge=1, description="Largest device upload accepted; larger gets 413."
     )
