@@ -22,10 +22,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
+from iotmesh.api.body import receive_body
 from iotmesh.api.context import ApiContext, MsgspecResponse, context
 from iotmesh.commands.client_rpc import answer_client_rpc
 from iotmesh.core.clock import now_ms
-from iotmesh.core.errors import PayloadError, PayloadTooLarge
+from iotmesh.core.errors import PayloadError
 from iotmesh.core.types import AttributeScope, Device
 from iotmesh.proto.thingsboard import (
     attributes_from_json,
@@ -41,38 +42,9 @@ router = APIRouter(prefix="/api/v1/{access_token}", tags=["device API"])
 Ctx = Annotated[ApiContext, Depends(context)]
 
 
-# An oversized body is read and discarded up to this many bytes before the 413 goes
-# out: an HTTP/1.1 client still sending would otherwise see the connection reset
-# instead of the answer. Beyond it the server answers at once and closes.
-_DRAIN_LIMIT = 1 << 20
-
-
-async def _discard_rest(request: Request, already: int) -> None:
-    async for chunk in request.stream():
-        already += len(chunk)
-        if already > _DRAIN_LIMIT:
-            return
-
-
 async def read_body(request: Request, limit: int) -> bytes:
     """Read the request body, refusing more than `limit` bytes without keeping it."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise PayloadError("Content-Length is not a number") from None
-        if size > limit:
-            if size <= _DRAIN_LIMIT:
-                await _discard_rest(request, 0)
-            raise PayloadTooLarge(size, limit)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            await _discard_rest(request, len(body))
-            raise PayloadTooLarge(len(body), limit)
-    return bytes(body)
+    return await receive_body(request.receive, request.headers.get("content-length"), limit)
 
 
 async def authenticate(ctx: ApiContext, access_token: str) -> Device:

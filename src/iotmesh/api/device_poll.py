@@ -28,9 +28,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
+from iotmesh.api.body import ClientGone
 from iotmesh.api.context import ApiContext, MsgspecResponse, context
 from iotmesh.api.device_http import TRANSPORT, authenticate
-from iotmesh.api.polls import ClientGone, wait_event
+from iotmesh.api.polls import wait_event
 from iotmesh.api.problems import problem
 from iotmesh.commands.rpc import RpcRequest
 from iotmesh.core.errors import DeviceGone

@@ -14,18 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, TypeVar
 
-from iotmesh.core.errors import IotmeshError
+from iotmesh.api.body import ClientGone, Receive
 
 T = TypeVar("T")
-
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-
-
-class ClientGone(IotmeshError):
-    """The client of a long-poll closed its connection (or stream) while it waited."""
 
 
 class LongPolls:
