@@ -19,6 +19,7 @@ from tests.integration.pki import make_pki
 from tests.integration.server import RunningServer, start_server
 
 TS = 1_700_000_000_000
+SERVERS = ["granian", "hypercorn"]  # http.server: both serve the same app
 CURL_S = 30
 JSON = "Content-Type: application/json"
 
@@ -28,14 +29,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory, pki: Path) -> Iterator[RunningServer]:
+@pytest.fixture(scope="module", params=SERVERS)
+def srv(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pki: Path
+) -> Iterator[RunningServer]:
     env = {
         "IOTMESH_HTTP__TLS_PORT": "0",
         "IOTMESH_HTTP__CERTFILE": str(pki / "server.pem"),
         "IOTMESH_HTTP__KEYFILE": str(pki / "server.key"),
     }
-    with module_server(tmp_path_factory, "http2", env) as server:
+    env["IOTMESH_HTTP__SERVER"] = request.param
+    with module_server(tmp_path_factory, f"http2-{request.param}", env) as server:
         yield server
 
 

@@ -24,23 +24,20 @@ class ClientGone(IotmeshError):
     """The client closed its connection (or stream) before the exchange ended."""
 
 
-async def _chunks(receive: Receive) -> Any:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone("the client closed the request")
-        chunk = message.get("body", b"")
-        if chunk:
-            yield chunk
-        if not message.get("more_body", False):
-            return
+async def _next(receive: Receive) -> tuple[bytes, bool]:
+    """The next piece of the body and whether more follows."""
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientGone("the client closed the request")
+    return message.get("body", b""), message.get("more_body", False)
 
 
 async def _discard_rest(receive: Receive, already: int) -> None:
-    async for chunk in _chunks(receive):
+    """Read and drop the rest of a body (up to DRAIN_LIMIT bytes in all)."""
+    more = True
+    while more and already <= DRAIN_LIMIT:
+        chunk, more = await _next(receive)
         already += len(chunk)
-        if already > DRAIN_LIMIT:
-            return
 
 
 async def receive_body(receive: Receive, content_length: bytes | str | None, limit: int) -> bytes:
@@ -61,9 +58,12 @@ async def receive_body(receive: Receive, content_length: bytes | str | None, lim
                 await _discard_rest(receive, 0)
             raise PayloadTooLarge(size, limit)
     body = b""
-    async for chunk in _chunks(receive):
+    more = True
+    while more:  # never past the last message: `receive` would wait for a disconnect
+        chunk, more = await _next(receive)
         body += chunk  # almost always one chunk: no copy then
         if len(body) > limit:
-            await _discard_rest(receive, len(body))
+            if more:
+                await _discard_rest(receive, len(body))
             raise PayloadTooLarge(len(body), limit)
     return body

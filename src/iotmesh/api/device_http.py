@@ -18,6 +18,7 @@ no room within `http.enqueue_timeout_s`.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -36,6 +37,7 @@ from iotmesh.proto.thingsboard import (
 )
 
 TRANSPORT = "http"
+_REQUEST_ID = re.compile(r"[0-9]{1,18}")
 
 router = APIRouter(prefix="/api/v1/{access_token}", tags=["device API"])
 
@@ -186,14 +188,18 @@ async def client_rpc(access_token: str, request: Request, ctx: Ctx) -> MsgspecRe
     status_code=200,
     responses={**_ERRORS, 200: {"description": "reply handed over (or stale: ignored)"}},
 )
-async def rpc_reply(access_token: str, request_id: int, request: Request, ctx: Ctx) -> Response:
+async def rpc_reply(access_token: str, request_id: str, request: Request, ctx: Ctx) -> Response:
     """The device's reply to server-side RPC `request_id` (any JSON; other text is kept
     as a string). A reply nobody waits for any more is ignored, as ThingsBoard does."""
+    # The id is checked after the body is read: an answer sent before the request's
+    # body was received made hypercorn's HTTP/2 end the whole connection.
     body = await read_body(request, ctx.settings.http.max_payload_bytes)
     device = await authenticate(ctx, access_token)
+    if not _REQUEST_ID.fullmatch(request_id):
+        raise PayloadError(f"RPC request id {request_id!r} is not a number")
     try:
         payload: Any = decode_json(body)
     except PayloadError:
         payload = body.decode("utf-8", "replace")
-    ctx.rpc.reply(device.id, request_id, payload)
+    ctx.rpc.reply(device.id, int(request_id), payload)
     return Response(status_code=200)
