@@ -102,6 +102,10 @@ def test_tls_alpn_offers_h2_and_http11(
         body = json.dumps({"ts": TS, "values": {f"tls_{version.replace('.', '')}": value}})
         _, meta = _curl(flag, "--cacert", ca, "-H", JSON, "-d", body, url)
         assert meta == f"200 {version}"
+    # TLS 1.2 is accepted too (many devices have no TLS 1.3).
+    health = f"{srv.tls_url}/healthz"
+    _, meta = _curl("--http2", "--tlsv1.2", "--tls-max", "1.2", "--cacert", ca, health)
+    assert meta == "200 2"
     assert _stored(rest, device["id"], "tls_2") == [1]
     assert _stored(rest, device["id"], "tls_11") == [2]
 

@@ -64,6 +64,12 @@ class HttpSettings(_Section):
     )
     certfile: Path | None = Field(None, description="Server certificate (PEM) for HTTPS.")
     keyfile: Path | None = Field(None, description="Private key (PEM) of the certificate.")
+    max_concurrent_requests: int = Field(
+        10_000,
+        ge=1,
+        description="Requests the app handles at once (waiting long-polls count); more wait"
+        " unread in the server until one ends (granian only).",
+    )
     long_poll_default_s: float = Field(
         60.0,
         gt=0,

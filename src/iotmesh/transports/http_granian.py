@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from granian._granian import SocketHolder
-from granian.constants import HTTPModes, Interfaces
+from granian.constants import HTTPModes, Interfaces, SSLProtocols
 from granian.http import HTTP1Settings, HTTP2Settings
 from granian.server.embed import Server
 
@@ -114,7 +114,8 @@ class GranianHttpServer(Service):
     ) -> _PreboundServer:
         tls: dict[str, Any] = {}
         if cert is not None:
-            tls = {"ssl_cert": cert[0], "ssl_key": cert[1]}
+            # TLS 1.2 too: granian's default minimum is 1.3, which many devices lack.
+            tls = {"ssl_cert": cert[0], "ssl_key": cert[1], "ssl_protocol_min": SSLProtocols.tls12}
         return _PreboundServer(
             sock,
             target=self._app,
@@ -124,6 +125,9 @@ class GranianHttpServer(Service):
             http=HTTPModes.auto,
             websockets=False,
             backlog=BACKLOG,
+            # Granian's default (backlog / workers = 1024) would let 1024 waiting
+            # long-polls hold up every other request.
+            backpressure=self._settings.max_concurrent_requests,
             http1_settings=HTTP1Settings(keep_alive=True),
             http2_settings=HTTP2Settings(
                 keep_alive_interval=int(self._settings.keep_alive_s * 1000),
