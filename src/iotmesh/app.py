@@ -170,7 +170,11 @@ class Platform:
         )
         server = GranianHttpServer if settings.http.server == "granian" else HttpServer
         self.http = server(
-            create_asgi_app(ctx), settings.host, settings.http, stats=ctx.long_polls.stats
+            create_asgi_app(ctx),
+            settings.host,
+            settings.http,
+            stats=ctx.long_polls.stats,
+            before_stop=ctx.long_polls.close,
         )
         await self._enter(self.http)
         self.data_dir.write_run_info(self.run_info())

@@ -12,13 +12,14 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.integration.mqtt_helpers import module_server, rpc_call, wait_until
-from tests.integration.server import RunningServer
+from tests.integration.server import RunningServer, start_server
 
 PROTOCOLS = ["http1", "http2"]
 SERVERS = ["granian", "hypercorn"]  # http.server: both serve the same app
@@ -244,3 +245,22 @@ def test_bad_input_gets_its_code_and_others_are_served(
         thread.join(30)
     assert served
     assert set(served) == {200}
+
+
+@pytest.mark.parametrize("server_kind", SERVERS)
+def test_shutdown_ends_waiting_polls_with_503(tmp_path: Path, server_kind: str) -> None:
+    (tmp_path / "data").mkdir()
+    env = {"IOTMESH_HTTP__SERVER": server_kind}
+    server = start_server(tmp_path / "data", tmp_path / "logs", env=env)
+    try:
+        with server.admin() as rest:
+            token = _device(rest, "stopping")["access_token"]
+            with ThreadPoolExecutor(1) as pool, server.anonymous() as dev:
+                poll = pool.submit(dev.get, f"/api/v1/{token}/rpc", params={"timeout": 60000})
+                _waiting(rest, "rpc", 1)
+                assert server.stop() == 0
+                answer = poll.result(timeout=30)
+    finally:
+        server.stop()
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["retry-after"]

@@ -3,8 +3,9 @@
 A long-poll (`GET /api/v1/{token}/attributes/updates`, `GET /api/v1/{token}/rpc`)
 registers a listener for the duration of one request and answers the first event. Three
 things end the wait, whichever comes first: the event, the timeout (the caller answers
-408, as ThingsBoard does), or the client closing its connection or stream (the ASGI
-server then delivers `http.disconnect`; nobody is left to answer). The caller
+408, as ThingsBoard does), the client closing its connection or stream (the ASGI
+server then delivers `http.disconnect`; nobody is left to answer), or the server
+stopping (`LongPolls.close`: 503, poll again). The caller
 unregisters its listener in a `finally`, so no path leaves one behind; `LongPolls`
 counts the waits in progress so that this can be checked from outside (`GET
 /api/v1/stats`, section `http`).
@@ -17,6 +18,7 @@ import collections
 from typing import Any, TypeVar
 
 from iotmesh.api.body import ClientGone, Receive
+from iotmesh.core.errors import Overloaded
 
 T = TypeVar("T")
 
@@ -25,10 +27,16 @@ class LongPolls:
     """Counters of the device long-polls of one HTTP API (for stats and tests)."""
 
     def __init__(self) -> None:
+        self.closing = asyncio.Event()
         self.waiting: collections.Counter[str] = collections.Counter()
         self.answered = 0
         self.timed_out = 0
         self.abandoned = 0
+
+    def close(self) -> None:
+        """The server is stopping: end every waiting poll now (503, poll again) rather
+        than hold the shutdown up for up to `http.long_poll_max_s`."""
+        self.closing.set()
 
     def stats(self) -> dict[str, int]:
         """Long-polls waiting now by kind, and how the finished ones ended."""
@@ -59,15 +67,18 @@ async def wait_event(
 
     Raises:
         ClientGone: the client left first; `event` is cancelled if it was still pending.
+        Overloaded: the server is stopping (503 with Retry-After: poll again).
     """
     gone: asyncio.Future[None] = asyncio.ensure_future(_disconnected(receive))
+    closing = asyncio.ensure_future(polls.closing.wait())
     polls.waiting[kind] += 1
     try:
-        waits: set[asyncio.Future[Any]] = {event, gone}
+        waits: set[asyncio.Future[Any]] = {event, gone, closing}
         await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
     finally:
         polls.waiting[kind] -= 1
         gone.cancel()
+        closing.cancel()
     if gone.done() and not gone.cancelled():
         polls.abandoned += 1
         event.cancel()
@@ -75,6 +86,9 @@ async def wait_event(
     if event.done():
         polls.answered += 1
         return event.result()
+    if polls.closing.is_set():
+        event.cancel()
+        raise Overloaded("the server is shutting down; poll again", retry_after=5)
     polls.timed_out += 1
     event.cancel()
     return None

@@ -63,7 +63,10 @@ class HttpServer(Service):
         host: str,
         settings: HttpSettings,
         stats: Callable[[], dict[str, Any]] | None = None,
+        before_stop: Callable[[], None] | None = None,
     ) -> None:
+        """`before_stop` is called first thing in `stop` (the app ends its long-polls)."""
+        self._before_stop = before_stop
         self._app = app
         self._host = host
         self._settings = settings
@@ -117,6 +120,8 @@ class HttpServer(Service):
         await asyncio.sleep(0)
 
     async def stop(self) -> None:
+        if self._before_stop is not None:
+            self._before_stop()
         self._stopped.set()
         if self._task is not None:
             await self._task

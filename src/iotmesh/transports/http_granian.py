@@ -75,7 +75,10 @@ class GranianHttpServer(Service):
         host: str,
         settings: HttpSettings,
         stats: Callable[[], dict[str, Any]] | None = None,
+        before_stop: Callable[[], None] | None = None,
     ) -> None:
+        """`before_stop` is called first thing in `stop` (the app ends its long-polls)."""
+        self._before_stop = before_stop
         self._app = app
         self._host = host
         self._settings = settings
@@ -149,6 +152,8 @@ class GranianHttpServer(Service):
         await asyncio.sleep(0)
 
     async def stop(self) -> None:
+        if self._before_stop is not None:
+            self._before_stop()
         for server in self._servers:
             server.stop()  # type: ignore[no-untyped-call]
         if self._tasks:
