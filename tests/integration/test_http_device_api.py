@@ -264,3 +264,12 @@ def test_shutdown_ends_waiting_polls_with_503(tmp_path: Path, server_kind: str) 
         server.stop()
     assert answer.status_code == 503, answer.text
     assert answer.headers["retry-after"]
+
+
+def test_requests_count_as_device_activity(dev: httpx.Client, rest: httpx.Client) -> None:
+    before = rest.get("/api/v1/stats").json()["connectivity"]["devices_seen"]
+    token = _device(rest, f"active-{next(_names)}")["access_token"]
+    assert dev.get(f"/api/v1/{token}/attributes").status_code == 200
+    after = rest.get("/api/v1/stats").json()["connectivity"]
+    assert after["devices_seen"] == before + 1
+    assert after["online"] >= 1
