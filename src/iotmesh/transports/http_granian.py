@@ -12,7 +12,7 @@ Granian's embedded server is marked experimental by its authors; `http.server =
 Protocols: the plain port answers HTTP/1.1 and HTTP/2 with prior knowledge (granian's
 "auto" mode looks at the connection preface); the TLS port offers `h2` and `http/1.1`
 by ALPN. Connections are never recycled after a number of requests; idle HTTP/1.1
-connections are kept open by the client's choice, HTTP/2 ones are pinged every
+connections close after `http.keep_alive_s`, HTTP/2 ones are pinged every
 `http.keep_alive_s` and closed when a ping goes unanswered.
 
 Error handling: a port in use, or `http.tls_port` without a loadable certificate, fails
@@ -131,7 +131,11 @@ class GranianHttpServer(Service):
             # Granian's default (backlog / workers = 1024) would let 1024 waiting
             # long-polls hold up every other request.
             backpressure=self._settings.max_concurrent_requests,
-            http1_settings=HTTP1Settings(keep_alive=True),
+            # An idle HTTP/1.1 connection waits for its next request's headers: closed
+            # after keep_alive_s (hyper's header read timeout covers that wait).
+            http1_settings=HTTP1Settings(
+                keep_alive=True, header_read_timeout=int(self._settings.keep_alive_s * 1000)
+            ),
             http2_settings=HTTP2Settings(
                 keep_alive_interval=int(self._settings.keep_alive_s * 1000),
                 max_concurrent_streams=1000,
