@@ -226,6 +226,9 @@ def measure(
     res["loadgen_cpu_pct"] = loadgen
     res["other_cpu_pct"] = max(0.0, res["machine_cpu_pct"] - res["server_cpu_pct"] - loadgen)
     res.update(run["parse"](out, workdir))
+    if res.get("req_per_s"):
+        # Less sensitive than req/s to what else the shared machine runs meanwhile.
+        res["server_cpu_us_per_req"] = 1e4 * res["server_cpu_pct"] / res["req_per_s"]
     if profiler is not None:
         res["profile"] = profiler.finish()
     if srv is not None and records_before is not None and "ok" in res:
@@ -287,13 +290,14 @@ def report(results: dict[str, Any]) -> None:
     )
     for col in ("server", "protocol", "iotmesh req/s", "bare req/s", "iotmesh/bare",
                 "p50 / p99 ms", "errors", "durable", "CPU server / loadgen / other",
+                "server CPU µs/req (bare)",
                 f"target {TARGET_REQ_S:,}/s"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("server", "protocol") else "right")
     for server, res in results["runs"].items():
         for loader, proto in (("wrk", "HTTP/1.1"), ("h2load", "HTTP/2 h2c")):
             i, b = res["iotmesh"][loader], res["bare"][loader]
             if "error" in i or "error" in b:
-                table.add_row(server, proto, "error", "error", "", "", "", "", "", "")
+                table.add_row(server, proto, "error", "error", *[""] * 7)
                 continue
             lat = i.get("latency_ms") or {"p50": 0, "p99": 0}
             ok = i["req_per_s"] >= TARGET_REQ_S
@@ -304,6 +308,7 @@ def report(results: dict[str, Any]) -> None:
                 "yes" if i.get("durable_check") else "NO",
                 f"{i['server_cpu_pct']:.0f}% / {i['loadgen_cpu_pct']:.0f}% / "
                 f"{i['other_cpu_pct']:.0f}%",
+                f"{i['server_cpu_us_per_req']:.0f} ({b['server_cpu_us_per_req']:.0f})",
                 "[green]met[/]" if ok else "[red]NOT met[/]",
             )  # fmt: skip
     Console(width=170).print(table)
@@ -311,7 +316,8 @@ def report(results: dict[str, Any]) -> None:
     print(
         f"{m['cpu_model']}, {m['cpu_count']} CPUs, {m['memory_mb'] // 1024} GiB, Python "
         f"{m['python']}. CPU is % of one core; load generators share the CPUs with the "
-        "server. iotmesh answers 200 after the SQLite commit (synchronous=FULL); 'durable' "
+        "server, and 'other' is what else ran (a shared machine). iotmesh answers 200 after "
+        "the SQLite commit (synchronous=FULL); 'durable' "
         "checks that the writer committed at least as many records as 200s were counted. "
         f"Results: {s['output']}"
     )
@@ -328,7 +334,7 @@ def main() -> None:
     add("--h2-threads", type=int, default=1)
     add("--h2-connections", type=int, default=4)
     add("--h2-streams", type=int, default=32, help="concurrent streams per HTTP/2 connection")
-    add("--machine-quiet-max", type=float, default=30.0, help="longest wait, before each "
+    add("--machine-quiet-max", type=float, default=120.0, help="longest wait, before each "
         "run, for the rest of the machine to be quiet (shared machines)")  # fmt: skip
     add("--machine-quiet-below", type=float, default=30.0)
     add("--profile", type=Path, default=None, help="directory: py-spy the iotmesh server "
