@@ -15,6 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
 import httpx
 import pytest
 
@@ -273,3 +276,36 @@ def test_requests_count_as_device_activity(dev: httpx.Client, rest: httpx.Client
     after = rest.get("/api/v1/stats").json()["connectivity"]
     assert after["devices_seen"] == before + 1
     assert after["online"] >= 1
+
+
+def test_http2_stream_reset_mid_poll_leaves_no_listener(
+    srv: RunningServer, rest: httpx.Client, device: dict[str, Any]
+) -> None:
+    """Over HTTP/2 a client gives up on a poll by resetting its stream (RST_STREAM); the
+    connection stays open and keeps serving."""
+    host, port = srv.url.removeprefix("http://").split(":")
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+
+        def request(stream: int, path: str) -> None:
+            headers = [(":method", "GET"), (":path", path), (":scheme", "http"),
+                       (":authority", host)]  # fmt: skip
+            conn.send_headers(stream, headers, end_stream=True)
+            sock.sendall(conn.data_to_send())
+
+        token = device["access_token"]
+        request(1, f"/api/v1/{token}/attributes/updates?timeout=60000")
+        _waiting(rest, "attributes", 1)
+        conn.reset_stream(1)
+        sock.sendall(conn.data_to_send())
+        _waiting(rest, "attributes", 0)
+
+        request(3, "/healthz")  # the same connection still serves
+        status = None
+        while status is None:
+            for event in conn.receive_data(sock.recv(65536)):
+                if isinstance(event, h2.events.ResponseReceived) and event.stream_id == 3:
+                    status = dict(event.headers)[b":status"]
+            sock.sendall(conn.data_to_send())
+        assert status == b"200"
