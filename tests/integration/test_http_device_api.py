@@ -236,6 +236,7 @@ def test_bad_input_gets_its_code_and_others_are_served(
     try:
         for path in ("telemetry", "attributes", "rpc"):
             _problem(dev.post(f"/api/v1/nope/{path}", json={"a": 1}), 401)
+            _problem(dev.post(f"/api/v1/nope/{path}", content=b"{"), 401)  # token first
             _problem(dev.post(f"/api/v1/{token}/{path}", content=b'{"a": '), 400)
             _problem(dev.post(f"/api/v1/{token}/{path}", content=b"x" * 10_000), 413)
         for path in ("attributes", "attributes/updates", "rpc"):

@@ -60,9 +60,12 @@ async def authenticate(ctx: ApiContext, access_token: str) -> Device:
     return device
 
 
-async def read_json(request: Request, ctx: ApiContext) -> Any:
-    """The request body as JSON, within `http.max_payload_bytes`."""
-    return decode_json(await read_body(request, ctx.settings.http.max_payload_bytes))
+async def read_upload(request: Request, ctx: ApiContext, access_token: str) -> tuple[Device, Any]:
+    """The device and its upload as JSON: the body (within `http.max_payload_bytes`) is
+    read first, then the token checked (401 before 400, as for telemetry), then parsed."""
+    body = await read_body(request, ctx.settings.http.max_payload_bytes)
+    device = await authenticate(ctx, access_token)
+    return device, decode_json(body)
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -100,6 +103,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 )
 async def post_telemetry(access_token: str, request: Request, ctx: Ctx) -> Response:
     """Upload telemetry in any ThingsBoard JSON form; 200 means it is stored durably."""
+    # Served by the ASGI fast path in front of FastAPI (api/fastpath.py), which takes the
+    # same steps; this route documents it in OpenAPI and is the reference for it.
     body = await read_body(request, ctx.settings.http.max_payload_bytes)
     device = await authenticate(ctx, access_token)
     records = parse_telemetry(body, now_ms())
@@ -120,8 +125,7 @@ async def post_telemetry(access_token: str, request: Request, ctx: Ctx) -> Respo
 )
 async def post_attributes(access_token: str, request: Request, ctx: Ctx) -> Response:
     """Report client attributes; 200 means they are saved."""
-    doc = await read_json(request, ctx)
-    device = await authenticate(ctx, access_token)
+    device, doc = await read_upload(request, ctx, access_token)
     await ctx.attributes.save(device.id, AttributeScope.CLIENT, attributes_from_json(doc))
     return Response(status_code=200)
 
@@ -175,9 +179,7 @@ async def get_attributes(
 async def client_rpc(access_token: str, request: Request, ctx: Ctx) -> MsgspecResponse:
     """Client-side RPC: the platform answers `{"method", "params"}` (see
     commands/client_rpc.py for the methods); an unknown method gets `{"error": ...}`."""
-    doc = await read_json(request, ctx)
-    device = await authenticate(ctx, access_token)
-    del device  # the answer does not depend on the device (yet)
+    _, doc = await read_upload(request, ctx, access_token)  # the answer needs no device yet
     if not isinstance(doc, dict) or not isinstance(doc.get("method"), str):
         raise PayloadError('client RPC must be a JSON object with a "method" string')
     return MsgspecResponse(answer_client_rpc(doc["method"], doc.get("params")))
