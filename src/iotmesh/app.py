@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from iotmesh import __version__
-from iotmesh.api import ApiContext, create_app
+from iotmesh.api import ApiContext, create_asgi_app
 from iotmesh.bus.memory import MemoryBus
 from iotmesh.commands import RpcService
 from iotmesh.core.lifecycle import Health, Service
@@ -36,6 +36,7 @@ from iotmesh.storage.sqlite.tsdb import SqliteTimeSeriesStore
 from iotmesh.storage.timeseries import TimeSeriesStore
 from iotmesh.storage.writer import BatchWriter
 from iotmesh.transports.http import HttpServer
+from iotmesh.transports.http_granian import GranianHttpServer
 from iotmesh.transports.mqtt import MqttServer
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class Platform:
         self._stack = contextlib.AsyncExitStack()
         self._services: list[Service] = []
         self._shutdown = asyncio.Event()
-        self.http: HttpServer | None = None
+        self.http: HttpServer | GranianHttpServer | None = None
         self.mqtt: MqttServer | None = None
 
     async def __aenter__(self) -> Self:
@@ -179,7 +180,14 @@ class Platform:
             health=self.health,
             stats=self.stats,
         )
-        self.http = HttpServer(create_app(ctx), settings.host, settings.http)
+        server = GranianHttpServer if settings.http.server == "granian" else HttpServer
+        self.http = server(
+            create_asgi_app(ctx),
+            settings.host,
+            settings.http,
+            stats=ctx.long_polls.stats,
+            before_stop=ctx.long_polls.close,
+        )
         await self._enter(self.http)
         self.data_dir.write_run_info(self.run_info())
 
@@ -200,15 +208,19 @@ class Platform:
         mqtt: dict[str, Any] = {"host": host, "port": self.mqtt.port}
         if self.mqtt.tls_port is not None:
             mqtt["tls_port"] = self.mqtt.tls_port
+        http: dict[str, Any] = {
+            "host": host,
+            "port": self.http.port,
+            "url": f"http://{shown}:{self.http.port}",
+        }
+        if self.http.tls_port is not None:
+            http["tls_port"] = self.http.tls_port
+            http["tls_url"] = f"https://{shown}:{self.http.tls_port}"
         return {
             "pid": os.getpid(),
             "version": __version__,
             "data_dir": str(self.data_dir.path),
-            "http": {
-                "host": host,
-                "port": self.http.port,
-                "url": f"http://{shown}:{self.http.port}",
-            },
+            "http": http,
             "mqtt": mqtt,
         }
 

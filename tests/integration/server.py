@@ -30,6 +30,7 @@ class RunningServer:
         self.log_dir = log_dir
         info = json.loads((data_dir / "run.json").read_text())
         self.url: str = info["http"]["url"]
+        self.tls_url: str | None = info["http"].get("tls_url")
         self.mqtt_port: int = info["mqtt"]["port"]
         self.mqtt_tls_port: int | None = info["mqtt"].get("tls_port")
         self.admin_token = (data_dir / "admin_token").read_text().strip()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import subprocess
 from collections.abc import Iterator
@@ -12,69 +10,18 @@ from typing import Any
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tests.integration.mqtt_helpers import module_server
+from tests.integration.pki import make_pki
 from tests.integration.server import RunningServer
 
 TS = 1_700_000_000_000
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _certificate(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: str,
-    issuer_key: ec.EllipticCurvePrivateKey,
-    *,
-    ca: bool = False,
-    ip: str | None = None,
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(_name(issuer))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if ip is not None:
-        san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))])
-        builder = builder.add_extension(san, critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
-    path.with_suffix(".pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    path.with_suffix(".key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A test CA, a server certificate for 127.0.0.1, and two client certificates."""
-    root: Path = tmp_path_factory.mktemp("pki")
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _certificate("iotmesh test CA", ca_key, "iotmesh test CA", ca_key, ca=True)
-    _write(root / "ca", ca, ca_key)
-    for name, ip in (("server", "127.0.0.1"), ("device", None), ("stranger", None)):
-        key = ec.generate_private_key(ec.SECP256R1())
-        _write(root / name, _certificate(name, key, "iotmesh test CA", ca_key, ip=ip), key)
-    return root
+    return make_pki(tmp_path_factory.mktemp("pki"), ("device", "stranger"))
 
 
 @pytest.fixture(scope="module")

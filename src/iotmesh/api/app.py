@@ -9,6 +9,7 @@ from iotmesh.api import (
     attributes,
     credentials,
     device_http,
+    device_poll,
     device_state,
     devices,
     health,
@@ -18,6 +19,7 @@ from iotmesh.api import (
     telemetry,
 )
 from iotmesh.api.context import ApiContext
+from iotmesh.api.fastpath import AsgiApp, TelemetryFastPath
 
 
 def create_app(ctx: ApiContext) -> FastAPI:
@@ -41,4 +43,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(rpc.router)
     app.include_router(device_state.router)
     app.include_router(device_http.router)
+    app.include_router(device_poll.router)
     return app
+
+
+def create_asgi_app(ctx: ApiContext) -> AsgiApp:
+    """The app the HTTP server runs: the device-telemetry fast path in front of FastAPI."""
+    return TelemetryFastPath(create_app(ctx), ctx)

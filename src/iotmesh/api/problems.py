@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
+from iotmesh.api.body import ClientGone
 from iotmesh.bus.interface import DeadLettered
 from iotmesh.core import errors
 
@@ -23,6 +24,7 @@ PROBLEM_JSON = "application/problem+json"
 
 # Most specific first: the first matching class decides the status.
 _STATUS: tuple[tuple[type[errors.IotmeshError], int], ...] = (
+    (ClientGone, 400),  # nobody reads this answer; not a server error either
     (errors.PayloadTooLarge, 413),
     (errors.PayloadError, 400),
     (errors.AuthError, 401),
@@ -44,29 +46,43 @@ def status_of(exc: errors.IotmeshError) -> int:
     return 500
 
 
-def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> Response:
-    """Build a problem+json response."""
+def problem_body(status: int, detail: str) -> bytes:
+    """The problem+json document of an error response."""
     body = {
         "type": "about:blank",
         "title": http.HTTPStatus(status).phrase,
         "status": status,
         "detail": detail,
     }
-    return Response(msgspec.json.encode(body), status, headers, media_type=PROBLEM_JSON)
+    return msgspec.json.encode(body)
 
 
-async def _iotmesh_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, errors.IotmeshError)
+def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> Response:
+    """Build a problem+json response."""
+    return Response(problem_body(status, detail), status, headers, media_type=PROBLEM_JSON)
+
+
+def error_response(exc: errors.IotmeshError, method: str, path: str) -> tuple[int, dict[str, str]]:
+    """Status and extra headers of the response to an iotmesh error (logged if 5xx).
+
+    Used by FastAPI's handler below and by the ASGI fast path (api/fastpath.py), so
+    both answer the same error the same way."""
     status = status_of(exc)
     headers: dict[str, str] = {}
     if isinstance(exc, errors.Overloaded):
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     elif isinstance(exc, errors.StorageError):
         headers["Retry-After"] = "5"
-    elif isinstance(exc, errors.AuthError) and request.url.path.startswith("/api/v1/devices"):
+    elif isinstance(exc, errors.AuthError) and path.startswith("/api/v1/devices"):
         headers["WWW-Authenticate"] = "Bearer"
     if status >= 500:
-        log.warning("%s %s -> %d: %s", request.method, request.url.path, status, exc)
+        log.warning("%s %s -> %d: %s", method, path, status, exc)
+    return status, headers
+
+
+async def _iotmesh_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, errors.IotmeshError)
+    status, headers = error_response(exc, request.method, request.url.path)
     return problem(status, str(exc), headers)
 
 

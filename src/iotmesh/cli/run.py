@@ -60,6 +60,8 @@ async def _serve(settings: Settings) -> None:
         url = info["http"]["url"]
         print(f"iotmesh {__version__} is running (pid {info['pid']})", flush=True)
         print(f"  REST API and device HTTP API  {url}   (OpenAPI: {url}/api/docs)")
+        if "tls_url" in info["http"]:
+            print(f"  HTTPS (HTTP/2 and HTTP/1.1)   {info['http']['tls_url']}")
         mqtt = info["mqtt"]
         print(f"  MQTT (ThingsBoard device API) {mqtt['host']}:{mqtt['port']}")
         if "tls_port" in mqtt:

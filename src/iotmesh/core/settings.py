@@ -41,6 +41,11 @@ class HttpSettings(_Section):
     """The HTTP server: REST API and device HTTP API."""
 
     port: int = Field(8080, ge=0, le=65535, description="TCP port; 0 picks a free port.")
+    server: Literal["granian", "hypercorn"] = Field(
+        "granian",
+        description="HTTP server software: granian (Rust, embedded in the event loop; fast)"
+        " or hypercorn (pure Python).",
+    )
     max_payload_bytes: int = Field(
         64 * 1024, ge=1, description="Largest device upload accepted; larger gets 413."
     )
@@ -50,6 +55,31 @@ class HttpSettings(_Section):
         description="How long an upload may wait for room in the pipeline before 503.",
     )
     keep_alive_s: float = Field(75.0, gt=0, description="Idle keep-alive of HTTP connections.")
+    tls_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="HTTPS port (HTTP/2 and HTTP/1.1 by ALPN; 443 or 8443 are usual);"
+        " unset: no TLS listener.",
+    )
+    certfile: Path | None = Field(None, description="Server certificate (PEM) for HTTPS.")
+    keyfile: Path | None = Field(None, description="Private key (PEM) of the certificate.")
+    max_concurrent_requests: int = Field(
+        10_000,
+        ge=1,
+        description="Requests the app handles at once (waiting long-polls count); more wait"
+        " unread in the server until one ends (granian only).",
+    )
+    long_poll_default_s: float = Field(
+        60.0,
+        gt=0,
+        description="Wait of a device long-poll (attribute updates, RPC) sent without `timeout`.",
+    )
+    long_poll_max_s: float = Field(
+        300.0,
+        gt=0,
+        description="Longest wait a device long-poll may ask for; longer `timeout`s are cut.",
+    )
 
 
 class AclRule(_Section):

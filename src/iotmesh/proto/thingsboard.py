@@ -131,3 +131,9 @@ def split_keys(value: Any) -> list[str] | None:
     if isinstance(value, list):
         return [str(k) for k in value if str(k)]
     return [k.strip() for k in str(value).split(",") if k.strip()]
+
+
+def shared_update(changed: dict[str, Any], deleted: list[str]) -> dict[str, Any]:
+    """The body of a shared-attribute push to a device (MQTT publish, HTTP long-poll
+    answer): the changed values, or the deleted keys under "deleted", as ThingsBoard."""
+    return changed if not deleted else {"deleted": deleted}

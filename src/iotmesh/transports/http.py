@@ -1,6 +1,18 @@
 """The HTTP server (hypercorn): HTTP/1.1 and HTTP/2 for the REST and device APIs.
 
-Resource handling: the listening socket is bound in `start` (so a busy port fails
+Protocols: the plain port speaks HTTP/1.1 and HTTP/2 with prior knowledge (h2c: a
+client that opens with the HTTP/2 preface, like `curl --http2-prior-knowledge`, gets
+HTTP/2; hypercorn also honours an `Upgrade: h2c` from HTTP/1.1). The optional TLS
+port (`http.tls_port`) offers `h2` and `http/1.1` by ALPN.
+
+Keep-alive: a connection is never recycled after a number of requests (hypercorn's
+default closes one after 1000), so an HTTP/2 connection carrying a device's uploads
+for hours stays open; idle connections close after `http.keep_alive_s`.
+
+Error handling: a port in use or a certificate that cannot be loaded fails `start`
+with a `StartupError` that says which.
+
+Resource handling: the listening sockets are bound in `start` (so a busy port fails
 start-up at once); `stop` stops accepting, lets in-flight requests finish within the
 graceful timeout, then returns.
 """
@@ -10,53 +22,97 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
+from collections.abc import Callable
 from typing import Any
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config, Sockets
 
+from iotmesh.core.errors import StartupError
 from iotmesh.core.lifecycle import Health, Service
 from iotmesh.core.settings import HttpSettings
 from iotmesh.transports.sockets import bind_tcp
 
 log = logging.getLogger(__name__)
 
+ALPN = ["h2", "http/1.1"]
+
 
 class _PreboundConfig(Config):
-    """Hypercorn config that serves a socket we already bound."""
+    """Hypercorn config that serves sockets we already bound."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, plain: socket.socket, tls: socket.socket | None) -> None:
         super().__init__()
-        self._sock = sock
+        self._plain = plain
+        self._tls = tls
 
     def create_sockets(self) -> Sockets:
-        return Sockets(secure_sockets=[], insecure_sockets=[self._sock], quic_sockets=[])
+        secure = [self._tls] if self._tls is not None else []
+        return Sockets(secure_sockets=secure, insecure_sockets=[self._plain], quic_sockets=[])
 
 
 class HttpServer(Service):
-    """Serves an ASGI app on `host:port`."""
+    """Serves an ASGI app on `host:port` (and over TLS on `tls_port` when configured)."""
 
     name = "http"
 
-    def __init__(self, app: Any, host: str, settings: HttpSettings) -> None:
+    def __init__(
+        self,
+        app: Any,
+        host: str,
+        settings: HttpSettings,
+        stats: Callable[[], dict[str, Any]] | None = None,
+        before_stop: Callable[[], None] | None = None,
+    ) -> None:
+        """`before_stop` is called first thing in `stop` (the app ends its long-polls)."""
+        self._before_stop = before_stop
         self._app = app
         self._host = host
         self._settings = settings
+        self._stats = stats
         self._stopped = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.port = settings.port
+        self.tls_port = settings.tls_port
 
-    async def start(self) -> None:
-        sock = bind_tcp(self._host, self._settings.port, "http")
+    def _config(self) -> Config:
+        s = self._settings
+        tls_sock = None
+        if s.tls_port is not None:
+            if s.certfile is None or s.keyfile is None:
+                raise StartupError("http.tls_port needs http.certfile and http.keyfile")
+            tls_sock = bind_tcp(self._host, s.tls_port, "http tls")
+            self.tls_port = tls_sock.getsockname()[1]
+        try:
+            sock = bind_tcp(self._host, s.port, "http")
+        except StartupError:
+            if tls_sock is not None:
+                tls_sock.close()
+            raise
         self.port = sock.getsockname()[1]
-        config = _PreboundConfig(sock)
+        config = _PreboundConfig(sock, tls_sock)
         config.bind = [f"{self._host}:{self.port}"]
-        config.keep_alive_timeout = self._settings.keep_alive_s
+        config.keep_alive_timeout = s.keep_alive_s
         # Long-lived HTTP/2 connections carry many device requests: do not recycle them.
         config.keep_alive_max_requests = 2**31
         config.accesslog = None
         config.errorlog = logging.getLogger("hypercorn.error")
         config.graceful_timeout = 5.0
+        if tls_sock is not None:
+            config.certfile = str(s.certfile)
+            config.keyfile = str(s.keyfile)
+            config.alpn_protocols = list(ALPN)
+            try:  # hypercorn loads them only once serving; fail start-up instead
+                config.create_ssl_context()
+            except (OSError, ssl.SSLError) as exc:
+                sock.close()
+                tls_sock.close()
+                raise StartupError(f"http tls: cannot load certificates: {exc}") from exc
+        return config
+
+    async def start(self) -> None:
+        config = self._config()
         self._task = asyncio.create_task(
             serve(self._app, config, shutdown_trigger=self._stopped.wait, mode="asgi"),
             name="http.serve",
@@ -64,6 +120,8 @@ class HttpServer(Service):
         await asyncio.sleep(0)
 
     async def stop(self) -> None:
+        if self._before_stop is not None:
+            self._before_stop()
         self._stopped.set()
         if self._task is not None:
             await self._task
@@ -73,3 +131,6 @@ class HttpServer(Service):
         if self._task is not None and self._task.done():
             return Health(ok=False, detail="server task ended")
         return Health(ok=True, detail=f"listening on {self._host}:{self.port}")
+
+    def stats(self) -> dict[str, Any]:
+        return self._stats() if self._stats is not None else {}
