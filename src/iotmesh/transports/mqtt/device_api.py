@@ -45,7 +45,13 @@ from iotmesh.core.types import AttributeScope, Device, TsRecord
 from iotmesh.devicestate import AttributeService, ConnectivityService
 from iotmesh.pipeline.ingest import TelemetryIngest
 from iotmesh.proto.mqtt import Publish, ReasonCode, topic_matches
-from iotmesh.proto.thingsboard import attributes_from_json, decode_json, parse_telemetry, split_keys
+from iotmesh.proto.thingsboard import (
+    attributes_from_json,
+    decode_json,
+    parse_telemetry,
+    shared_update,
+    split_keys,
+)
 from iotmesh.registry.service import DeviceRegistry
 from iotmesh.transports.mqtt.auth import DEVICE_PREFIX, GATEWAY_PREFIX
 
@@ -69,12 +75,6 @@ _json = msgspec.json.Encoder()
 def json_payload(value: Any) -> bytes:
     """Encode a JSON payload for a device."""
     return _json.encode(value)
-
-
-def shared_update(changed: dict[str, Any], deleted: list[str]) -> dict[str, Any]:
-    """The body of a shared-attribute push (ThingsBoard: the changed values, or the
-    deleted keys under "deleted")."""
-    return changed if not deleted else {"deleted": deleted}
 
 
 class DeviceApi:

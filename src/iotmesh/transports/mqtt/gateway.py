@@ -30,8 +30,13 @@ from iotmesh.core.clock import now_ms
 from iotmesh.core.errors import AuthError, Conflict, DeviceGone, PayloadError
 from iotmesh.core.types import AttributeScope, Device
 from iotmesh.proto.mqtt import Publish, ReasonCode, topic_matches
-from iotmesh.proto.thingsboard import attributes_from_json, decode_json, telemetry_from_json
-from iotmesh.transports.mqtt.device_api import DeviceApi, json_payload, shared_update, subscribed
+from iotmesh.proto.thingsboard import (
+    attributes_from_json,
+    decode_json,
+    shared_update,
+    telemetry_from_json,
+)
+from iotmesh.transports.mqtt.device_api import DeviceApi, json_payload, subscribed
 
 if TYPE_CHECKING:
     from iotmesh.transports.mqtt.connection import AckSlot, MqttConnection

@@ -30,12 +30,13 @@ from iotmesh.core.settings import MqttSettings
 from iotmesh.devicestate import AttributeService, ConnectivityService
 from iotmesh.pipeline.ingest import TelemetryIngest
 from iotmesh.proto.mqtt import Connack, Publish, ReasonCode, Will, topic_matches
+from iotmesh.proto.thingsboard import shared_update
 from iotmesh.registry.service import DeviceRegistry
 from iotmesh.storage.sessions import SessionStore
 from iotmesh.transports.mqtt.auth import Principal, allowed
 from iotmesh.transports.mqtt.broker import Broker
 from iotmesh.transports.mqtt.connection import MqttConnection
-from iotmesh.transports.mqtt.device_api import ATTRIBUTES, DeviceApi, json_payload, shared_update
+from iotmesh.transports.mqtt.device_api import ATTRIBUTES, DeviceApi, json_payload
 from iotmesh.transports.mqtt.persistence import SessionPersistence
 from iotmesh.transports.mqtt.session import Session, copy_for
 from iotmesh.transports.mqtt.stats import MqttStats
