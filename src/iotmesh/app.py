@@ -34,6 +34,7 @@ from iotmesh.storage.sqlite.state import SqliteStateStore
 from iotmesh.storage.sqlite.tsdb import SqliteTimeSeriesStore
 from iotmesh.storage.timeseries import TimeSeriesStore
 from iotmesh.storage.writer import BatchWriter
+from iotmesh.transports.coap import CoapServer
 from iotmesh.transports.http import HttpServer
 from iotmesh.transports.mqtt import MqttServer
 
@@ -92,6 +93,7 @@ class Platform:
         self._shutdown = asyncio.Event()
         self.http: HttpServer | None = None
         self.mqtt: MqttServer | None = None
+        self.coap: CoapServer | None = None
 
     async def __aenter__(self) -> Self:
         self.data_dir.acquire()
@@ -154,6 +156,17 @@ class Platform:
             sessions=SqliteSessionStore(path / SESSIONS_FILE, sync),
         )
         await self._enter(self.mqtt)
+        if settings.coap.enabled:
+            self.coap = CoapServer(
+                settings.host,
+                settings.coap,
+                registry,
+                TelemetryIngest(bus, settings.coap.enqueue_timeout_s),
+                attributes,
+                rpc,
+                connectivity,
+            )
+            await self._enter(self.coap)
         ctx = ApiContext(
             settings=settings,
             admin_token=self.admin_token,
@@ -198,6 +211,7 @@ class Platform:
                 "url": f"http://{shown}:{self.http.port}",
             },
             "mqtt": mqtt,
+            **({"coap": {"host": host, "port": self.coap.port}} if self.coap else {}),
         }
 
     def shutdown(self) -> None:

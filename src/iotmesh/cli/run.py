@@ -54,6 +54,9 @@ async def _serve(settings: Settings) -> None:
         print(f"  MQTT (ThingsBoard device API) {mqtt['host']}:{mqtt['port']}")
         if "tls_port" in mqtt:
             print(f"  MQTT over TLS                 {mqtt['host']}:{mqtt['tls_port']}")
+        if "coap" in info:
+            coap = info["coap"]
+            print(f"  CoAP (ThingsBoard device API) udp {coap['host']}:{coap['port']}")
         print(f"  data dir                      {platform.data_dir.path}")
         if platform.admin_token_generated:
             print(f"  admin token (shown once)      {platform.admin_token}")
