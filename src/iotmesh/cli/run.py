@@ -25,6 +25,8 @@ def _configure_logging(level: str) -> None:
     )
     # hypercorn logs every lifespan/connection detail at INFO; keep ours readable.
     logging.getLogger("hypercorn.error").setLevel(max(logging.WARNING, logging.root.level))
+    # aiocoap logs every 2.31 Continue and error answer at INFO: one line per request.
+    logging.getLogger("iotmesh.coap.aiocoap").setLevel(max(logging.WARNING, logging.root.level))
 
 
 GC_YOUNG = 10_000
