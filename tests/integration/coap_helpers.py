@@ -68,14 +68,14 @@ async def request(
     code: Code = Code.POST,
     payload: bytes = b"",
     query: Sequence[str] = (),
-    mtype: Any = aiocoap.CON,
+    reliable: bool = True,
     timeout: float = 20.0,
     **options: Any,
 ) -> Message:
     """One request to `api/v1/{token}/{path}`; its (reassembled) response."""
     message = Message(
         code=code,
-        mtype=mtype,
+        transport_tuning=aiocoap.Reliable if reliable else aiocoap.Unreliable,
         payload=payload,
         uri=coap_url(server, token, path),
         **options,

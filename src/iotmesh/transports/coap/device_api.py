@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from aiocoap import CON, Message, interfaces
+from aiocoap import Message, Reliable, interfaces
 from aiocoap.numbers.codes import Code
 
 from iotmesh.commands.client_rpc import answer_client_rpc
@@ -222,7 +222,7 @@ class DeviceApiSite(interfaces.Resource):  # type: ignore[misc]
         def notify(value: Any) -> None:
             nonlocal sequence
             sequence = (sequence + 1) & _OBSERVE_MASK
-            message = Message(mtype=CON, code=Code.CONTENT, observe=sequence)
+            message = Message(transport_tuning=Reliable, code=Code.CONTENT, observe=sequence)
             _fill(message, value, fmt)
             pipe.add_response(message, is_last=False)
 
