@@ -144,9 +144,7 @@ class DeviceApiSite(interfaces.Resource):  # type: ignore[misc]
             coap.request_format(request.opt.content_format)  # 4.15 before the blocks
             # Raises aiocoap's ContinueException (2.31) or IncompleteException (4.08).
             whole = self._block1.feed_and_take(request)
-            response = await self._block2.extract_or_insert(
-                whole, lambda: self._handle(whole, device, target)
-            )
+            response = await self._respond(whole, device, target)
             response.opt.block1 = whole.opt.block1
             pipe.add_response(response, is_last=True)
         except IotmeshError as exc:
@@ -165,6 +163,26 @@ class DeviceApiSite(interfaces.Resource):  # type: ignore[misc]
             raise PayloadTooLarge(announced, limit)
         if size > limit:
             raise PayloadTooLarge(size, limit)
+
+    async def _respond(self, request: Message, device: Device, target: coap.Target) -> Message:
+        """The answer, or the block of it that Block2 asks for.
+
+        aiocoap's Block2 cache computes a cache key from the options of every request;
+        only requests that ask for a later block, or answers too large for one
+        datagram, need it, so the common small answer skips it.
+        """
+        block2 = request.opt.block2
+        if block2 is not None and block2.block_number > 0:
+            return await self._block2.extract_or_insert(request, _never)
+        response = await self._handle(request, device, target)
+        size = len(response.payload)
+        if size <= request.remote.maximum_payload_size and (block2 is None or size <= block2.size):
+            return response
+
+        async def built() -> Message:
+            return response
+
+        return await self._block2.extract_or_insert(request, built)
 
     async def _handle(self, request: Message, device: Device, target: coap.Target) -> Message:
         """The answer to a complete (reassembled) request that is not an observation."""
@@ -312,6 +330,11 @@ class DeviceApiSite(interfaces.Resource):  # type: ignore[misc]
             )
         log.warning("coap request failed: %s", exc)
         return Message(code=Code.INTERNAL_SERVER_ERROR, payload=diagnostic)
+
+
+async def _never() -> Message:
+    """The builder for a later Block2 block: aiocoap answers from its cache (or 4.08)."""
+    raise AssertionError("a later block is never rendered anew")
 
 
 def _fill(message: Message, value: Any, fmt: int) -> None:
