@@ -7,7 +7,8 @@ line, like MQTT and HTTP) and hand the socket to aiocoap's udp6 transport. That 
 two of aiocoap's underscore-named hooks (`Context._append_tokenmanaged_messagemanaged_
 transport`, `MessageInterfaceUDP6._create_transport_endpoint`), which is why
 pyproject.toml pins aiocoap to 0.4.x; `tests/integration/test_coap_server.py` breaks
-first if they change.
+first if they change. The same subclass puts the telemetry fast path (`fastpath.py`)
+in front of aiocoap's handling of each datagram.
 
 Resource handling: `start` binds, then serves. `stop` refuses new requests (5.03 with
 Max-Age), lets requests being committed finish (at most DRAIN_TIMEOUT_S; their 2.04
@@ -41,6 +42,7 @@ from iotmesh.devicestate import AttributeService, ConnectivityService
 from iotmesh.pipeline.ingest import TelemetryIngest
 from iotmesh.registry.service import DeviceRegistry
 from iotmesh.transports.coap.device_api import DeviceApiSite
+from iotmesh.transports.coap.fastpath import FastTelemetry, reply_ancdata
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,28 @@ def bind_udp(host: str, port: int, what: str) -> socket.socket:
     return sock
 
 
+class _Udp6WithFastPath(MessageInterfaceUDP6):  # type: ignore[misc]
+    """aiocoap's udp6 transport with the telemetry fast path in front of it."""
+
+    fast: FastTelemetry | None = None
+
+    def datagram_msg_received(
+        self, data: bytes, ancdata: list[Any], flags: int, address: Any
+    ) -> None:
+        fast = self.fast
+        if fast is not None and fast.handle(data, reply_ancdata(ancdata), address, self._send):
+            return
+        super().datagram_msg_received(data, ancdata, flags, address)
+
+    def _send(self, data: bytes, ancdata: list[Any], address: Any) -> None:
+        if self.fast is not None:  # else shut down: the socket is gone
+            self.transport.sendmsg(data, ancdata, 0, address)
+
+    async def shutdown(self) -> None:
+        self.fast = None
+        await super().shutdown()
+
+
 class CoapServer(Service):
     """Serves the ThingsBoard CoAP device API on UDP `host:port`."""
 
@@ -103,6 +127,7 @@ class CoapServer(Service):
         self._host = host
         self._settings = settings
         self.site = DeviceApiSite(settings, registry, ingest, attributes, rpc, connectivity)
+        self.fast = FastTelemetry(self.site, registry)
         self._context: Any = None
         self.port = settings.port
 
@@ -113,13 +138,14 @@ class CoapServer(Service):
         context = Context(loop=loop, serversite=self.site, loggername="iotmesh.coap.aiocoap")
         try:
             await context._append_tokenmanaged_messagemanaged_transport(
-                lambda mman: MessageInterfaceUDP6._create_transport_endpoint(
+                lambda mman: _Udp6WithFastPath._create_transport_endpoint(
                     sock, mman, context.log, loop
                 )
             )
         except BaseException:
             sock.close()
             raise
+        context.request_interfaces[-1].token_interface.message_interface.fast = self.fast
         self._context = context
 
     async def stop(self) -> None:
@@ -140,6 +166,8 @@ class CoapServer(Service):
         site = self.site
         return {
             **msgspec.structs.asdict(site.stats),
+            "telemetry_fast_path": self.fast.taken,
+            "dedup_entries": len(self.fast.recent),
             "observations": len(site.observations),
             "inflight": site.inflight,
         }
