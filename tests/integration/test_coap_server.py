@@ -14,6 +14,8 @@ import pytest
 from aiocoap import Message
 from aiocoap.numbers.codes import Code
 
+from iotmesh.proto import coap_wire
+from iotmesh.proto.coap_wire import ACK, CHANGED, CON, NON, POST
 from tests.integration.coap_helpers import aiocoap_client, coap_url, request
 from tests.integration.mqtt_helpers import new_device, points, set_shared, wait_until
 from tests.integration.server import RunningServer, child_env, iotmesh_command, start_server
@@ -149,3 +151,33 @@ def test_shutdown_with_observations_held(server: RunningServer, tmp_path: Path) 
     finally:
         proc.kill()
         proc.wait(5)
+
+
+def test_retransmissions_are_answered_and_stored_once(server: RunningServer) -> None:
+    """A CON sent twice with one message id (a lost ACK) is stored once and answered
+    twice; NON gets a NON 2.04. Raw datagrams, to control the message ids."""
+    with server.admin() as admin:
+        device = new_device(admin, "coap-retransmit")
+    path = [(11, b"api"), (11, b"v1"), (11, device["access_token"].encode()), (11, b"telemetry")]
+
+    def exchange(sock: socket.socket, data: bytes) -> coap_wire.Datagram:
+        sock.send(data)
+        return coap_wire.decode(sock.recv(2048))
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", server.coap_port))
+        # The first request authenticates (aiocoap's path), the later ones take the
+        # fast path: the token is in the login cache then.
+        for mid, value in ((100, 1), (101, 2)):
+            request = coap_wire.encode(CON, POST, mid, b"tk", path, b'{"d": %d}' % value)
+            for _ in range(2):  # the original and a retransmission
+                answer = exchange(sock, request)
+                assert (answer.mtype, answer.code, answer.mid, answer.token) == (
+                    ACK, CHANGED, mid, b"tk"
+                )  # fmt: skip
+        answer = exchange(sock, coap_wire.encode(NON, POST, 102, b"nn", path, b'{"d": 3}'))
+        assert (answer.mtype, answer.code, answer.token) == (NON, CHANGED, b"nn")
+    with server.admin() as admin:
+        assert [p["value"] for p in points(admin, device["id"], "d")] == [1, 2, 3]
+    assert _stats(server)["telemetry_fast_path"] >= 2

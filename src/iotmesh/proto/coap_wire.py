@@ -132,8 +132,3 @@ def encode(
 def uint(value: bytes) -> int:
     """An option's unsigned integer value (network byte order, leading zeros dropped)."""
     return int.from_bytes(value, "big")
-
-
-def uint_bytes(value: int) -> bytes:
-    """The shortest encoding of an unsigned integer option value (0 is empty)."""
-    return value.to_bytes((value.bit_length() + 7) // 8, "big")

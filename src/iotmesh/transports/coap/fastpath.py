@@ -18,10 +18,14 @@ Acknowledgement: a CON request is answered by a piggybacked ACK carrying 2.04, s
 after the commit; there is no empty ACK first. A commit takes well under the 2 s
 ACK_TIMEOUT; should it take longer, the client retransmits and the duplicate is
 recognised (not stored twice) and answered once the commit is done. NON requests get
-a NON 2.04. Message deduplication (RFC 7252 §4.5) keeps (client, message id) for
-`DEDUP_SECONDS` (EXCHANGE_LIFETIME would be 247 s; retransmissions end after
-MAX_TRANSMIT_SPAN, 45 s), at most `DEDUP_MAX` entries: a duplicate of a request in
-progress is dropped, of a finished one re-answered from the entry.
+a NON 2.04.
+
+Deduplication (RFC 7252 §4.5) keeps (client, message id) for `DEDUP_SECONDS`
+(EXCHANGE_LIFETIME would be 247 s; retransmissions end after MAX_TRANSMIT_SPAN, 45 s),
+at most `DEDUP_MAX` entries: a duplicate of a request in progress is dropped, of a
+finished one re-answered from the entry. A POST handed to aiocoap is remembered too,
+so that its retransmission goes to aiocoap as well (which recognises it) rather than
+being taken, and stored again, here once its token is in the cache.
 """
 
 from __future__ import annotations
@@ -62,7 +66,8 @@ class FastTelemetry:
         self.site = site
         self.registry = registry
         self.limit = site.settings.max_payload_bytes
-        # (address, message id) -> [expiry, answer or None while committing]
+        # (address, message id) -> [expiry, answer or None while committing, whether
+        # aiocoap got the message]
         self.recent: collections.OrderedDict[tuple[Address, int], list[Any]] = (
             collections.OrderedDict()
         )
@@ -81,9 +86,29 @@ class FastTelemetry:
         key = (address, mid)
         entry = self.recent.get(key)
         if entry is not None:
+            if entry[2]:
+                return False  # aiocoap had the original: its deduplication answers
             if entry[1] is not None:
                 send(entry[1], ancdata, address)  # a retransmission: answer again
             return True  # still committing: the answer goes out when it is done
+        if self._take(data, mtype, mid, key, ancdata, address, send):
+            return True
+        # Remembered, so that a retransmission also goes to aiocoap (which knows it),
+        # even if by then the token is cached and it would be simple enough for us.
+        self._remember(key, to_aiocoap=True)
+        return False
+
+    def _take(
+        self,
+        data: bytes,
+        mtype: int,
+        mid: int,
+        key: tuple[Address, int],
+        ancdata: list[Any],
+        address: Address,
+        send: Send,
+    ) -> bool:
+        site = self.site
         try:
             message = coap_wire.decode(data)
         except PayloadError:
@@ -116,7 +141,7 @@ class FastTelemetry:
             records = telemetry_from_json(coap.decode_payload(message.payload, fmt), now_ms())
         except PayloadError:
             return False
-        self._remember(key)
+        self._remember(key, to_aiocoap=False)
         done = partial(self._done, key, mtype, mid, message.token, ancdata, address, send)
         if not site.ingest.submit_nowait(device.id, records, done):
             del self.recent[key]
@@ -127,10 +152,10 @@ class FastTelemetry:
         self.taken += 1
         return True
 
-    def _remember(self, key: tuple[Address, int]) -> None:
+    def _remember(self, key: tuple[Address, int], *, to_aiocoap: bool) -> None:
         recent = self.recent
         now = time.monotonic()
-        recent[key] = [now + DEDUP_SECONDS, None]
+        recent[key] = [now + DEDUP_SECONDS, None, to_aiocoap]
         while recent:
             oldest = next(iter(recent.values()))
             if oldest[0] > now and len(recent) <= DEDUP_MAX:
