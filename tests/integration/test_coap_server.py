@@ -16,7 +16,13 @@ from aiocoap.numbers.codes import Code
 
 from iotmesh.proto import coap_wire
 from iotmesh.proto.coap_wire import ACK, CHANGED, CON, NON, POST
-from tests.integration.coap_helpers import aiocoap_client, coap_url, request
+from tests.integration.coap_helpers import (
+    aiocoap_client,
+    coap_url,
+    libcoap,
+    request,
+    requires_libcoap,
+)
 from tests.integration.mqtt_helpers import new_device, points, set_shared, wait_until
 from tests.integration.server import RunningServer, child_env, iotmesh_command, start_server
 
@@ -181,3 +187,17 @@ def test_retransmissions_are_answered_and_stored_once(server: RunningServer) -> 
     with server.admin() as admin:
         assert [p["value"] for p in points(admin, device["id"], "d")] == [1, 2, 3]
     assert _stats(server)["telemetry_fast_path"] >= 2
+
+
+@requires_libcoap
+def test_deregistration_ends_observations(server: RunningServer) -> None:
+    """coap-client deregisters (GET with Observe 1) when its -s time is up: each
+    observation ends at once, and the deregistering GET gets a normal answer."""
+    with server.admin() as admin:
+        device = new_device(admin, "coap-deregister")
+        set_shared(admin, device["id"], {"mode": "eco"})
+    for path in ("rpc", "attributes/updates", "attributes"):
+        result = libcoap("-m", "get", "-s", "1", coap_url(server, device["access_token"], path))
+        assert result.error_code is None, (path, result.stderr)
+        assert _stats(server)["observations"] == 0, path
+    assert _stats(server)["errors"] == 0

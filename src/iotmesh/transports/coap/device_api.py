@@ -188,8 +188,15 @@ class DeviceApiSite(interfaces.Resource):  # type: ignore[misc]
         """The answer to a complete (reassembled) request that is not an observation."""
         resource = target.resource
         body = request.payload
-        if request.code == Code.GET:  # attributes: the only GET without Observe
+        if request.code == Code.GET:  # without Observe (e.g. ending an observation)
             fmt = coap.answer_format(request.opt.accept, None)
+            if target.rpc_id is not None:
+                raise NotFound("GET rpc/{id} is not part of the API")
+            if resource is coap.Resource.RPC:
+                return Message(code=Code.CONTENT)  # as the first answer of an observation
+            if resource is coap.Resource.ATTRIBUTE_UPDATES:
+                shared = await self.attributes.values(device.id, AttributeScope.SHARED)
+                return _content(shared, fmt)
             query = coap.parse_query(request.opt.uri_query)
             answer = await requested_values(
                 self.attributes,
