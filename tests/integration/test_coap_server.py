@@ -201,3 +201,34 @@ def test_deregistration_ends_observations(server: RunningServer) -> None:
         assert result.error_code is None, (path, result.stderr)
         assert _stats(server)["observations"] == 0, path
     assert _stats(server)["errors"] == 0
+
+
+def test_blockwise_uploads_in_reassembly_are_bounded(data_dir: Path, tmp_path: Path) -> None:
+    """Unfinished Block1 uploads hold memory for 93 s: beyond the limit a new one gets
+    5.03 with Max-Age, and plain requests are still served."""
+    env = {"IOTMESH_COAP__MAX_BLOCKWISE_UPLOADS": "2"}
+    server = start_server(data_dir, tmp_path / "logs", env=env)
+    try:
+        with server.admin() as admin:
+            device = new_device(admin, "coap-blocks")
+        token = device["access_token"].encode()
+        path = [(11, b"api"), (11, b"v1"), (11, token), (11, b"telemetry")]
+        first_block = [*path, (coap_wire.BLOCK1, bytes([0x0A]))]  # block 0, more, 64 bytes
+        answers = []
+        sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+        try:
+            for n, sock in enumerate(sockets):  # three clients, one upload each
+                sock.settimeout(10)
+                sock.connect(("127.0.0.1", server.coap_port))
+                sock.send(coap_wire.encode(CON, POST, 200 + n, b"b", first_block, b"[" * 64))
+                answers.append(coap_wire.decode(sock.recv(2048)))
+            assert [a.code for a in answers] == [0x5F, 0x5F, 0xA3]  # 2.31, 2.31, 5.03
+            assert (coap_wire.MAX_AGE, b"\x0a") in answers[2].options
+            plain = coap_wire.encode(CON, POST, 300, b"p", path, b'{"still": 1}')
+            sockets[2].send(plain)
+            assert coap_wire.decode(sockets[2].recv(2048)).code == CHANGED
+        finally:
+            for sock in sockets:
+                sock.close()
+    finally:
+        server.stop()

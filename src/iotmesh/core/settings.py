@@ -139,6 +139,12 @@ class CoapSettings(_Section):
     max_observations_per_device: int = Field(
         4, ge=1, description="Observations one device may hold at once; more get 4.29."
     )
+    max_blockwise_uploads: int = Field(
+        1000,
+        ge=1,
+        description="Block1 uploads being reassembled at once (each up to max_payload_bytes);"
+        " a new one beyond gets 5.03 with Max-Age.",
+    )
 
 
 class BusSettings(_Section):

@@ -8,8 +8,9 @@ same services the MQTT transport uses (`TelemetryIngest`, `AttributeService`,
 
 Order of checks on every request: path (4.04, 4.00 for a bad RPC id), method (4.05),
 size (4.13 with Size1: the body, the Size1 the client announced, or the blocks so
-far), token (4.01), Content-Format and Accept (4.15, 4.06), Block1 reassembly
-(2.31 Continue per block, 4.08 when a block is missing), then the body (4.00).
+far), token (4.01), Content-Format and Accept (4.15, 4.06), the number of Block1
+uploads in reassembly (5.03), Block1 reassembly (2.31 Continue per block, 4.08 when a
+block is missing), then the body (4.00).
 
 Durability: a telemetry or attribute POST is answered 2.04 only after the commit. A
 CON request whose commit takes longer than aiocoap's EMPTY_ACK_DELAY (0.1 s) gets an
@@ -142,6 +143,7 @@ class DeviceApiSite(interfaces.Resource):  # type: ignore[misc]
                     self.inflight += 1
                 return
             coap.request_format(request.opt.content_format)  # 4.15 before the blocks
+            self._check_uploads(request)
             # Raises aiocoap's ContinueException (2.31) or IncompleteException (4.08).
             whole = self._block1.feed_and_take(request)
             response = await self._respond(whole, device, target)
@@ -163,6 +165,17 @@ class DeviceApiSite(interfaces.Resource):  # type: ignore[misc]
             raise PayloadTooLarge(announced, limit)
         if size > limit:
             raise PayloadTooLarge(size, limit)
+
+    def _check_uploads(self, request: Message) -> None:
+        """Bound the Block1 uploads held for reassembly (memory: each may grow to the
+        payload limit, and aiocoap keeps an unfinished one for 93 s)."""
+        block1 = request.opt.block1
+        if block1 is None or block1.block_number != 0 or not block1.more:
+            return
+        # aiocoap's Block1Spool keeps them in a TimeoutDict; neither counts publicly.
+        held = len(self._block1._assemblies._items)
+        if held >= self.settings.max_blockwise_uploads:
+            raise Overloaded(f"{held} block-wise uploads are being received", retry_after=10)
 
     async def _respond(self, request: Message, device: Device, target: coap.Target) -> Message:
         """The answer, or the block of it that Block2 asks for.

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from iotmesh.transports.coap.device_api import DeviceApiSite
 
 DEDUP_SECONDS = 60.0
-DEDUP_MAX = 200_000
+DEDUP_MAX = 100_000
 _SIMPLE_OPTIONS = frozenset(
     {coap_wire.URI_HOST, coap_wire.URI_PORT, coap_wire.URI_PATH, coap_wire.CONTENT_FORMAT,
      coap_wire.ACCEPT, coap_wire.SIZE1}
