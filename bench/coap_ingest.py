@@ -18,7 +18,7 @@ their first bytes: a piggybacked 2.04 in an ACK, or an empty ACK followed by a s
 Prints a table and writes bench/results/coap_ingest.json (machine, settings, figures).
 Every phase is bounded: warm-up + measured seconds, then a drain of at most --timeout.
 
-    .venv/bin/python bench/coap_ingest.py            # ~45 s
+    .venv/bin/python bench/coap_ingest.py            # ~45-60 s
 """
 
 from __future__ import annotations
@@ -356,6 +356,13 @@ def bench_bare(args: argparse.Namespace) -> dict[str, Any]:
         proc.wait(30)
 
 
+def _cpu_per(res: dict[str, Any]) -> float | None:
+    """Server CPU time per answer, in microseconds: the figure machine load disturbs
+    least (a busy machine lowers both servers' rates, not much their cost per answer)."""
+    rate = res["acked_per_s"]
+    return res["server_cpu_pct"] / 100 / rate * 1e6 if rate else None
+
+
 def report(results: dict[str, Any]) -> None:
     i, b = results["iotmesh"], results["bare_aiocoap"]
     s = results["settings"]
@@ -377,6 +384,7 @@ def report(results: dict[str, Any]) -> None:
     row("5.03 / other / lost", i["busy"], b["busy"], ",d", ratio=False)
     table.add_row("", f"{i['other']} / {i['lost']}", f"{b['other']} / {b['lost']}", "")
     row("CPU server (+writer)", i["server_cpu_pct"], b["server_cpu_pct"], ".0f", "%")
+    row("  server CPU per 2.04", _cpu_per(i), _cpu_per(b), ".0f", " us")
     row("CPU load generator", i["loadgen_cpu_pct"], b["loadgen_cpu_pct"], ".0f", "%", False)
     row("CPU other (not ours)", i["other_cpu_pct"], b["other_cpu_pct"], ".0f", "%", False)
     Console(width=140).print(table)
@@ -402,13 +410,17 @@ def main() -> None:
     add(
         "--quiet-wait",
         type=float,
-        default=20.0,
+        default=10.0,
         help="wait this long at most for the"
         " rest of the machine to use < 30%% of a core before each phase",
     )
     add("--profile", type=Path, help="py-spy each server into this directory")
     add("--output", type=Path, default=RESULTS)
+    add("--report", type=Path, help="only print the table of an earlier results file")
     args = parser.parse_args()
+    if args.report is not None:
+        report(json.loads(args.report.read_text()))
+        return
     with tempfile.TemporaryDirectory(prefix="coap-bench-") as tmp:
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         bare = bench_bare(args)
@@ -416,7 +428,12 @@ def main() -> None:
     results = {
         "started": started,
         "machine": machine(),
-        "settings": {**vars(args), "output": str(args.output), "profile": str(args.profile)},
+        "settings": {
+            **vars(args),
+            "output": str(args.output),
+            "profile": str(args.profile),
+            "report": None,
+        },
         "iotmesh": iot,
         "bare_aiocoap": bare,
     }
