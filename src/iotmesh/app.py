@@ -211,8 +211,15 @@ class Platform:
                 "url": f"http://{shown}:{self.http.port}",
             },
             "mqtt": mqtt,
-            **({"coap": {"host": host, "port": self.coap.port}} if self.coap else {}),
+            **({"coap": self._coap_info(host)} if self.coap else {}),
         }
+
+    def _coap_info(self, host: str) -> dict[str, Any]:
+        assert self.coap is not None
+        info: dict[str, Any] = {"host": host, "port": self.coap.port}
+        if self.coap.dtls_port is not None:
+            info["dtls_port"] = self.coap.dtls_port
+        return info
 
     def shutdown(self) -> None:
         """Ask `wait_closed` to return (signal handlers call this)."""

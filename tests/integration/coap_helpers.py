@@ -43,9 +43,9 @@ class LibcoapResult:
         self.error_code = match.group(1) if match else None
 
 
-def libcoap(*args: str, timeout: float = 20.0) -> LibcoapResult:
-    """Run coap-client-notls with `args`; wait at most `timeout` seconds."""
-    proc = subprocess.run([COAP_CLIENT, *args], capture_output=True, timeout=timeout, check=False)
+def libcoap(*args: str, client: str = COAP_CLIENT, timeout: float = 20.0) -> LibcoapResult:
+    """Run libcoap's `client` (coap-client-notls) with `args`; at most `timeout` s."""
+    proc = subprocess.run([client, *args], capture_output=True, timeout=timeout, check=False)
     return LibcoapResult(proc)
 
 

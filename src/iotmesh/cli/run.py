@@ -59,6 +59,8 @@ async def _serve(settings: Settings) -> None:
         if "coap" in info:
             coap = info["coap"]
             print(f"  CoAP (ThingsBoard device API) udp {coap['host']}:{coap['port']}")
+            if "dtls_port" in coap:
+                print(f"  CoAP over DTLS (PSK)          udp {coap['host']}:{coap['dtls_port']}")
         print(f"  data dir                      {platform.data_dir.path}")
         if platform.admin_token_generated:
             print(f"  admin token (shown once)      {platform.admin_token}")

@@ -139,6 +139,17 @@ class CoapSettings(_Section):
     max_observations_per_device: int = Field(
         4, ge=1, description="Observations one device may hold at once; more get 4.29."
     )
+    dtls_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="UDP port of CoAP over DTLS (coaps; 5684 is usual; 0 picks a free one)"
+        " with pre-shared keys: identity = device id, key = its access token. Unset: no"
+        " DTLS. Needs the DTLSSocket package and a specific `host` (not 0.0.0.0).",
+    )
+    max_dtls_sessions: int = Field(
+        1000, ge=1, description="DTLS sessions kept at once; the oldest is closed beyond."
+    )
     max_blockwise_uploads: int = Field(
         1000,
         ge=1,

@@ -48,23 +48,37 @@ class Resource(Enum):
 
 
 class Target(msgspec.Struct, frozen=True):
-    """What a request path names: the device's token, the resource, an RPC id."""
+    """What a request path names: the device's token (None: the path has none, the
+    DTLS session says who it is), the resource, an RPC id."""
 
-    token: str
+    token: str | None
     resource: Resource
     rpc_id: int | None = None
 
 
-def parse_path(segments: Sequence[str]) -> Target:
+def parse_path(segments: Sequence[str], *, session: bool = False) -> Target:
     """The target of a request's Uri-Path segments.
+
+    With `session` (a DTLS session authenticated the device) the path may leave the
+    token out (`api/v1/telemetry`); a third segment that names a resource is read so.
 
     Raises:
         NotFound: the path is not part of the device API (4.04).
         PayloadError: `rpc/{id}` with an id that is not a number (4.00).
     """
-    if len(segments) < 4 or segments[0] != "api" or segments[1] != "v1" or not segments[2]:
+    if len(segments) < 3 or segments[0] != "api" or segments[1] != "v1":
         raise NotFound("not a device API path (expected api/v1/{token}/...)")
-    token, rest = segments[2], tuple(segments[3:])
+    if session and segments[2] in _FIRST_SEGMENTS:
+        return _resource(None, tuple(segments[2:]))
+    if len(segments) < 4 or not segments[2]:
+        raise NotFound("not a device API path (expected api/v1/{token}/...)")
+    return _resource(segments[2], tuple(segments[3:]))
+
+
+_FIRST_SEGMENTS = frozenset({"telemetry", "attributes", "rpc"})
+
+
+def _resource(token: str | None, rest: tuple[str, ...]) -> Target:
     if rest == ("telemetry",):
         return Target(token, Resource.TELEMETRY)
     if rest == ("attributes",):

@@ -2,7 +2,8 @@
 
 Only what the telemetry fast path needs (`transports/coap/fastpath.py`): every
 request it does not take goes to aiocoap, which parses it again in full. The decoder
-is strict so that a message it accepts means the same to aiocoap:
+is as strict about the structure as aiocoap (a test checks aiocoap reads what
+`encode` writes); it does not interpret option values:
 
     0                   1                   2                   3
     |Ver| T |  TKL  |      Code     |          Message ID           |

@@ -49,6 +49,18 @@ def test_rpc_ids_must_be_numbers(rpc_id: str) -> None:
         coap.parse_path(["api", "v1", "T", "rpc", rpc_id])
 
 
+def test_paths_without_a_token_in_a_dtls_session() -> None:
+    assert coap.parse_path(["api", "v1", "telemetry"], session=True) == Target(
+        None, Resource.TELEMETRY
+    )
+    assert coap.parse_path(["api", "v1", "rpc", "7"], session=True) == Target(None, Resource.RPC, 7)
+    assert coap.parse_path(["api", "v1", "T", "attributes"], session=True) == Target(
+        "T", Resource.ATTRIBUTES
+    )
+    with pytest.raises(NotFound):
+        coap.parse_path(["api", "v1", "telemetry"])  # no session: a token is needed
+
+
 @given(st.lists(st.text(max_size=20), max_size=8))
 def test_any_path_is_a_target_or_a_clear_error(segments: list[str]) -> None:
     try:

@@ -59,6 +59,7 @@ from iotmesh.pipeline.ingest import TelemetryIngest
 from iotmesh.proto import coap
 from iotmesh.proto.thingsboard import attributes_from_json, split_keys, telemetry_from_json
 from iotmesh.registry.service import DeviceRegistry
+from iotmesh.transports.coap.dtls import session_device
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +129,16 @@ class DeviceApiSite(interfaces.Resource):  # type: ignore[misc]
         try:
             if self.draining:
                 raise Overloaded("the server is shutting down", retry_after=5.0)
-            target = coap.parse_path(request.opt.uri_path)
+            session = getattr(request.remote, "scheme", "coap") == "coaps"
+            target = coap.parse_path(request.opt.uri_path, session=session)
             if request.code not in _METHODS[target.resource]:
                 pipe.add_response(Message(code=Code.METHOD_NOT_ALLOWED), is_last=True)
                 return
             self._check_size(request)
-            device = await self.registry.authenticate(target.token)
+            if target.token is None:
+                device = await session_device(self.registry, request.remote.authenticated_claims)
+            else:
+                device = await self.registry.authenticate(target.token)
             self.connectivity.activity(device.id, TRANSPORT)
             if request.code == Code.GET and request.opt.observe == 0:
                 self.inflight -= 1  # an observation is not in flight: it waits

@@ -42,6 +42,7 @@ from iotmesh.devicestate import AttributeService, ConnectivityService
 from iotmesh.pipeline.ingest import TelemetryIngest
 from iotmesh.registry.service import DeviceRegistry
 from iotmesh.transports.coap.device_api import DeviceApiSite
+from iotmesh.transports.coap.dtls import PskKeys, start_dtls
 from iotmesh.transports.coap.fastpath import FastTelemetry, reply_ancdata
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,10 @@ class CoapServer(Service):
         self._settings = settings
         self.site = DeviceApiSite(settings, registry, ingest, attributes, rpc, connectivity)
         self.fast = FastTelemetry(self.site, registry)
+        self.keys = PskKeys(registry)
         self._context: Any = None
         self.port = settings.port
+        self.dtls_port = settings.dtls_port
 
     async def start(self) -> None:
         sock = bind_udp(self._host, self._settings.port, "coap")
@@ -147,6 +150,21 @@ class CoapServer(Service):
             raise
         context.request_interfaces[-1].token_interface.message_interface.fast = self.fast
         self._context = context
+        if self._settings.dtls_port is not None:
+            try:
+                await self._start_dtls(context)
+            except BaseException:
+                await self.stop()
+                raise
+
+    async def _start_dtls(self, context: Any) -> None:
+        if self._host in ("", "0.0.0.0", "::"):
+            # aiocoap's DTLS server answers from the socket's address; on the
+            # any-address that may not be the one the client wrote to.
+            raise StartupError("coap.dtls_port needs a specific host, not the any-address")
+        sock = bind_udp(self._host, self._settings.dtls_port or 0, "coap dtls")
+        self.dtls_port = sock.getsockname()[1]
+        await start_dtls(context, sock, self.keys, self._settings.max_dtls_sessions)
 
     async def stop(self) -> None:
         context, self._context = self._context, None
@@ -159,6 +177,7 @@ class CoapServer(Service):
         while site.inflight > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
         site.stop_observations()
+        self.keys.close()
         await asyncio.sleep(0)  # let the cancelled observations run their cleanup
         await context.shutdown()
 
