@@ -35,6 +35,7 @@ from iotmesh.storage.sqlite.state import SqliteStateStore
 from iotmesh.storage.sqlite.tsdb import SqliteTimeSeriesStore
 from iotmesh.storage.timeseries import TimeSeriesStore
 from iotmesh.storage.writer import BatchWriter
+from iotmesh.transports.coap import CoapServer
 from iotmesh.transports.http import HttpServer
 from iotmesh.transports.http_granian import GranianHttpServer
 from iotmesh.transports.mqtt import MqttServer
@@ -104,6 +105,7 @@ class Platform:
         self._shutdown = asyncio.Event()
         self.http: HttpServer | GranianHttpServer | None = None
         self.mqtt: MqttServer | None = None
+        self.coap: CoapServer | None = None
 
     async def __aenter__(self) -> Self:
         self.data_dir.acquire()
@@ -167,6 +169,17 @@ class Platform:
             connectivity=connectivity,
         )
         await self._enter(self.mqtt)
+        if settings.coap.enabled:
+            self.coap = CoapServer(
+                settings.host,
+                settings.coap,
+                registry,
+                TelemetryIngest(bus, settings.coap.enqueue_timeout_s),
+                attributes,
+                rpc,
+                connectivity,
+            )
+            await self._enter(self.coap)
         ctx = ApiContext(
             settings=settings,
             admin_token=self.admin_token,
@@ -222,7 +235,15 @@ class Platform:
             "data_dir": str(self.data_dir.path),
             "http": http,
             "mqtt": mqtt,
+            **({"coap": self._coap_info(host)} if self.coap else {}),
         }
+
+    def _coap_info(self, host: str) -> dict[str, Any]:
+        assert self.coap is not None
+        info: dict[str, Any] = {"host": host, "port": self.coap.port}
+        if self.coap.dtls_port is not None:
+            info["dtls_port"] = self.coap.dtls_port
+        return info
 
     def shutdown(self) -> None:
         """Ask `wait_closed` to return (signal handlers call this)."""

@@ -204,4 +204,5 @@ async def rpc_reply(access_token: str, request_id: str, request: Request, ctx: C
     except PayloadError:
         payload = body.decode("utf-8", "replace")
     ctx.rpc.reply(device.id, int(request_id), payload)
+    await ctx.rpc.flushed()  # 200 once the reply is stored
     return Response(status_code=200)

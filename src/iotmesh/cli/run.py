@@ -35,6 +35,8 @@ def _configure_logging(level: str) -> None:
     )
     # hypercorn logs every lifespan/connection detail at INFO; keep ours readable.
     logging.getLogger("hypercorn.error").setLevel(max(logging.WARNING, logging.root.level))
+    # aiocoap logs every 2.31 Continue and error answer at INFO: one line per request.
+    logging.getLogger("iotmesh.coap.aiocoap").setLevel(max(logging.WARNING, logging.root.level))
 
 
 GC_YOUNG = 10_000
@@ -66,6 +68,11 @@ async def _serve(settings: Settings) -> None:
         print(f"  MQTT (ThingsBoard device API) {mqtt['host']}:{mqtt['port']}")
         if "tls_port" in mqtt:
             print(f"  MQTT over TLS                 {mqtt['host']}:{mqtt['tls_port']}")
+        if "coap" in info:
+            coap = info["coap"]
+            print(f"  CoAP (ThingsBoard device API) udp {coap['host']}:{coap['port']}")
+            if "dtls_port" in coap:
+                print(f"  CoAP over DTLS (PSK)          udp {coap['host']}:{coap['dtls_port']}")
         print(f"  data dir                      {platform.data_dir.path}")
         if settings.storage.timeseries == "influxdb":
             influx = settings.storage.influxdb

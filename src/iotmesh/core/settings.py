@@ -147,13 +147,44 @@ class MqttSettings(_Section):
 
 
 class CoapSettings(_Section):
-    """The CoAP server (device API over CoAP/UDP)."""
+    """The CoAP server (ThingsBoard device API over CoAP/UDP, served with aiocoap)."""
 
-    port: int = Field(
-        5683,
+    enabled: bool = Field(True, description="Serve CoAP at all.")
+    port: int = Field(5683, ge=0, le=65535, description="UDP port; 0 picks a free one.")
+    max_payload_bytes: int = Field(
+        64 * 1024,
+        ge=64,
+        description="Largest request body, whole or reassembled from Block1 blocks;"
+        " larger gets 4.13 with Size1.",
+    )
+    enqueue_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="How long an upload may wait for room in the pipeline before 5.03"
+        " (with Max-Age).",
+    )
+    max_observations: int = Field(
+        10_000, ge=1, description="Observations (attributes and RPC) held at once, in total."
+    )
+    max_observations_per_device: int = Field(
+        4, ge=1, description="Observations one device may hold at once; more get 4.29."
+    )
+    dtls_port: int | None = Field(
+        None,
         ge=0,
         le=65535,
-        description="UDP port (0 picks a free one); reserved: the CoAP server is not built yet.",
+        description="UDP port of CoAP over DTLS (coaps; 5684 is usual; 0 picks a free one)"
+        " with pre-shared keys: identity = device id, key = its access token. Unset: no"
+        " DTLS. Needs the DTLSSocket package and a specific `host` (not 0.0.0.0).",
+    )
+    max_dtls_sessions: int = Field(
+        1000, ge=1, description="DTLS sessions kept at once; the oldest is closed beyond."
+    )
+    max_blockwise_uploads: int = Field(
+        1000,
+        ge=1,
+        description="Block1 uploads being reassembled at once (each up to max_payload_bytes);"
+        " a new one beyond gets 5.03 with Max-Age.",
     )
 
 

@@ -146,3 +146,21 @@ class AttributeService(Service):
                 await listener(changed, deleted)
             except Exception:
                 log.exception("pushing shared attributes to device %s failed", device_id)
+
+
+async def requested_values(
+    attributes: AttributeService,
+    device_id: str,
+    client_keys: list[str] | None,
+    shared_keys: list[str] | None,
+) -> dict[str, Any]:
+    """A device's attribute request (`clientKeys`, `sharedKeys`), answered in the
+    ThingsBoard form `{"client": {...}, "shared": {...}}`: both scopes in full when no
+    keys are named, else only the scopes whose keys are named."""
+    everything = client_keys is None and shared_keys is None
+    answer: dict[str, Any] = {}
+    if everything or client_keys:
+        answer["client"] = await attributes.values(device_id, AttributeScope.CLIENT, client_keys)
+    if everything or shared_keys:
+        answer["shared"] = await attributes.values(device_id, AttributeScope.SHARED, shared_keys)
+    return answer

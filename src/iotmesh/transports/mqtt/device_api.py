@@ -43,6 +43,7 @@ from iotmesh.core.clock import now_ms
 from iotmesh.core.errors import AuthError, DeviceGone, IotmeshError, PayloadError
 from iotmesh.core.types import AttributeScope, Device, TsRecord
 from iotmesh.devicestate import AttributeService, ConnectivityService
+from iotmesh.devicestate.attributes import requested_values
 from iotmesh.pipeline.ingest import TelemetryIngest
 from iotmesh.proto.mqtt import Publish, ReasonCode, topic_matches
 from iotmesh.proto.thingsboard import (
@@ -219,18 +220,12 @@ class DeviceApi:
     ) -> None:
         if not isinstance(doc, dict):
             raise PayloadError("attribute request must be a JSON object")
-        client_keys = split_keys(doc.get("clientKeys"))
-        shared_keys = split_keys(doc.get("sharedKeys"))
-        everything = client_keys is None and shared_keys is None
-        answer: dict[str, Any] = {}
-        if everything or client_keys:
-            answer["client"] = await self.attributes.values(
-                device.id, AttributeScope.CLIENT, client_keys
-            )
-        if everything or shared_keys:
-            answer["shared"] = await self.attributes.values(
-                device.id, AttributeScope.SHARED, shared_keys
-            )
+        answer = await requested_values(
+            self.attributes,
+            device.id,
+            split_keys(doc.get("clientKeys")),
+            split_keys(doc.get("sharedKeys")),
+        )
         self.send(conn, ATTRIBUTES_RESPONSE + request_id, json_payload(answer))
 
     # -- messages to devices --------------------------------------------------------------
