@@ -21,9 +21,11 @@ import pytest
 
 from iotmesh.core.settings import InfluxSettings, SqliteSettings
 from iotmesh.storage.influx import InfluxTimeSeriesStore
+from iotmesh.storage.postgres import PostgresTimeSeriesStore
 from iotmesh.storage.sqlite.tsdb import SqliteTimeSeriesStore
 from iotmesh.storage.timeseries import TimeSeriesStore
 from tests.influxd import InfluxServer
+from tests.postgres import PgServer
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,16 @@ def _influxdb(server: InfluxServer, tmp_path: Path) -> TimeSeriesStore:
     return InfluxTimeSeriesStore(InfluxSettings(url=server.url, database=database))
 
 
+def _postgres(server: PgServer, tmp_path: Path) -> TimeSeriesStore:
+    # A schema per test, named after its tmp dir: the same on a reopen in one test.
+    # Daily partitions, so the tests' timestamps (1970 and 2023) span a few of them.
+    return PostgresTimeSeriesStore(server.settings(str(tmp_path), partition_interval_s=86400))
+
+
 BACKENDS = [
     Backend("sqlite", _sqlite, _sqlite_settle),
     Backend("influxdb", _influxdb, no_background_work, server="influxd"),
+    Backend("postgres", _postgres, no_background_work, server="postgres"),
 ]
 
 
