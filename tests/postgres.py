@@ -45,7 +45,7 @@ class PgServer:
         admin = os.environ.get("IOTMESH_TEST_PG_URL", DEFAULT_URL)
         server = cls(admin, f"iotmesh_test_{uuid.uuid4().hex[:12]}")
         try:
-            asyncio.run(server._admin(f'CREATE DATABASE "{server.database}"'))
+            server.admin(f'CREATE DATABASE "{server.database}"')
         except (OSError, asyncpg.PostgresError) as exc:
             raise RuntimeError(
                 f"PostgreSQL is not reachable at {admin} ({exc}): scripts/test installs and"
@@ -54,7 +54,11 @@ class PgServer:
         return server
 
     def drop(self) -> None:
-        asyncio.run(self._admin(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'))
+        self.admin(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+
+    def admin(self, statement: str) -> None:
+        """Run a statement on the server's admin database (the database of the URL)."""
+        asyncio.run(self._admin(statement))
 
     async def _admin(self, statement: str) -> None:
         conn = await asyncpg.connect(self.admin_url, timeout=10)

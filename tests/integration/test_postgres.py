@@ -4,6 +4,7 @@ the local server (a database per session, a schema per test: tests/postgres.py).
 from __future__ import annotations
 
 import subprocess
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -131,3 +132,48 @@ def test_run_refuses_to_start_without_its_postgres(tmp_path: Path) -> None:
     nobody = f"postgresql://postgres@127.0.0.1:{free_port()}/x"
     with pytest.raises(RuntimeError, match=r"cannot start: .*cannot connect to PostgreSQL"):
         start_server(tmp_path / "data", tmp_path / "logs", *_pg_args(nobody, "s"))
+
+
+def test_acknowledged_only_after_postgres_has_it(postgres: PgServer, tmp_path: Path) -> None:
+    """PostgreSQL unreachable during ingest (its database refuses connections and the
+    open ones are cut): an upload waits while the writer retries, is acknowledged once
+    PostgreSQL is back and has the point, and the platform recovers without a restart."""
+    outage = PgServer(postgres.admin_url, f"iotmesh_outage_{uuid.uuid4().hex[:12]}")
+    postgres.admin(f'CREATE DATABASE "{outage.database}"')
+    env = {"IOTMESH_WRITER__RETRY_BACKOFF_MAX_S": "0.2"}
+    srv = start_server(tmp_path / "data", tmp_path / "logs", *_pg_args(outage.url, "s"), env=env)
+    try:
+        with srv.admin() as admin, srv.anonymous() as dev:
+            device = admin.post("/api/v1/devices", json={"name": "patient"}).json()
+            url = f"/api/v1/{device['access_token']}/telemetry"
+            # The first upload also puts the token in the registry's cache.
+            assert dev.post(url, json={"ts": T0, "values": {"t": 1}}).status_code == 200
+        database = outage.database
+        postgres.admin(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        postgres.admin(
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}'"
+        )
+        result: dict[str, Any] = {}
+
+        def upload() -> None:
+            with srv.anonymous() as dev:
+                r = dev.post(url, json={"ts": T0 + 1, "values": {"t": 2.5}})
+                result["status"] = r.status_code
+
+        thread = threading.Thread(target=upload, name="upload")
+        thread.start()
+        thread.join(2.0)
+        assert thread.is_alive(), f"acknowledged while PostgreSQL was unreachable: {result}"
+        postgres.admin(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        thread.join(30.0)
+        assert result.get("status") == 200
+        assert "commit failed, retrying" in srv.output()
+        with srv.admin() as admin:
+            got = _telemetry(
+                admin, device["id"], keys="t", start_ts=T0, end_ts=T0 + 10, order="ASC"
+            )
+            assert got == {"t": [{"ts": T0, "value": 1}, {"ts": T0 + 1, "value": 2.5}]}
+    finally:
+        srv.stop()
+        postgres.admin(f'ALTER DATABASE "{outage.database}" ALLOW_CONNECTIONS true')
+        outage.drop()
