@@ -21,7 +21,8 @@ from iotmesh.core.settings import PostgresSettings
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
-def _with_database(url: str, database: str) -> str:
+def with_database(url: str, database: str) -> str:
+    """`url` naming `database` instead of its own."""
     base, _, query = url.partition("?")
     server = base.rsplit("/", 1)[0] if base.count("/") > 2 else base
     return f"{server}/{database}" + (f"?{query}" if query else "")
@@ -33,7 +34,7 @@ class PgServer:
     def __init__(self, admin_url: str, database: str) -> None:
         self.admin_url = admin_url
         self.database = database
-        self.url = _with_database(admin_url, database)
+        self.url = with_database(admin_url, database)
 
     @classmethod
     def create(cls) -> PgServer:

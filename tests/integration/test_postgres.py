@@ -86,6 +86,9 @@ def test_both_stores_on_postgres_survive_a_restart(postgres: PgServer, tmp_path:
             # The device's token still works, and the data written now joins the old.
             url = f"/api/v1/{token}/telemetry"
             assert dev.post(url, json={"ts": T0 + 999, "values": {"temp": 99}}).status_code == 200
+            # A key PostgreSQL cannot hold (NUL) is refused, that upload alone.
+            refused = dev.post(url, json={"ts": T0 + 5, "values": {"a\x00b": 1}})
+            assert refused.status_code == 422, refused.text
             latest = _telemetry(admin, dev_id, keys="temp", limit=1)
             assert latest["temp"] == [{"ts": T0 + 110_000, "value": 31}]
             assert admin.delete(f"/api/v1/devices/{dev_id}").status_code in (200, 204)
