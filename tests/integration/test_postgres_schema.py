@@ -175,11 +175,47 @@ async def test_partitions_are_made_as_data_arrives(postgres: PgServer, tmp_path:
         )
     finally:
         await store.close()
-    # A reopened store knows the partitions (and makes none twice).
+    # A reopened store knows the partitions (and makes none twice); writing in a new
+    # interval makes its partition and the next one, ahead of the data.
     await store.open()
     try:
         await store.write([SeriesWrite("d", [TsRecord(DAY + 1, {"v": 1.5})])])
+        await store.write([SeriesWrite("d", [TsRecord(5 * DAY, {"v": 5})])])
+        conn = await _connect(postgres, settings.schema_name)
+        try:
+            made = {
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                    " WHERE i.inhparent = 'ts_points'::regclass"
+                )
+            }
+        finally:
+            await conn.close()
+        assert {"ts_points_p5", "ts_points_p6"} <= made
+        assert "ts_points_p4" not in made  # only what data needs, and one ahead
     finally:
+        await store.close()
+
+
+async def test_a_partition_is_made_while_a_query_holds_the_table(
+    postgres: PgServer, tmp_path: Path
+) -> None:
+    """A new partition does not wait for queries in progress on ts_points."""
+    settings = postgres.settings(str(tmp_path), partition_interval_s=86400)
+    store = PostgresTimeSeriesStore(settings)
+    await store.open()
+    reader = await _connect(postgres, settings.schema_name)
+    try:
+        await store.write([SeriesWrite("d", [TsRecord(1, {"v": 1})])])
+        async with reader.transaction():
+            await reader.fetch("SELECT count(*) FROM ts_points")  # holds ACCESS SHARE
+            async with asyncio.timeout(5):
+                await store.write([SeriesWrite("d", [TsRecord(10 * DAY, {"v": 2})])])
+        got = await store.query(Query("d", ("v",), 0, 20 * DAY, order=Order.ASC))
+        assert [p.value for p in got["v"]] == [1, 2]
+    finally:
+        await reader.close()
         await store.close()
 
 

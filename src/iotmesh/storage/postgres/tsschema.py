@@ -19,8 +19,9 @@ character: a string holding one is stored as a JSON string in `v_j` with kind ST
 
 Partitions (`Partitions`): without TimescaleDB, `ts_points` is range-partitioned by
 `ts`, one partition per `partition_interval_s` aligned to the epoch, created just before
-the first write that needs it (under an advisory lock, in its own transaction, so two
-instances cannot race). Timestamps before 1970 and from 2100 on go to two catch-all
+the first write that needs it, with the next one ahead (under an advisory lock, in its
+own transaction, so two instances cannot race; attached without blocking queries, see
+`Partitions.create`). Timestamps before 1970 and from 2100 on go to two catch-all
 partitions made with the schema, which bounds the number of partitions a device can
 make the store create, whatever timestamps it sends (about 6,800 with weekly ones).
 
@@ -160,21 +161,48 @@ class Partitions:
         return parts
 
     def missing(self, stamps: npt.NDArray[np.int64]) -> list[int]:
-        """The numbers of the partitions `stamps` need that are not known to exist."""
+        """The numbers of the partitions `stamps` need that are not known to exist, and
+        of the one after the newest of them (created ahead, so that the first write of
+        the next interval does not wait for it)."""
         if self.layout != "partitioned" or len(stamps) == 0:
             return []
         inside = stamps[(stamps >= 0) & (stamps < HIGH_TS)]
+        if len(inside) == 0:
+            return []
         needed = set(np.unique(inside // self.interval_ms).tolist())
+        ahead = max(needed) + 1
+        if ahead * self.interval_ms < HIGH_TS:
+            needed.add(ahead)
         return sorted(needed - self._known)
 
     async def create(self, conn: Conn, numbers: list[int]) -> None:
-        """Create partitions `numbers` (one transaction, under the schema's lock)."""
+        """Create and attach partitions `numbers` (one transaction, under a lock).
+
+        A new table attached with ATTACH PARTITION, not CREATE TABLE ... PARTITION OF:
+        the latter takes an ACCESS EXCLUSIVE lock on `ts_points`, so it would wait for
+        every query in progress and block the ones after it; ATTACH takes SHARE UPDATE
+        EXCLUSIVE, which reads and writes do not conflict with (and an empty table is
+        validated at once).
+        """
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('iotmesh:partitions'))")
+            attached = {
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                    " WHERE i.inhparent = 'ts_points'::regclass"
+                )
+            }
             for k in numbers:
+                name = f"ts_points_p{k}"
+                if name in attached:  # made by another instance meanwhile
+                    continue
                 lo, hi = k * self.interval_ms, min((k + 1) * self.interval_ms, HIGH_TS)
                 await conn.execute(
-                    f"CREATE TABLE IF NOT EXISTS ts_points_p{k} PARTITION OF ts_points"
+                    f"CREATE TABLE {name} (LIKE ts_points INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+                )
+                await conn.execute(
+                    f"ALTER TABLE ts_points ATTACH PARTITION {name}"
                     f" FOR VALUES FROM ({lo}) TO ({hi})"
                 )
         self._known.update(numbers)
