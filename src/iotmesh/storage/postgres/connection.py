@@ -58,6 +58,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
+    # A protocol error on a broken connection; a cached statement outdated by another
+    # instance's schema change (asyncpg drops the cache, the retry succeeds).
+    asyncpg_base.InternalClientError,
 )
 
 
