@@ -246,3 +246,15 @@ async def test_unreachable_server_is_a_storage_error(postgres: PgServer, tmp_pat
         await PostgresTimeSeriesStore(settings).open()
     with pytest.raises(StorageError, match="cannot connect"):
         await PostgresStateStore(settings).open()
+
+
+async def test_batches_without_values_write_nothing(postgres: PgServer, tmp_path: Path) -> None:
+    store = PostgresTimeSeriesStore(postgres.settings(str(tmp_path)))
+    await store.open()
+    try:
+        await store.write([])
+        await store.write([SeriesWrite("new", [TsRecord(1, {})]), SeriesWrite("other", [])])
+        assert await store.keys("new") == []
+        assert await store.latest("new") == {}
+    finally:
+        await store.close()

@@ -185,7 +185,7 @@ class PostgresTimeSeriesStore:
         """
         last: dict[tuple[int, int], Any] = {}
         for series in batch:
-            ids = self._series[series.entity_id]
+            ids = self._series.get(series.entity_id, {})  # none: the records have no values
             for record in series.records:
                 ts = record.ts
                 if not INT64_MIN <= ts <= INT64_MAX:
