@@ -2,10 +2,12 @@
 aggregate queries, the same workload on each backend in one run.
 
 Run: `.venv/bin/python bench/storage.py` (a few minutes; `--help` for the knobs).
-Prints a table and writes bench/results/storage.json. `--backends sqlite,influxdb`
-(default both): SQLite in a temp dir; InfluxDB 1.x as a temporary `influxd` (the
+Prints a table and writes bench/results/storage.json. `--backends sqlite,influxdb,postgres`
+(default all three): SQLite in a temp dir; InfluxDB 1.x as a temporary `influxd` (the
 Debian package, started like the tests start it: free port, data in a temp dir, WAL
-fsynced on every write) unless `--influx-url` names a running one.
+fsynced on every write) unless `--influx-url` names a running one; PostgreSQL in a
+database of its own, created on the server of `--postgres-url` (default: the local one,
+user postgres) and dropped at the end.
 
 1. Ingest: `--devices` devices send messages of 3 keys (temperature and humidity as
    doubles, count as a long). `--tasks` submitter tasks, like pipeline consumers, each
@@ -29,15 +31,23 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from rich.console import Console
 from rich.table import Table
 
-from iotmesh.core.settings import InfluxSettings, SqliteSettings, WriterSettings
+from iotmesh.core.settings import (
+    InfluxSettings,
+    PostgresSettings,
+    SqliteSettings,
+    WriterSettings,
+)
 from iotmesh.core.types import Aggregation, Order, TsRecord
 from iotmesh.storage.influx import InfluxClient, InfluxTimeSeriesStore
+from iotmesh.storage.postgres import PostgresTimeSeriesStore
 from iotmesh.storage.sqlite.tsdb import SqliteTimeSeriesStore
 from iotmesh.storage.timeseries import Query, SeriesWrite, TimeSeriesStore
 from iotmesh.storage.writer import BatchWriter
@@ -45,6 +55,8 @@ from iotmesh.storage.writer import BatchWriter
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from tests.influxd import InfluxServer
+from tests.postgres import DEFAULT_URL as PG_DEFAULT_URL
+from tests.postgres import with_database
 
 from _measure import machine
 
@@ -85,11 +97,15 @@ class Backend:
         self.data_dir = data_dir
         self.args = args
         self.influx_url: str = args.influx_url or ""
+        self.postgres_url = ""
 
     def store(self, name: str) -> TimeSeriesStore:
         if self.name == "sqlite":
             settings = SqliteSettings(synchronous=self.args.sync)
             return SqliteTimeSeriesStore(self.data_dir / f"{name}.db", settings)
+        if self.name == "postgres":
+            pg = PostgresSettings(url=self.postgres_url, schema_name=f"bench_{name}")
+            return PostgresTimeSeriesStore(pg)
         database = f"bench_{name}_{time.time_ns()}"
         return InfluxTimeSeriesStore(InfluxSettings(url=self.influx_url, database=database))
 
@@ -212,7 +228,7 @@ async def queries(backend: Backend, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(results: dict[str, Any]) -> None:
-    names = [n for n in ("sqlite", "influxdb") if n in results["backends"]]
+    names = [n for n in ("sqlite", "influxdb", "postgres") if n in results["backends"]]
     runs = [results["backends"][n] for n in names]
     first = runs[0]
     ing, q = first["ingest"], first["query"]
@@ -249,10 +265,23 @@ def report(results: dict[str, Any]) -> None:
     print(f"{m['cpu_model']}, {m['cpu_count']} CPUs, Python {m['python']}, {m['platform']}")
     if "influxdb_version" in results:
         print(f"InfluxDB {results['influxdb_version']}")
+    if "postgres_version" in results:
+        print(f"PostgreSQL {results['postgres_version']}")
     print(
         f"host speed: {m['python_loop_ns_before']:.1f} / {m['python_loop_ns_after']:.1f} ns per"
         " Python loop iteration (before / after; lower is faster)"
     )
+
+
+async def _pg_admin(url: str, statement: str) -> str:
+    """Run a statement on the server of `url`; return the server's version."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(statement)
+        version: str = await conn.fetchval("SHOW server_version")
+        return version
+    finally:
+        await conn.close()
 
 
 async def main() -> None:
@@ -268,7 +297,15 @@ async def main() -> None:
     parser.add_argument("--skip-ingest", action="store_true")
     parser.add_argument("--skip-query", action="store_true")
     parser.add_argument(
-        "--backends", default="sqlite,influxdb", help="comma-separated: sqlite, influxdb"
+        "--backends",
+        default="sqlite,influxdb,postgres",
+        help="comma-separated: sqlite, influxdb, postgres",
+    )
+    parser.add_argument(
+        "--postgres-url",
+        default=PG_DEFAULT_URL,
+        help="a PostgreSQL server (its database is only used to create and drop the"
+        " benchmark's own)",
     )
     parser.add_argument(
         "--influx-url", default=None, help="a running InfluxDB 1.x (default: start influxd)"
@@ -277,6 +314,7 @@ async def main() -> None:
     names = [n.strip() for n in args.backends.split(",") if n.strip()]
     data_dir = Path(tempfile.mkdtemp(prefix="iotmesh-bench-"))
     influxd: InfluxServer | None = None
+    pg_database: str | None = None
     try:
         results: dict[str, Any] = {"machine": machine(), "args": vars(args), "backends": {}}
         results["machine"]["python_loop_ns_before"] = python_loop_ns()
@@ -288,6 +326,12 @@ async def main() -> None:
             if name == "influxdb":
                 async with InfluxClient(InfluxSettings(url=backend.influx_url)) as client:
                     results["influxdb_version"] = (await client.ping()).version
+            if name == "postgres":
+                pg_database = f"iotmesh_bench_{uuid.uuid4().hex[:12]}"
+                results["postgres_version"] = await _pg_admin(
+                    args.postgres_url, f'CREATE DATABASE "{pg_database}"'
+                )
+                backend.postgres_url = with_database(args.postgres_url, pg_database)
             results["backends"][name] = {
                 "ingest": None if args.skip_ingest else await ingest(backend, args),
                 "query": None if args.skip_query else await queries(backend, args),
@@ -296,6 +340,8 @@ async def main() -> None:
     finally:
         if influxd is not None:
             influxd.stop()
+        if pg_database is not None:
+            await _pg_admin(args.postgres_url, f'DROP DATABASE "{pg_database}" WITH (FORCE)')
         shutil.rmtree(data_dir, ignore_errors=True)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")

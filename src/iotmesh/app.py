@@ -33,6 +33,7 @@ from iotmesh.storage.sqlite.sessions import FILE_NAME as SESSIONS_FILE
 from iotmesh.storage.sqlite.sessions import SqliteSessionStore
 from iotmesh.storage.sqlite.state import SqliteStateStore
 from iotmesh.storage.sqlite.tsdb import SqliteTimeSeriesStore
+from iotmesh.storage.state import StateStore
 from iotmesh.storage.timeseries import TimeSeriesStore
 from iotmesh.storage.writer import BatchWriter
 from iotmesh.transports.coap import CoapServer
@@ -50,7 +51,20 @@ def timeseries_store(settings: Settings, data_dir: Path) -> TimeSeriesStore:
         from iotmesh.storage.influx import InfluxTimeSeriesStore
 
         return InfluxTimeSeriesStore(settings.storage.influxdb)
+    if settings.storage.timeseries == "postgres":
+        from iotmesh.storage.postgres import PostgresTimeSeriesStore
+
+        return PostgresTimeSeriesStore(settings.storage.postgres)
     return SqliteTimeSeriesStore(data_dir / "timeseries.db", settings.storage.sqlite)
+
+
+def state_store(settings: Settings, data_dir: Path) -> StateStore:
+    """The state store `storage.state` names (unopened)."""
+    if settings.storage.state == "postgres":
+        from iotmesh.storage.postgres import PostgresStateStore
+
+        return PostgresStateStore(settings.storage.postgres)
+    return SqliteStateStore(data_dir / "state.db", settings.storage.sqlite.synchronous)
 
 
 class _StoreService(Service):
@@ -139,7 +153,7 @@ class Platform:
             self.admin_token, self.admin_token_generated = self.data_dir.admin_token()
 
         sync = settings.storage.sqlite.synchronous
-        state = SqliteStateStore(path / "state.db", sync)
+        state = state_store(settings, path)
         registry = DeviceRegistry(state)
         attributes = AttributeService(state)
         rpc = RpcService(state, settings.devices)

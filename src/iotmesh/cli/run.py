@@ -20,6 +20,9 @@ from iotmesh.cli.storage_options import (
     InfluxUrlOpt,
     InfluxUserOpt,
     InfluxVersionOpt,
+    PostgresSchemaOpt,
+    PostgresUrlOpt,
+    StateOpt,
     StorageOpt,
     storage_overrides,
 )
@@ -78,6 +81,15 @@ async def _serve(settings: Settings) -> None:
             influx = settings.storage.influxdb
             where = influx.database if influx.version == 1 else f"bucket {influx.bucket}"
             print(f"  telemetry                     InfluxDB {influx.url} ({where})")
+        if "postgres" in (settings.storage.timeseries, settings.storage.state):
+            from iotmesh.storage.postgres.connection import where as pg_at
+
+            postgres = settings.storage.postgres
+            pg_where = f"{pg_at(postgres)} (schema {postgres.schema_name})"
+            if settings.storage.timeseries == "postgres":
+                print(f"  telemetry                     PostgreSQL {pg_where}")
+            if settings.storage.state == "postgres":
+                print(f"  devices and state             PostgreSQL {pg_where}")
         if platform.admin_token_generated:
             print(f"  admin token (shown once)      {platform.admin_token}")
             print(f"    saved in {platform.data_dir.path / 'admin_token'}")
@@ -102,10 +114,15 @@ def run(
     influx_username: InfluxUserOpt = None,
     influx_org: InfluxOrgOpt = None,
     influx_bucket: InfluxBucketOpt = None,
+    state: StateOpt = None,
+    postgres_url: PostgresUrlOpt = None,
+    postgres_schema: PostgresSchemaOpt = None,
 ) -> None:
     """Run the whole platform in this process, on embedded defaults (SQLite, in-process bus).
 
-    `--storage influxdb --influx-url URL` keeps telemetry in InfluxDB instead.
+    `--storage influxdb --influx-url URL` keeps telemetry in InfluxDB instead;
+    `--storage postgres --state postgres --postgres-url URL` keeps telemetry and state
+    in PostgreSQL.
     """
     try:
         settings = load_settings(
@@ -125,6 +142,9 @@ def run(
                     influx_username,
                     influx_org,
                     influx_bucket,
+                    state,
+                    postgres_url,
+                    postgres_schema,
                 ),
             },
         )

@@ -343,15 +343,52 @@ class InfluxSettings(_Section):
     timeout_s: float = Field(10.0, gt=0, description="Timeout of one HTTP request to InfluxDB.")
 
 
+class PostgresSettings(_Section):
+    """A PostgreSQL server holding telemetry and/or state (`storage.timeseries` or
+    `storage.state` = "postgres")."""
+
+    url: str = Field(
+        "postgresql://postgres@127.0.0.1:5432/iotmesh",
+        description="libpq connection URL (postgresql://user@host:port/database); the"
+        " database must exist.",
+    )
+    password: SecretStr | None = Field(
+        None, description="Password, when not in the URL (keeps it off the command line)."
+    )
+    schema_name: str = Field(
+        "iotmesh",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="Schema holding iotmesh's tables (created if missing).",
+    )
+    pool_size: int = Field(
+        8, ge=1, le=1000, description="Most connections each store opens (two stores: twice)."
+    )
+    partition_interval_s: int = Field(
+        7 * 86400,
+        ge=3600,
+        description="Time span of one partition (or TimescaleDB chunk) of the points table;"
+        " read when the schema is created, later changes are ignored.",
+    )
+    timescaledb: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: make the points table a TimescaleDB hypertable when the extension"
+        " is available at schema creation; off: always plain range partitions.",
+    )
+    timeout_s: float = Field(10.0, gt=0, description="Timeout of connecting and of one statement.")
+
+
 class StorageSettings(_Section):
     """Which storage backends hold data."""
 
-    timeseries: Literal["sqlite", "influxdb"] = Field(
+    timeseries: Literal["sqlite", "influxdb", "postgres"] = Field(
         "sqlite", description="Time-series store backend."
     )
-    state: Literal["sqlite"] = Field("sqlite", description="State store (devices, tokens).")
+    state: Literal["sqlite", "postgres"] = Field(
+        "sqlite", description="State store (devices, credentials, attributes, RPC)."
+    )
     sqlite: SqliteSettings = SqliteSettings()
     influxdb: InfluxSettings = InfluxSettings()
+    postgres: PostgresSettings = PostgresSettings()
 
 
 def _default_data_dir() -> Path:
