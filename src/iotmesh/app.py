@@ -16,14 +16,16 @@ import logging
 import os
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from iotmesh import __version__
 from iotmesh.api import ApiContext, create_app
 from iotmesh.bus.memory import MemoryBus
 from iotmesh.commands import RpcService
+from iotmesh.core.ids import instance_id
 from iotmesh.core.lifecycle import Health, Service
 from iotmesh.core.settings import Settings
+from iotmesh.core.tracing import INSTRUMENTATION, Tracer, make_provider
 from iotmesh.datadir import DataDir
 from iotmesh.devicestate import AttributeService, ConnectivityService
 from iotmesh.pipeline import LatestValues, Pipeline
@@ -38,7 +40,12 @@ from iotmesh.storage.writer import BatchWriter
 from iotmesh.transports.http import HttpServer
 from iotmesh.transports.mqtt import MqttServer
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
 log = logging.getLogger(__name__)
+
+SERVICE_NAME = "iotmesh"  # of this all-in-one process, in logs, spans and /metrics
 
 
 def timeseries_store(settings: Settings, data_dir: Path) -> TimeSeriesStore:
@@ -91,10 +98,17 @@ class Platform:
     Usage:
         async with Platform(settings) as platform:
             await platform.wait_closed()   # until `shutdown()` or a service fails
+
+    `tracer_provider`: with `tracing.enabled`, spans go to this provider instead of
+    the one the settings describe (tests read them with an in-memory exporter).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, *, tracer_provider: TracerProvider | None = None
+    ) -> None:
         self.settings = settings
+        self._tracer_provider = tracer_provider
+        self._started = False
         self.data_dir = DataDir(settings.data_dir)
         self.admin_token = ""
         self.admin_token_generated = False
@@ -120,6 +134,7 @@ class Platform:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._shutdown.set()  # /readyz says so while the services stop
         async with asyncio.timeout(self.settings.shutdown_timeout_s):
             await self._stack.aclose()
 
@@ -127,9 +142,27 @@ class Platform:
         await self._stack.enter_async_context(service)
         self._services.append(service)
 
+    def _tracer(self) -> Tracer | None:
+        """The tracer of every service, None when tracing is off (see core/tracing.py)."""
+        if not self.settings.tracing.enabled:
+            return None
+        provider = self._tracer_provider
+        if provider is None:
+            built = make_provider(
+                self.settings.tracing,
+                service=SERVICE_NAME,
+                version=__version__,
+                instance=instance_id(),
+            )
+            # Flushes the spans still batched; runs after every service stopped.
+            self._stack.push_async_callback(asyncio.to_thread, built.shutdown)
+            provider = built
+        return provider.get_tracer(INSTRUMENTATION, __version__)
+
     async def _start(self) -> None:
         settings = self.settings
         path = self.data_dir.path
+        tracer = self._tracer()
         if settings.admin_token is not None:
             self.admin_token = settings.admin_token.get_secret_value()
         else:
@@ -142,7 +175,7 @@ class Platform:
         rpc = RpcService(state, settings.devices)
         connectivity = ConnectivityService(settings.devices.inactivity_timeout_s, store=state)
         store = timeseries_store(settings, path)
-        writer = BatchWriter(store, settings.writer)
+        writer = BatchWriter(store, settings.writer, tracer)
         bus = MemoryBus(settings.bus)
         latest = LatestValues()
         await self._enter(registry)
@@ -152,14 +185,14 @@ class Platform:
         await self._enter(_StoreService(store))
         await self._enter(writer)
         await self._enter(_BusService(bus))
-        await self._enter(Pipeline(bus, writer, latest))
+        await self._enter(Pipeline(bus, writer, latest, tracer=tracer))
 
-        ingest = TelemetryIngest(bus, settings.http.enqueue_timeout_s)
+        ingest = TelemetryIngest(bus, settings.http.enqueue_timeout_s, tracer)
         self.mqtt = MqttServer(
             settings.host,
             settings.mqtt,
             registry,
-            TelemetryIngest(bus, None),  # MQTT waits for room: slow acks, not errors
+            TelemetryIngest(bus, None, tracer),  # MQTT waits for room: slow acks, not errors
             attributes,
             rpc,
             sessions=SqliteSessionStore(path / SESSIONS_FILE, sync),
@@ -178,14 +211,26 @@ class Platform:
             ingest=ingest,
             health=self.health,
             stats=self.stats,
+            ready=self.not_ready,
+            services=self._services,  # the list itself: it holds the HTTP server too
         )
         self.http = HttpServer(create_app(ctx), settings.host, settings.http)
         await self._enter(self.http)
         self.data_dir.write_run_info(self.run_info())
+        self._started = True
 
     def health(self) -> dict[str, Health]:
         """Each started service's health, by name."""
         return {s.name: s.health() for s in self._services}
+
+    def not_ready(self) -> list[str]:
+        """Why this process should not be sent traffic now; empty when it is ready:
+        every service started and healthy, and no shutdown asked for (`/readyz`)."""
+        if self._shutdown.is_set():
+            return ["shutting down"]
+        if not self._started:
+            return ["starting"]
+        return [f"{name}: {h.detail or 'not ok'}" for name, h in self.health().items() if not h.ok]
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Each service's counters, by service name (those that have any)."""
@@ -202,6 +247,7 @@ class Platform:
             mqtt["tls_port"] = self.mqtt.tls_port
         return {
             "pid": os.getpid(),
+            "instance_id": instance_id(),
             "version": __version__,
             "data_dir": str(self.data_dir.path),
             "http": {

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 from fastapi import Request, Response
 
 from iotmesh.commands.rpc import RpcService
-from iotmesh.core.lifecycle import Health
+from iotmesh.core.lifecycle import Health, Service
 from iotmesh.core.settings import Settings
 from iotmesh.devicestate import AttributeService, ConnectivityService
 from iotmesh.pipeline.ingest import TelemetryIngest
@@ -34,6 +34,10 @@ class ApiContext:
     ingest: TelemetryIngest
     health: Callable[[], dict[str, Health]]
     stats: Callable[[], dict[str, dict[str, Any]]]
+    ready: Callable[[], list[str]] = dataclasses.field(default=lambda: [])
+    """Why the process should get no traffic now (empty: ready); see `/readyz`."""
+    services: Sequence[Service] = ()
+    """The started services, read at each scrape of `/metrics`."""
 
 
 def context(request: Request) -> ApiContext:

@@ -3,6 +3,9 @@
 `POST /api/v1/{access_token}/telemetry` answers 200 only after the points are durable.
 Errors: 400 malformed payload, 401 unknown token, 413 over `http.max_payload_bytes`,
 503 (with Retry-After) when the pipeline has no room within `http.enqueue_timeout_s`.
+
+Tracing: when on, an upload is an `http.telemetry` span, the root of the message's
+trace, or a child of the request's W3C `traceparent` header when it has one.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from iotmesh.api.context import ApiContext, context
 from iotmesh.core.clock import now_ms
 from iotmesh.core.errors import PayloadError, PayloadTooLarge
+from iotmesh.core.tracing import SpanKind, parent_from
 from iotmesh.proto.thingsboard import parse_telemetry
 
 router = APIRouter(prefix="/api/v1/{access_token}", tags=["device API"])
@@ -83,8 +87,29 @@ async def read_body(request: Request, limit: int) -> bytes:
 )
 async def post_telemetry(access_token: str, request: Request, ctx: Ctx) -> Response:
     """Upload telemetry in any ThingsBoard JSON form; 200 means it is stored durably."""
+    tracer = ctx.ingest.tracer
+    if tracer is None:
+        await _store_telemetry(access_token, request, ctx)
+        return Response(status_code=200)
+    header = request.headers.get("traceparent")
+    with tracer.start_as_current_span(
+        "http.telemetry",
+        context=parent_from(header) if header else None,
+        kind=SpanKind.SERVER,
+        attributes={"http.request.method": "POST", "http.route": TELEMETRY_ROUTE},
+    ) as span:
+        span.set_attribute("iotmesh.device_id", await _store_telemetry(access_token, request, ctx))
+        span.set_attribute("http.response.status_code", 200)
+    return Response(status_code=200)
+
+
+TELEMETRY_ROUTE = "/api/v1/{access_token}/telemetry"
+
+
+async def _store_telemetry(access_token: str, request: Request, ctx: ApiContext) -> str:
+    """Read, authenticate, parse and submit one upload; return the device id."""
     body = await read_body(request, ctx.settings.http.max_payload_bytes)
     device = await ctx.registry.authenticate(access_token)
     records = parse_telemetry(body, now_ms())
     await ctx.ingest.submit(device.id, records)
-    return Response(status_code=200)
+    return device.id

@@ -22,6 +22,9 @@ per socket read). Devices behind a gateway are online ("gateway") from the first
 message the gateway sends for them until `v1/gateway/disconnect` or the end of the
 gateway's connection (`gateway.py`).
 
+Tracing (core/tracing.py), when on: the telemetry of one device in one read is an
+`mqtt.publish` span, the root of its trace.
+
 Errors: a payload that is not valid gets PUBACK/PUBREC 0x99 (payload format invalid)
 in v5; v3.1.1 has no negative acknowledgement, so the connection is closed, as
 ThingsBoard does. Either way nothing of that message is stored.
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +44,7 @@ from iotmesh.commands.client_rpc import answer_client_rpc
 from iotmesh.commands.rpc import RpcRequest, RpcService
 from iotmesh.core.clock import now_ms
 from iotmesh.core.errors import AuthError, DeviceGone, IotmeshError, PayloadError
+from iotmesh.core.tracing import SpanKind, Tracer, context_of, end
 from iotmesh.core.types import AttributeScope, Device, TsRecord
 from iotmesh.devicestate import AttributeService, ConnectivityService
 from iotmesh.pipeline.ingest import TelemetryIngest
@@ -50,6 +54,8 @@ from iotmesh.registry.service import DeviceRegistry
 from iotmesh.transports.mqtt.auth import DEVICE_PREFIX, GATEWAY_PREFIX
 
 if TYPE_CHECKING:
+    from opentelemetry.context import Context
+
     from iotmesh.transports.mqtt.connection import AckSlot, MqttConnection
     from iotmesh.transports.mqtt.gateway import GatewayApi
 
@@ -64,6 +70,8 @@ RPC_RESPONSE = "v1/devices/me/rpc/response/"
 MQTT = "mqtt"  # the transport name connectivity shows
 
 _json = msgspec.json.Encoder()
+
+Done = Callable[[BaseException | None], None]  # told once when a submit is durable or failed
 
 
 def json_payload(value: Any) -> bytes:
@@ -175,14 +183,45 @@ class DeviceApi:
             entry = by_device.setdefault(device_id, ([], []))
             entry[0].extend(records)
             entry[1].append(slot)
+        tracer = self.ingest.tracer
         for device_id, (records, slots) in by_device.items():
             self.connectivity.activity(device_id, MQTT)
             conn.submit_started()
-            if self.ingest.submit_nowait(device_id, records, partial(self._submitted, conn, slots)):
+            done: Done = partial(self._submitted, conn, slots)
+            parent = None
+            if tracer is not None:
+                done, parent = self._traced(tracer, conn, device_id, len(slots), done)
+            if self.ingest.submit_nowait(device_id, records, done, parent):
                 continue  # on the bus already: no task needed to wait for it
             conn.spawn(
-                self._submit(conn, device_id, records, slots), "telemetry", finish_after_close=True
+                self._submit(conn, device_id, records, len(slots), done, parent),
+                "telemetry",
+                finish_after_close=True,
             )
+
+    @staticmethod
+    def _traced(
+        tracer: Tracer, conn: MqttConnection, device_id: str, messages: int, done: Done
+    ) -> tuple[Done, Context]:
+        """An `mqtt.publish` span for one device's telemetry of one read (the root of its
+        trace), ended when the submit is done."""
+        span = tracer.start_span(
+            "mqtt.publish",
+            kind=SpanKind.SERVER,
+            attributes={
+                "messaging.system": "mqtt",
+                "messaging.destination.name": TELEMETRY,
+                "messaging.batch.message_count": messages,
+                "messaging.client.id": conn.session_id,
+                "iotmesh.device_id": device_id,
+            },
+        )
+
+        def traced_done(error: BaseException | None) -> None:
+            end(span, error)
+            done(error)
+
+        return traced_done, context_of(span)
 
     def _submitted(
         self, conn: MqttConnection, slots: list[AckSlot | None], error: BaseException | None
@@ -201,18 +240,20 @@ class DeviceApi:
         conn: MqttConnection,
         device_id: str,
         records: list[TsRecord],
-        slots: list[AckSlot | None],
+        messages: int,
+        done: Done,
+        parent: Context | None,
     ) -> None:
         """The path when the bus has no room at once: wait for it in a task."""
         try:
-            await self.ingest.submit(device_id, records)
+            await self.ingest.submit(device_id, records, parent)
         except IotmeshError as exc:
-            self._submitted(conn, slots, exc)
+            done(exc)
         except BaseException:
-            conn.submit_finished(len(slots))  # cancelled, or a bug: the task reports it
+            conn.submit_finished(messages)  # cancelled, or a bug: the task reports it
             raise
         else:
-            self._submitted(conn, slots, None)
+            done(None)
 
     async def _answer_attributes(
         self, conn: MqttConnection, device: Device, request_id: str, doc: Any

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from iotmesh.commands.rpc import RpcRequest
 from iotmesh.core.clock import now_ms
 from iotmesh.core.errors import AuthError, Conflict, DeviceGone, PayloadError
+from iotmesh.core.tracing import SpanKind
 from iotmesh.core.types import AttributeScope, Device
 from iotmesh.proto.mqtt import Publish, ReasonCode, topic_matches
 from iotmesh.proto.thingsboard import attributes_from_json, decode_json, telemetry_from_json
@@ -117,10 +118,23 @@ class GatewayApi:
             raise PayloadError("gateway telemetry must map device names to entries")
         now = now_ms()
         parsed = [(name, telemetry_from_json(entries, now)) for name, entries in doc.items()]
+        tracer = self._api.ingest.tracer
         for name, records in parsed:
             device = await self.child(conn, name)
             self._api.connectivity.activity(device.id, GATEWAY)
-            await self._api.ingest.submit(device.id, records)
+            if tracer is None:
+                await self._api.ingest.submit(device.id, records)
+                continue
+            attributes = {
+                "messaging.system": "mqtt",
+                "messaging.destination.name": TELEMETRY,
+                "messaging.client.id": conn.session_id,
+                "iotmesh.device_id": device.id,
+            }
+            with tracer.start_as_current_span(
+                "mqtt.publish", kind=SpanKind.SERVER, attributes=attributes
+            ):
+                await self._api.ingest.submit(device.id, records)
 
     async def _attributes(self, conn: MqttConnection, doc: Any) -> None:
         if not isinstance(doc, dict) or not doc:

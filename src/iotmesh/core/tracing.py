@@ -1,0 +1,123 @@
+"""OpenTelemetry tracing of device messages; off unless `tracing.enabled`.
+
+One telemetry message makes this trace (names are the span names):
+
+    mqtt.publish | http.telemetry     the transport took the upload (SERVER)
+    └── bus.publish                   handed to the bus (PRODUCER); its W3C
+        │                             `traceparent` travels in `TelemetryMessage.trace`
+        └── pipeline.handle           the consumer's work on this message (CONSUMER),
+            │                         from decode to ack
+            └── storage.commit        the group commit that made it durable
+
+A commit holds many messages, most of them not traced. The writer makes one
+`storage.commit` span per *traced* message in it, a child of that message's
+`pipeline.handle`, all with the commit's start and end and the same
+`iotmesh.commit.seq`: every trace then ends in its own commit span (a viewer shows the
+whole path of one message), and the spans of one commit can still be found together.
+Links from one commit span to every message would be cheaper but most trace viewers
+hardly show links.
+
+Cost (the MQTT QoS 1 path moves ~80k msg/s): every component holds a `Tracer | None`,
+None when tracing is off, and checks it once per bus message or batch; no span,
+context or contextvar is touched then, and `TelemetryMessage.trace` stays None, which
+msgspec leaves out of the encoding. When on, `sample_ratio` decides at the transport
+(the root of the trace) whether a message is traced; an unsampled message gets no
+`traceparent`, so the bus, pipeline and writer do nothing more for it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from iotmesh.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from iotmesh.core.settings import TracingSettings
+
+__all__ = [
+    "INSTRUMENTATION",
+    "Span",
+    "SpanKind",
+    "Tracer",
+    "context_of",
+    "end",
+    "make_provider",
+    "parent_from",
+    "traceparent",
+]
+
+INSTRUMENTATION = "iotmesh"
+
+_propagator = TraceContextTextMapPropagator()
+
+
+def make_provider(
+    settings: TracingSettings, *, service: str, version: str, instance: str
+) -> TracerProvider:
+    """The SDK tracer provider `settings` describe, with its exporter attached.
+
+    Call `shutdown()` on it at exit: it flushes the spans still batched.
+
+    Raises:
+        ConfigError: `exporter = "otlp"` and the OTLP exporter is not installed.
+    """
+    # The SDK is imported only when tracing is on: a process without it starts faster.
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    resource = Resource.create(
+        {"service.name": service, "service.version": version, "service.instance.id": instance}
+    )
+    provider = TracerProvider(
+        resource=resource, sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio))
+    )
+    if settings.exporter == "otlp":
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError:
+            raise ConfigError(
+                "tracing.exporter = otlp needs the OTLP exporter: pip install 'iotmesh[otel]'"
+            ) from None
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(settings.endpoint)))
+    elif settings.exporter == "console":
+        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
+    return provider
+
+
+def traceparent(span: Span) -> str | None:
+    """The W3C `traceparent` of a span that is being recorded, else None (not sampled:
+    nothing downstream should trace the message)."""
+    if not span.is_recording():
+        return None
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier, trace.set_span_in_context(span))
+    return carrier.get("traceparent")
+
+
+def parent_from(value: str) -> otel_context.Context:
+    """The context to start a child span in, from a `traceparent` (an HTTP header, a bus
+    message). An invalid value gives a context without a parent: a new trace."""
+    return _propagator.extract({"traceparent": value})
+
+
+def context_of(span: Span) -> otel_context.Context:
+    """A context whose current span is `span`: the parent of spans started in it."""
+    return trace.set_span_in_context(span)
+
+
+def end(span: Span, error: BaseException | None = None) -> None:
+    """End a span, marking it failed with `error` if there is one."""
+    if error is not None:
+        span.record_exception(error)
+        span.set_status(trace.Status(trace.StatusCode.ERROR, str(error)))
+    span.end()

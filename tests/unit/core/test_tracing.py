@@ -1,0 +1,139 @@
+"""Tracing off costs nothing on the wire; on, sampling decides at the root."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgspec
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+from iotmesh.bus.interface import Publisher
+from iotmesh.core.errors import ConfigError
+from iotmesh.core.settings import TracingSettings
+from iotmesh.core.tracing import make_provider, parent_from, traceparent
+from iotmesh.core.types import TelemetryMessage, TsRecord
+from iotmesh.pipeline.ingest import TelemetryIngest
+from iotmesh.pipeline.stages import decode
+
+RECORDS = [TsRecord(1, {"t": 1})]
+
+
+class CapturingBus(Publisher):
+    """Keeps what is published; every publish is done at once."""
+
+    def __init__(self) -> None:
+        self.published: list[bytes] = []
+
+    async def publish(
+        self, subject: str, data: bytes, *, key: str, msg_id: str, timeout: float | None = None
+    ) -> None:
+        self.published.append(data)
+
+    def publish_nowait(
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        key: str,
+        msg_id: str,
+        on_done: Callable[[BaseException | None], None],
+    ) -> bool:
+        self.published.append(data)
+        on_done(None)
+        return True
+
+
+def provider_with(ratio: float) -> tuple[TracerProvider, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+async def test_without_a_tracer_the_message_carries_no_trace_field() -> None:
+    bus = CapturingBus()
+    ingest = TelemetryIngest(bus, None)
+    await ingest.submit("dev-1", RECORDS)
+    assert ingest.submit_nowait("dev-1", RECORDS, lambda error: None)
+    for data in bus.published:
+        assert "trace" not in msgspec.msgpack.decode(data)  # not even as nil
+        assert decode(data).trace is None
+
+
+async def test_a_sampled_upload_carries_its_bus_publish_span_as_traceparent() -> None:
+    provider, exporter = provider_with(1.0)
+    bus = CapturingBus()
+    ingest = TelemetryIngest(bus, None, provider.get_tracer("test"))
+    await ingest.submit("dev-1", RECORDS)
+    [span] = exporter.get_finished_spans()
+    assert span.name == "bus.publish"
+    assert span.context is not None
+    trace = decode(bus.published[0]).trace
+    assert trace is not None
+    version, trace_id, span_id, flags = trace.split("-")
+    assert (version, trace_id, span_id) == (
+        "00",
+        f"{span.context.trace_id:032x}",
+        f"{span.context.span_id:016x}",
+    )
+    assert int(flags, 16) & 1  # sampled
+
+
+async def test_an_unsampled_upload_carries_nothing_and_exports_nothing() -> None:
+    provider, exporter = provider_with(0.0)
+    bus = CapturingBus()
+    ingest = TelemetryIngest(bus, None, provider.get_tracer("test"))
+    await ingest.submit("dev-1", RECORDS)
+    done: list[BaseException | None] = []
+    assert ingest.submit_nowait("dev-1", RECORDS, done.append)
+    assert done == [None]
+    assert [decode(data).trace for data in bus.published] == [None, None]
+    assert exporter.get_finished_spans() == ()
+
+
+def test_a_sampled_parent_is_followed_whatever_the_ratio() -> None:
+    provider, _ = provider_with(0.0)
+    parent = parent_from("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+    span = provider.get_tracer("test").start_span("child", context=parent)
+    assert traceparent(span) is not None
+    assert span.get_span_context().trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+
+
+@pytest.mark.parametrize("value", ["", "garbage", "00-0-0-01", "ff-" + "0" * 32 + "-" + "0" * 16])
+def test_a_bad_traceparent_starts_a_new_trace(value: str) -> None:
+    provider, _ = provider_with(1.0)
+    span = provider.get_tracer("test").start_span("child", context=parent_from(value))
+    assert span.parent is None  # type: ignore[attr-defined]
+
+
+def test_old_messages_without_the_field_still_decode() -> None:
+    old = msgspec.msgpack.encode(
+        {"msg_id": "m", "device_id": "d", "received_ts": 1, "records": [[1, {"t": 1}]]}
+    )
+    assert decode(old) == TelemetryMessage("m", "d", 1, [TsRecord(1, {"t": 1})])
+
+
+@pytest.mark.parametrize("exporter", ["none", "console", "otlp"])
+def test_providers_for_each_exporter(exporter: str) -> None:
+    settings = TracingSettings(enabled=True, exporter=exporter)  # type: ignore[arg-type]
+    provider = make_provider(settings, service="iotmesh", version="1", instance="i-1")
+    try:
+        resource = provider.resource.attributes
+        assert resource["service.name"] == "iotmesh"
+        assert resource["service.instance.id"] == "i-1"
+    finally:
+        provider.shutdown()
+
+
+def test_otlp_without_the_exporter_installed_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)
+    with pytest.raises(ConfigError, match=r"iotmesh\[otel\]"):
+        make_provider(TracingSettings(enabled=True), service="s", version="1", instance="i")
