@@ -22,7 +22,7 @@ from iotmesh import __version__
 from iotmesh.api import ApiContext, create_app
 from iotmesh.bus.memory import MemoryBus
 from iotmesh.commands import RpcService
-from iotmesh.core.ids import instance_id
+from iotmesh.core.ids import SERVICE_NAME, instance_id
 from iotmesh.core.lifecycle import Health, Service
 from iotmesh.core.settings import Settings
 from iotmesh.core.tracing import INSTRUMENTATION, Tracer, make_provider
@@ -44,8 +44,6 @@ if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAME = "iotmesh"  # of this all-in-one process, in logs, spans and /metrics
 
 
 def timeseries_store(settings: Settings, data_dir: Path) -> TimeSeriesStore:

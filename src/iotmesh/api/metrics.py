@@ -27,11 +27,9 @@ from iotmesh import __version__
 from iotmesh.api.auth import require_admin
 from iotmesh.api.context import ApiContext, context
 from iotmesh.api.prometheus import CONTENT_TYPE, Registry
-from iotmesh.core.ids import instance_id
+from iotmesh.core.ids import SERVICE_NAME, instance_id
 
 router = APIRouter(tags=["health"])
-
-SERVICE = "iotmesh"
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -99,7 +97,7 @@ def collect(ctx: ApiContext) -> Registry:
         (
             ("version", __version__),
             ("python", platform.python_version()),
-            ("service", SERVICE),
+            ("service", SERVICE_NAME),
             ("instance", instance_id()),
         ),
     )

@@ -13,6 +13,10 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
+SERVICE_NAME = "iotmesh"
+"""The service this process runs (`iotmesh run`: all of them), in logs, spans, /metrics."""
+
+
 def instance_id() -> str:
     """This process's id, new at every start: in log lines, run.json, /metrics and the
     `service.instance.id` of spans, so that what one process said can be told apart from
