@@ -25,7 +25,7 @@ from iotmesh.commands import RpcService
 from iotmesh.core.ids import SERVICE_NAME, instance_id
 from iotmesh.core.lifecycle import Health, Service
 from iotmesh.core.settings import Settings
-from iotmesh.core.tracing import INSTRUMENTATION, Tracer, make_provider
+from iotmesh.core.tracing import INSTRUMENTATION, Tracing, make_provider
 from iotmesh.datadir import DataDir
 from iotmesh.devicestate import AttributeService, ConnectivityService
 from iotmesh.pipeline import LatestValues, Pipeline
@@ -98,7 +98,8 @@ class Platform:
             await platform.wait_closed()   # until `shutdown()` or a service fails
 
     `tracer_provider`: with `tracing.enabled`, spans go to this provider instead of
-    the one the settings describe (tests read them with an in-memory exporter).
+    the one the settings describe (tests read them with an in-memory exporter);
+    `tracing.sample_ratio` still applies.
     """
 
     def __init__(
@@ -140,7 +141,7 @@ class Platform:
         await self._stack.enter_async_context(service)
         self._services.append(service)
 
-    def _tracer(self) -> Tracer | None:
+    def _tracing(self) -> Tracing | None:
         """The tracer of every service, None when tracing is off (see core/tracing.py)."""
         if not self.settings.tracing.enabled:
             return None
@@ -155,12 +156,14 @@ class Platform:
             # Flushes the spans still batched; runs after every service stopped.
             self._stack.push_async_callback(asyncio.to_thread, built.shutdown)
             provider = built
-        return provider.get_tracer(INSTRUMENTATION, __version__)
+        tracer = provider.get_tracer(INSTRUMENTATION, __version__)
+        return Tracing(tracer, self.settings.tracing.sample_ratio)
 
     async def _start(self) -> None:
         settings = self.settings
         path = self.data_dir.path
-        tracer = self._tracer()
+        tracing = self._tracing()
+        tracer = None if tracing is None else tracing.tracer
         if settings.admin_token is not None:
             self.admin_token = settings.admin_token.get_secret_value()
         else:
@@ -185,12 +188,12 @@ class Platform:
         await self._enter(_BusService(bus))
         await self._enter(Pipeline(bus, writer, latest, tracer=tracer))
 
-        ingest = TelemetryIngest(bus, settings.http.enqueue_timeout_s, tracer)
+        ingest = TelemetryIngest(bus, settings.http.enqueue_timeout_s, tracing)
         self.mqtt = MqttServer(
             settings.host,
             settings.mqtt,
             registry,
-            TelemetryIngest(bus, None, tracer),  # MQTT waits for room: slow acks, not errors
+            TelemetryIngest(bus, None, tracing),  # MQTT waits for room: slow acks, not errors
             attributes,
             rpc,
             sessions=SqliteSessionStore(path / SESSIONS_FILE, sync),

@@ -6,6 +6,7 @@ the devices are real clients: aiomqtt over MQTT, httpx over HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from collections.abc import AsyncIterator
@@ -35,10 +36,10 @@ class Traced:
         self.url = f"http://127.0.0.1:{platform.http.port}"
         self.mqtt_port = platform.mqtt.port
 
-    async def device(self, name: str) -> dict[str, Any]:
+    async def device(self, name: str, gateway: bool = False) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {self.platform.admin_token}"}
         async with httpx.AsyncClient(base_url=self.url, headers=headers) as rest:
-            r = await rest.post("/api/v1/devices", json={"name": name})
+            r = await rest.post("/api/v1/devices", json={"name": name, "gateway": gateway})
             assert r.status_code == 201, r.text
             body: dict[str, Any] = r.json()
             return body
@@ -65,21 +66,27 @@ def _parent_chain(spans: dict[str, ReadableSpan], names: list[str]) -> None:
         assert spans[child].parent.span_id == spans[parent].context.span_id, (parent, child)
 
 
-@pytest.fixture
-async def traced(tmp_path: Path) -> AsyncIterator[Traced]:
+@contextlib.asynccontextmanager
+async def platform_tracing(path: Path, ratio: float) -> AsyncIterator[Traced]:
     exporter = InMemorySpanExporter()
-    provider = TracerProvider()  # samples everything (the settings' ratio is not used)
+    provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     settings = Settings(
-        data_dir=tmp_path,
+        data_dir=path,
         http={"port": 0},
         mqtt={"port": 0},
         coap={"port": 0},
-        tracing={"enabled": True},
+        tracing={"enabled": True, "sample_ratio": ratio},
     )
     async with Platform(settings, tracer_provider=provider) as platform:
         yield Traced(platform, exporter)
     provider.shutdown()
+
+
+@pytest.fixture
+async def traced(tmp_path: Path) -> AsyncIterator[Traced]:
+    async with platform_tracing(tmp_path, 1.0) as traced:
+        yield traced
 
 
 async def test_one_mqtt_message_is_one_trace_from_transport_to_storage(traced: Traced) -> None:
@@ -148,3 +155,38 @@ async def test_a_refused_upload_is_an_error_span_and_reaches_no_bus(traced: Trac
     [root] = traced.spans("http.telemetry")
     assert not root.status.is_ok
     assert traced.spans("bus.publish") == []
+
+
+async def test_unsampled_messages_make_no_spans_but_a_sampled_caller_is_followed(
+    tmp_path: Path,
+) -> None:
+    async with platform_tracing(tmp_path, 0.0) as traced:
+        dev = await traced.device("not-sampled")
+        client = aiomqtt.Client("127.0.0.1", traced.mqtt_port, username=dev["access_token"])
+        async with client:
+            await client.publish("v1/devices/me/telemetry", json.dumps({"t": 1}), qos=1)
+        url = f"/api/v1/{dev['access_token']}/telemetry"
+        async with httpx.AsyncClient(base_url=traced.url) as http:
+            assert (await http.post(url, json={"t": 2})).status_code == 200
+            assert traced.exporter.get_finished_spans() == ()
+            trace_id = 0x1AF7651916CD43DD8448EB211C80319C
+            header = f"00-{trace_id:032x}-b7ad6b7169203331-01"
+            r = await http.post(url, json={"t": 3}, headers={"traceparent": header})
+            assert r.status_code == 200
+        assert set(traced.trace(trace_id)) == {"http.telemetry", *PATH}
+        assert len(traced.exporter.get_finished_spans()) == 4
+
+
+async def test_gateway_telemetry_is_traced_per_device(traced: Traced) -> None:
+    gateway = await traced.device("traced-gateway", gateway=True)
+    client = aiomqtt.Client("127.0.0.1", traced.mqtt_port, username=gateway["access_token"])
+    async with client:
+        body = {"child-a": [{"t": 1}], "child-b": [{"t": 2}]}
+        await client.publish("v1/gateway/telemetry", json.dumps(body), qos=1)
+    roots = traced.spans("mqtt.publish")
+    assert len(roots) == 2
+    for root in roots:
+        assert root.context is not None
+        spans = traced.trace(root.context.trace_id)
+        assert set(spans) == {"mqtt.publish", *PATH}
+        _parent_chain(spans, ["mqtt.publish", *PATH])

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from iotmesh.api.context import ApiContext, context
 from iotmesh.core.clock import now_ms
 from iotmesh.core.errors import PayloadError, PayloadTooLarge
-from iotmesh.core.tracing import SpanKind, parent_from
+from iotmesh.core.tracing import Context, SpanKind, context_of, parent_from, use_span
 from iotmesh.proto.thingsboard import parse_telemetry
 
 router = APIRouter(prefix="/api/v1/{access_token}", tags=["device API"])
@@ -87,18 +87,24 @@ async def read_body(request: Request, limit: int) -> bytes:
 )
 async def post_telemetry(access_token: str, request: Request, ctx: Ctx) -> Response:
     """Upload telemetry in any ThingsBoard JSON form; 200 means it is stored durably."""
-    tracer = ctx.ingest.tracer
-    if tracer is None:
+    tracing = ctx.ingest.tracing
+    if tracing is None:
         await _store_telemetry(access_token, request, ctx)
         return Response(status_code=200)
+    attributes = {"http.request.method": "POST", "http.route": TELEMETRY_ROUTE}
     header = request.headers.get("traceparent")
-    with tracer.start_as_current_span(
-        "http.telemetry",
-        context=parent_from(header) if header else None,
-        kind=SpanKind.SERVER,
-        attributes={"http.request.method": "POST", "http.route": TELEMETRY_ROUTE},
-    ) as span:
-        span.set_attribute("iotmesh.device_id", await _store_telemetry(access_token, request, ctx))
+    if header:  # the caller's trace: its sampled flag decides
+        span = tracing.tracer.start_span(
+            "http.telemetry", parent_from(header), SpanKind.SERVER, attributes
+        )
+    elif tracing.sampled():
+        span = tracing.start_root("http.telemetry", SpanKind.SERVER, attributes)
+    else:
+        await _store_telemetry(access_token, request, ctx)
+        return Response(status_code=200)
+    with use_span(span, end_on_exit=True):  # current too: log lines show the trace id
+        device_id = await _store_telemetry(access_token, request, ctx, context_of(span))
+        span.set_attribute("iotmesh.device_id", device_id)
         span.set_attribute("http.response.status_code", 200)
     return Response(status_code=200)
 
@@ -106,10 +112,12 @@ async def post_telemetry(access_token: str, request: Request, ctx: Ctx) -> Respo
 TELEMETRY_ROUTE = "/api/v1/{access_token}/telemetry"
 
 
-async def _store_telemetry(access_token: str, request: Request, ctx: ApiContext) -> str:
+async def _store_telemetry(
+    access_token: str, request: Request, ctx: ApiContext, trace: Context | None = None
+) -> str:
     """Read, authenticate, parse and submit one upload; return the device id."""
     body = await read_body(request, ctx.settings.http.max_payload_bytes)
     device = await ctx.registry.authenticate(access_token)
     records = parse_telemetry(body, now_ms())
-    await ctx.ingest.submit(device.id, records)
+    await ctx.ingest.submit(device.id, records, trace)
     return device.id

@@ -5,10 +5,11 @@ its parsed records. It returns once the bus guarantees delivery, which in the
 all-in-one process means the records are committed: a transport acknowledges its
 device after `submit` returns and never before.
 
-Tracing (core/tracing.py): with a tracer, each upload gets a `bus.publish` span, a
-child of the transport's span (`parent`, or the current span), and its `traceparent`
-rides in the message. Without one (tracing off) the path is the same as ever but for
-one `is None` test per upload.
+Tracing (core/tracing.py): when on, an upload whose transport hands the context of a
+recorded span (`parent`: the message was sampled) gets a `bus.publish` span, a child
+of it, and its `traceparent` rides in the message. No parent: not traced, and no
+context is looked up. When off the path is the same as ever but for one `is None`
+test per upload.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from iotmesh.bus import subjects
 from iotmesh.bus.interface import Publisher
 from iotmesh.core.clock import now_ms
 from iotmesh.core.ids import new_id
-from iotmesh.core.tracing import Span, SpanKind, Tracer, end, traceparent
+from iotmesh.core.tracing import Span, SpanKind, Tracer, Tracing, end, recording, traceparent
 from iotmesh.core.types import TelemetryMessage, TsRecord
 from iotmesh.pipeline.stages import encode_message
 
@@ -33,11 +34,11 @@ class TelemetryIngest:
     """Publishes device telemetry to the bus."""
 
     def __init__(
-        self, bus: Publisher, enqueue_timeout_s: float | None, tracer: Tracer | None = None
+        self, bus: Publisher, enqueue_timeout_s: float | None, tracing: Tracing | None = None
     ) -> None:
         self._bus = bus
         self._timeout = enqueue_timeout_s
-        self.tracer = tracer  # transports make their own spans with it; None: tracing off
+        self.tracing = tracing  # transports start their root spans with it; None: off
         # Message ids: unique per process start and message, far cheaper than a uuid4
         # per message on the hot path.
         self._prefix = new_id()
@@ -51,7 +52,10 @@ class TelemetryIngest:
             records=records,
         )
 
-    def _span(self, tracer: Tracer, message: TelemetryMessage, parent: Context | None) -> Span:
+    @staticmethod
+    def _span(tracer: Tracer, message: TelemetryMessage, parent: Context | None) -> Span | None:
+        if parent is None or not recording(parent):
+            return None  # not sampled at the transport: not traced
         span = tracer.start_span(
             "bus.publish",
             context=parent,
@@ -79,8 +83,8 @@ class TelemetryIngest:
 
         `parent`: the transport's span context, when tracing."""
         message = self._message(device_id, records)
-        if self.tracer is not None:
-            return self._submit_nowait_traced(self.tracer, message, on_done, parent)
+        if self.tracing is not None:
+            return self._submit_nowait_traced(self.tracing.tracer, message, on_done, parent)
         return self._bus.publish_nowait(
             subjects.telemetry_subject(device_id),
             encode_message(message),
@@ -97,10 +101,13 @@ class TelemetryIngest:
         parent: Context | None,
     ) -> bool:
         span = self._span(tracer, message, parent)
+        if span is None:
+            done = on_done
+        else:
 
-        def done(error: BaseException | None) -> None:
-            end(span, error)
-            on_done(error)
+            def done(error: BaseException | None) -> None:
+                end(span, error)
+                on_done(error)
 
         # Not taken: the span is never ended, so never exported; `submit` makes another.
         return self._bus.publish_nowait(
@@ -116,14 +123,15 @@ class TelemetryIngest:
     ) -> None:
         """Publish one upload; return when it is durable.
 
-        `parent`: the transport's span context, when tracing (default: the current one).
+        `parent`: the transport's span context, when tracing and the message is sampled.
 
         Raises:
             Overloaded: no room on the bus within the enqueue timeout; nothing was kept.
             BusError: the pipeline gave the message up.
         """
         message = self._message(device_id, records)
-        span = None if self.tracer is None else self._span(self.tracer, message, parent)
+        tracing = self.tracing
+        span = None if tracing is None else self._span(tracing.tracer, message, parent)
         try:
             await self._bus.publish(
                 subjects.telemetry_subject(device_id),

@@ -6,15 +6,21 @@ from collections.abc import Callable
 
 import msgspec
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from iotmesh.bus.interface import Publisher
 from iotmesh.core.errors import ConfigError
 from iotmesh.core.settings import TracingSettings
-from iotmesh.core.tracing import make_provider, parent_from, traceparent
+from iotmesh.core.tracing import (
+    SpanKind,
+    Tracing,
+    context_of,
+    make_provider,
+    parent_from,
+    recording,
+    traceparent,
+)
 from iotmesh.core.types import TelemetryMessage, TsRecord
 from iotmesh.pipeline.ingest import TelemetryIngest
 from iotmesh.pipeline.stages import decode
@@ -47,11 +53,13 @@ class CapturingBus(Publisher):
         return True
 
 
-def provider_with(ratio: float) -> tuple[TracerProvider, InMemorySpanExporter]:
+def tracing_with(ratio: float) -> tuple[Tracing, InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
-    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
+    provider = make_provider(
+        TracingSettings(enabled=True, exporter="none"), service="s", version="1", instance="i"
+    )
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return provider, exporter
+    return Tracing(provider.get_tracer("test"), ratio), exporter
 
 
 async def test_without_a_tracer_the_message_carries_no_trace_field() -> None:
@@ -65,13 +73,17 @@ async def test_without_a_tracer_the_message_carries_no_trace_field() -> None:
 
 
 async def test_a_sampled_upload_carries_its_bus_publish_span_as_traceparent() -> None:
-    provider, exporter = provider_with(1.0)
+    tracing, exporter = tracing_with(1.0)
     bus = CapturingBus()
-    ingest = TelemetryIngest(bus, None, provider.get_tracer("test"))
-    await ingest.submit("dev-1", RECORDS)
-    [span] = exporter.get_finished_spans()
+    ingest = TelemetryIngest(bus, None, tracing)
+    root = tracing.start_root("transport", SpanKind.SERVER, {})
+    await ingest.submit("dev-1", RECORDS, context_of(root))
+    root.end()
+    span, _ = exporter.get_finished_spans()
     assert span.name == "bus.publish"
     assert span.context is not None
+    assert span.parent is not None
+    assert span.parent.span_id == root.get_span_context().span_id
     trace = decode(bus.published[0]).trace
     assert trace is not None
     version, trace_id, span_id, flags = trace.split("-")
@@ -84,29 +96,38 @@ async def test_a_sampled_upload_carries_its_bus_publish_span_as_traceparent() ->
 
 
 async def test_an_unsampled_upload_carries_nothing_and_exports_nothing() -> None:
-    provider, exporter = provider_with(0.0)
+    tracing, exporter = tracing_with(0.0)
+    assert not tracing.sampled()
     bus = CapturingBus()
-    ingest = TelemetryIngest(bus, None, provider.get_tracer("test"))
-    await ingest.submit("dev-1", RECORDS)
+    ingest = TelemetryIngest(bus, None, tracing)
+    await ingest.submit("dev-1", RECORDS)  # no transport span: not sampled there
     done: list[BaseException | None] = []
-    assert ingest.submit_nowait("dev-1", RECORDS, done.append)
+    assert ingest.submit_nowait("dev-1", RECORDS, done.append, None)
     assert done == [None]
     assert [decode(data).trace for data in bus.published] == [None, None]
     assert exporter.get_finished_spans() == ()
 
 
-def test_a_sampled_parent_is_followed_whatever_the_ratio() -> None:
-    provider, _ = provider_with(0.0)
-    parent = parent_from("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
-    span = provider.get_tracer("test").start_span("child", context=parent)
-    assert traceparent(span) is not None
+def test_roots_are_sampled_by_the_ratio() -> None:
+    tracing, _ = tracing_with(0.25)
+    sampled = sum(tracing.sampled() for _ in range(4000))
+    assert 700 < sampled < 1300  # 1000 expected; 300 either side is ~10 sigma
+    assert recording(context_of(tracing.start_root("transport", SpanKind.SERVER, {})))
+
+
+@pytest.mark.parametrize(("flags", "traced"), [("01", True), ("00", False)])
+def test_an_incoming_traceparent_decides_whatever_the_ratio(flags: str, traced: bool) -> None:
+    tracing, _ = tracing_with(0.0)
+    parent = parent_from(f"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-{flags}")
+    span = tracing.tracer.start_span("child", context=parent)
+    assert (traceparent(span) is not None) is traced
     assert span.get_span_context().trace_id == 0x0AF7651916CD43DD8448EB211C80319C
 
 
 @pytest.mark.parametrize("value", ["", "garbage", "00-0-0-01", "ff-" + "0" * 32 + "-" + "0" * 16])
 def test_a_bad_traceparent_starts_a_new_trace(value: str) -> None:
-    provider, _ = provider_with(1.0)
-    span = provider.get_tracer("test").start_span("child", context=parent_from(value))
+    tracing, _ = tracing_with(1.0)
+    span = tracing.tracer.start_span("child", context=parent_from(value))
     assert span.parent is None  # type: ignore[attr-defined]
 
 

@@ -44,7 +44,7 @@ from iotmesh.commands.client_rpc import answer_client_rpc
 from iotmesh.commands.rpc import RpcRequest, RpcService
 from iotmesh.core.clock import now_ms
 from iotmesh.core.errors import AuthError, DeviceGone, IotmeshError, PayloadError
-from iotmesh.core.tracing import SpanKind, Tracer, context_of, end
+from iotmesh.core.tracing import SpanKind, Tracing, context_of, end
 from iotmesh.core.types import AttributeScope, Device, TsRecord
 from iotmesh.devicestate import AttributeService, ConnectivityService
 from iotmesh.pipeline.ingest import TelemetryIngest
@@ -183,14 +183,14 @@ class DeviceApi:
             entry = by_device.setdefault(device_id, ([], []))
             entry[0].extend(records)
             entry[1].append(slot)
-        tracer = self.ingest.tracer
+        tracing = self.ingest.tracing
         for device_id, (records, slots) in by_device.items():
             self.connectivity.activity(device_id, MQTT)
             conn.submit_started()
             done: Done = partial(self._submitted, conn, slots)
             parent = None
-            if tracer is not None:
-                done, parent = self._traced(tracer, conn, device_id, len(slots), done)
+            if tracing is not None and tracing.sampled():
+                done, parent = self._traced(tracing, conn, device_id, len(slots), done)
             if self.ingest.submit_nowait(device_id, records, done, parent):
                 continue  # on the bus already: no task needed to wait for it
             conn.spawn(
@@ -201,14 +201,14 @@ class DeviceApi:
 
     @staticmethod
     def _traced(
-        tracer: Tracer, conn: MqttConnection, device_id: str, messages: int, done: Done
+        tracing: Tracing, conn: MqttConnection, device_id: str, messages: int, done: Done
     ) -> tuple[Done, Context]:
         """An `mqtt.publish` span for one device's telemetry of one read (the root of its
         trace), ended when the submit is done."""
-        span = tracer.start_span(
+        span = tracing.start_root(
             "mqtt.publish",
-            kind=SpanKind.SERVER,
-            attributes={
+            SpanKind.SERVER,
+            {
                 "messaging.system": "mqtt",
                 "messaging.destination.name": TELEMETRY,
                 "messaging.batch.message_count": messages,
