@@ -81,3 +81,16 @@ def test_the_bus_payload_is_the_telemetry_message_type() -> None:
     record = doc["components"]["schemas"]["TsRecord"]
     assert "prefixItems" not in json.dumps(record)  # draft 7, as AsyncAPI schemas are
     assert doc["channels"]["busTelemetry"]["address"] == "telemetry.{deviceId}"
+
+
+def test_the_cli_writes_the_document(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from iotmesh.cli.main import app
+
+    out = tmp_path / "asyncapi.json"
+    result = CliRunner().invoke(app, ["asyncapi", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_text(encoding="utf-8") == asyncapi.render()
+    printed = CliRunner().invoke(app, ["asyncapi"])
+    assert json.loads(printed.stdout)["asyncapi"] == "3.0.0"
