@@ -26,6 +26,7 @@ from iotmesh.core.ids import SERVICE_NAME, instance_id
 from iotmesh.core.lifecycle import Health, Service
 from iotmesh.core.settings import Settings
 from iotmesh.core.tracing import INSTRUMENTATION, Tracing, make_provider
+from iotmesh.core.tracing import shutdown as shutdown_tracing
 from iotmesh.datadir import DataDir
 from iotmesh.devicestate import AttributeService, ConnectivityService
 from iotmesh.pipeline import LatestValues, Pipeline
@@ -41,6 +42,7 @@ from iotmesh.transports.http import HttpServer
 from iotmesh.transports.mqtt import MqttServer
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
     from opentelemetry.trace import TracerProvider
 
 log = logging.getLogger(__name__)
@@ -153,11 +155,15 @@ class Platform:
                 version=__version__,
                 instance=instance_id(),
             )
-            # Flushes the spans still batched; runs after every service stopped.
-            self._stack.push_async_callback(asyncio.to_thread, built.shutdown)
+            # Sends the spans still batched; runs after every service stopped.
+            self._stack.push_async_callback(self._stop_tracing, built)
             provider = built
         tracer = provider.get_tracer(INSTRUMENTATION, __version__)
         return Tracing(tracer, self.settings.tracing.sample_ratio)
+
+    async def _stop_tracing(self, provider: SdkTracerProvider) -> None:
+        if not await shutdown_tracing(provider, self.settings.tracing.export_timeout_s):
+            log.warning("tracing: the collector did not take the last spans; dropped")
 
     async def _start(self) -> None:
         settings = self.settings

@@ -322,6 +322,13 @@ class TracingSettings(_Section):
         "http://127.0.0.1:4318/v1/traces",
         description="OTLP/HTTP traces endpoint of the collector (exporter otlp).",
     )
+    export_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Longest one export to the collector may take, retries included; spans"
+        " it could not send are dropped (never the device data). A stop waits at most this"
+        " long for the spans still batched.",
+    )
 
 
 def _default_data_dir() -> Path:

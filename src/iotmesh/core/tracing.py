@@ -31,8 +31,10 @@ header) follows its sampled flag instead, whatever the ratio.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sys
+import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -63,6 +65,7 @@ __all__ = [
     "make_provider",
     "parent_from",
     "recording",
+    "shutdown",
     "traceparent",
     "use_span",
 ]
@@ -93,7 +96,11 @@ def make_provider(
     )
     # Roots are sampled by `Tracing.root` before a span is made; a span that is made
     # is kept, and a child follows its parent's flag.
-    provider = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_ON))
+    # Shut down by its owner (`shutdown`, bounded), not at interpreter exit, where a
+    # collector that does not answer would hold the process.
+    provider = TracerProvider(
+        resource=resource, sampler=ParentBased(ALWAYS_ON), shutdown_on_exit=False
+    )
     if settings.exporter == "otlp":
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -101,7 +108,8 @@ def make_provider(
             raise ConfigError(
                 "tracing.exporter = otlp needs the OTLP exporter: pip install 'iotmesh[otel]'"
             ) from None
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(settings.endpoint)))
+        exporter = OTLPSpanExporter(settings.endpoint, timeout=settings.export_timeout_s)
+        provider.add_span_processor(BatchSpanProcessor(exporter))
     elif settings.exporter == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
     return provider
@@ -126,6 +134,24 @@ class Tracing:
     ) -> Span:
         """Start the root span of a sampled message's trace (a new trace id)."""
         return self.tracer.start_span(name, context=_NO_PARENT, kind=kind, attributes=attributes)
+
+
+async def shutdown(provider: TracerProvider, timeout: float) -> bool:
+    """Flush and close `provider`, waiting at most `timeout` seconds; False if it did not
+    finish (a collector that does not answer: the rest of its spans are dropped).
+
+    The SDK's shutdown blocks (it exports what is batched), so it runs in a daemon
+    thread of its own that a stop does not wait for beyond `timeout`."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            provider.shutdown()
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="tracing-shutdown", daemon=True).start()
+    return await asyncio.to_thread(done.wait, timeout)
 
 
 def traceparent(span: Span) -> str | None:

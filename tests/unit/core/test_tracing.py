@@ -158,3 +158,32 @@ def test_otlp_without_the_exporter_installed_is_a_config_error(
     monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)
     with pytest.raises(ConfigError, match=r"iotmesh\[otel\]"):
         make_provider(TracingSettings(enabled=True), service="s", version="1", instance="i")
+
+
+async def test_a_stop_waits_for_a_stuck_collector_only_so_long() -> None:
+    import threading
+    from collections.abc import Sequence
+
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    from iotmesh.core.tracing import shutdown
+
+    release = threading.Event()
+
+    class StuckExporter(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            release.wait(10)
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(BatchSpanProcessor(StuckExporter()))
+    provider.get_tracer("test").start_span("s").end()
+    try:
+        assert await shutdown(provider, 0.2) is False
+    finally:
+        release.set()
