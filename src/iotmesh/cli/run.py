@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ from iotmesh.cli.storage_options import (
     storage_overrides,
 )
 from iotmesh.core.errors import IotmeshError
-from iotmesh.core.logs import configure_logging
+from iotmesh.core.logs import configure_logging, json_log_identity
 from iotmesh.core.settings import Settings, load_settings
 
 GC_YOUNG = 10_000
@@ -115,7 +116,10 @@ def run(
         configure_logging(settings.log_level, settings.log_format)
         asyncio.run(_serve(settings))
     except IotmeshError as exc:
-        print(f"iotmesh: cannot start: {exc}", file=sys.stderr)
+        if json_log_identity() is not None:  # stderr is read as JSON lines: stay one
+            logging.getLogger("iotmesh.cli").error("cannot start: %s", exc)
+        else:
+            print(f"iotmesh: cannot start: {exc}", file=sys.stderr)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
