@@ -190,3 +190,34 @@ async def test_gateway_telemetry_is_traced_per_device(traced: Traced) -> None:
         spans = traced.trace(root.context.trace_id)
         assert set(spans) == {"mqtt.publish", *PATH}
         _parent_chain(spans, ["mqtt.publish", *PATH])
+
+
+async def _publish_v5(port: int, token: str, traceparent: str) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.UserProperty = [("traceparent", traceparent)]
+    client = aiomqtt.Client("127.0.0.1", port, username=token, protocol=aiomqtt.ProtocolVersion.V5)
+    async with client:
+        await client.publish(
+            "v1/devices/me/telemetry", json.dumps({"t": 1}), qos=1, properties=properties
+        )
+
+
+async def test_an_mqtt5_traceparent_user_property_continues_the_devices_trace(
+    tmp_path: Path,
+) -> None:
+    async with platform_tracing(tmp_path, 0.0) as traced:  # the device's flag decides
+        dev = await traced.device("traced-v5")
+        trace_id = 0x2AF7651916CD43DD8448EB211C80319C
+        await _publish_v5(traced.mqtt_port, dev["access_token"], f"00-{trace_id:032x}-{7:016x}-01")
+        spans = traced.trace(trace_id)
+        assert set(spans) == {"mqtt.publish", *PATH}
+        assert spans["mqtt.publish"].parent is not None
+        assert spans["mqtt.publish"].parent.span_id == 7
+        _parent_chain(spans, ["mqtt.publish", *PATH])
+
+        not_sampled = f"00-{trace_id + 1:032x}-{7:016x}-00"
+        await _publish_v5(traced.mqtt_port, dev["access_token"], not_sampled)
+        assert len(traced.exporter.get_finished_spans()) == 4  # nothing more

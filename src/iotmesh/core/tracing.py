@@ -55,6 +55,7 @@ Context = otel_context.Context
 
 __all__ = [
     "INSTRUMENTATION",
+    "AttributeValue",
     "Context",
     "Span",
     "SpanKind",

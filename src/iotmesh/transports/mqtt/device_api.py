@@ -23,7 +23,10 @@ message the gateway sends for them until `v1/gateway/disconnect` or the end of t
 gateway's connection (`gateway.py`).
 
 Tracing (core/tracing.py), when on: the telemetry of one device in one read is an
-`mqtt.publish` span, the root of its trace.
+`mqtt.publish` span, the root of its trace, sampled by `tracing.sample_ratio`; or, when
+an MQTT 5 PUBLISH of that read carries a `traceparent` user property (W3C trace
+context), a child of it, traced if its sampled flag says so (the first such PUBLISH
+of the read counts).
 
 Errors: a payload that is not valid gets PUBACK/PUBREC 0x99 (payload format invalid)
 in v5; v3.1.1 has no negative acknowledgement, so the connection is closed, as
@@ -44,7 +47,14 @@ from iotmesh.commands.client_rpc import answer_client_rpc
 from iotmesh.commands.rpc import RpcRequest, RpcService
 from iotmesh.core.clock import now_ms
 from iotmesh.core.errors import AuthError, DeviceGone, IotmeshError, PayloadError
-from iotmesh.core.tracing import SpanKind, Tracing, context_of, end
+from iotmesh.core.tracing import (
+    AttributeValue,
+    SpanKind,
+    Tracing,
+    context_of,
+    end,
+    parent_from,
+)
 from iotmesh.core.types import AttributeScope, Device, TsRecord
 from iotmesh.devicestate import AttributeService, ConnectivityService
 from iotmesh.pipeline.ingest import TelemetryIngest
@@ -104,6 +114,10 @@ class DeviceApi:
         self.attributes = attributes
         self.rpc = rpc
         self.gateway: GatewayApi | None = None
+        self._tracing = ingest.tracing
+        # traceparent of the first MQTT 5 telemetry PUBLISH of the current read that had
+        # one, by connection; taken by `flush_telemetry` (only filled when tracing).
+        self._incoming_traces: dict[MqttConnection, str] = {}
 
     @staticmethod
     def handles(topic: str) -> bool:
@@ -120,6 +134,8 @@ class DeviceApi:
             if topic == TELEMETRY:
                 records = parse_telemetry(packet.payload, now_ms())
                 conn.hold_telemetry((device.id, records, slot))
+                if self._tracing is not None and conn.version == 5:
+                    self._hold_trace(conn, packet)
                 return  # activity: once per read, in flush_telemetry
             self.connectivity.activity(device.id, MQTT)
             if topic == ATTRIBUTES:
@@ -183,14 +199,15 @@ class DeviceApi:
             entry = by_device.setdefault(device_id, ([], []))
             entry[0].extend(records)
             entry[1].append(slot)
-        tracing = self.ingest.tracing
+        tracing = self._tracing
+        incoming = None if tracing is None else self._incoming_traces.pop(conn, None)
         for device_id, (records, slots) in by_device.items():
             self.connectivity.activity(device_id, MQTT)
             conn.submit_started()
             done: Done = partial(self._submitted, conn, slots)
             parent = None
-            if tracing is not None and tracing.sampled():
-                done, parent = self._traced(tracing, conn, device_id, len(slots), done)
+            if tracing is not None and (incoming is not None or tracing.sampled()):
+                done, parent = self._traced(tracing, conn, device_id, len(slots), done, incoming)
             if self.ingest.submit_nowait(device_id, records, done, parent):
                 continue  # on the bus already: no task needed to wait for it
             conn.spawn(
@@ -199,23 +216,41 @@ class DeviceApi:
                 finish_after_close=True,
             )
 
+    def _hold_trace(self, conn: MqttConnection, packet: Publish) -> None:
+        if conn in self._incoming_traces or not packet.properties.user_properties:
+            return
+        for key, value in packet.properties.user_properties:
+            if key == "traceparent":
+                self._incoming_traces[conn] = value
+                return
+
     @staticmethod
     def _traced(
-        tracing: Tracing, conn: MqttConnection, device_id: str, messages: int, done: Done
-    ) -> tuple[Done, Context]:
+        tracing: Tracing,
+        conn: MqttConnection,
+        device_id: str,
+        messages: int,
+        done: Done,
+        incoming: str | None,
+    ) -> tuple[Done, Context | None]:
         """An `mqtt.publish` span for one device's telemetry of one read (the root of its
-        trace), ended when the submit is done."""
-        span = tracing.start_root(
-            "mqtt.publish",
-            SpanKind.SERVER,
-            {
-                "messaging.system": "mqtt",
-                "messaging.destination.name": TELEMETRY,
-                "messaging.batch.message_count": messages,
-                "messaging.client.id": conn.session_id,
-                "iotmesh.device_id": device_id,
-            },
-        )
+        trace, or a child of the device's `traceparent`), ended when the submit is done;
+        none when the device's traceparent says "not sampled"."""
+        attributes: dict[str, AttributeValue] = {
+            "messaging.system": "mqtt",
+            "messaging.destination.name": TELEMETRY,
+            "messaging.batch.message_count": messages,
+            "messaging.client.id": conn.session_id,
+            "iotmesh.device_id": device_id,
+        }
+        if incoming is None:
+            span = tracing.start_root("mqtt.publish", SpanKind.SERVER, attributes)
+        else:
+            span = tracing.tracer.start_span(
+                "mqtt.publish", parent_from(incoming), SpanKind.SERVER, attributes
+            )
+            if not span.is_recording():
+                return done, None
 
         def traced_done(error: BaseException | None) -> None:
             end(span, error)
@@ -347,6 +382,7 @@ class DeviceApi:
 
     def on_disconnect(self, conn: MqttConnection) -> None:
         """A client's connection ended: stop every push to it."""
+        self._incoming_traces.pop(conn, None)
         pushes, conn.pushes = conn.pushes, {}
         for undo in pushes.values():
             undo()
