@@ -16,14 +16,17 @@ import logging
 import os
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from iotmesh import __version__
 from iotmesh.api import ApiContext, create_asgi_app
 from iotmesh.bus.memory import MemoryBus
 from iotmesh.commands import RpcService
+from iotmesh.core.ids import SERVICE_NAME, instance_id
 from iotmesh.core.lifecycle import Health, Service
 from iotmesh.core.settings import Settings
+from iotmesh.core.tracing import INSTRUMENTATION, Tracing, make_provider
+from iotmesh.core.tracing import shutdown as shutdown_tracing
 from iotmesh.datadir import DataDir
 from iotmesh.devicestate import AttributeService, ConnectivityService
 from iotmesh.pipeline import LatestValues, Pipeline
@@ -40,6 +43,10 @@ from iotmesh.transports.coap import CoapServer
 from iotmesh.transports.http import HttpServer
 from iotmesh.transports.http_granian import GranianHttpServer
 from iotmesh.transports.mqtt import MqttServer
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+    from opentelemetry.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +114,18 @@ class Platform:
     Usage:
         async with Platform(settings) as platform:
             await platform.wait_closed()   # until `shutdown()` or a service fails
+
+    `tracer_provider`: with `tracing.enabled`, spans go to this provider instead of
+    the one the settings describe (tests read them with an in-memory exporter);
+    `tracing.sample_ratio` still applies.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, *, tracer_provider: TracerProvider | None = None
+    ) -> None:
         self.settings = settings
+        self._tracer_provider = tracer_provider
+        self._started = False
         self.data_dir = DataDir(settings.data_dir)
         self.admin_token = ""
         self.admin_token_generated = False
@@ -137,6 +152,7 @@ class Platform:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._shutdown.set()  # /readyz says so while the services stop
         async with asyncio.timeout(self.settings.shutdown_timeout_s):
             await self._stack.aclose()
 
@@ -144,9 +160,33 @@ class Platform:
         await self._stack.enter_async_context(service)
         self._services.append(service)
 
+    def _tracing(self) -> Tracing | None:
+        """The tracer of every service, None when tracing is off (see core/tracing.py)."""
+        if not self.settings.tracing.enabled:
+            return None
+        provider = self._tracer_provider
+        if provider is None:
+            built = make_provider(
+                self.settings.tracing,
+                service=SERVICE_NAME,
+                version=__version__,
+                instance=instance_id(),
+            )
+            # Sends the spans still batched; runs after every service stopped.
+            self._stack.push_async_callback(self._stop_tracing, built)
+            provider = built
+        tracer = provider.get_tracer(INSTRUMENTATION, __version__)
+        return Tracing(tracer, self.settings.tracing.sample_ratio)
+
+    async def _stop_tracing(self, provider: SdkTracerProvider) -> None:
+        if not await shutdown_tracing(provider, self.settings.tracing.export_timeout_s):
+            log.warning("tracing: the collector did not take the last spans; dropped")
+
     async def _start(self) -> None:
         settings = self.settings
         path = self.data_dir.path
+        tracing = self._tracing()
+        tracer = None if tracing is None else tracing.tracer
         if settings.admin_token is not None:
             self.admin_token = settings.admin_token.get_secret_value()
         else:
@@ -159,7 +199,7 @@ class Platform:
         rpc = RpcService(state, settings.devices)
         connectivity = ConnectivityService(settings.devices.inactivity_timeout_s, store=state)
         store = timeseries_store(settings, path)
-        writer = BatchWriter(store, settings.writer)
+        writer = BatchWriter(store, settings.writer, tracer)
         bus = MemoryBus(settings.bus)
         latest = LatestValues()
         await self._enter(registry)
@@ -169,14 +209,14 @@ class Platform:
         await self._enter(_StoreService(store))
         await self._enter(writer)
         await self._enter(_BusService(bus))
-        await self._enter(Pipeline(bus, writer, latest))
+        await self._enter(Pipeline(bus, writer, latest, tracer=tracer))
 
-        ingest = TelemetryIngest(bus, settings.http.enqueue_timeout_s)
+        ingest = TelemetryIngest(bus, settings.http.enqueue_timeout_s, tracing)
         self.mqtt = MqttServer(
             settings.host,
             settings.mqtt,
             registry,
-            TelemetryIngest(bus, None),  # MQTT waits for room: slow acks, not errors
+            TelemetryIngest(bus, None, tracing),  # MQTT waits for room: slow acks, not errors
             attributes,
             rpc,
             sessions=SqliteSessionStore(path / SESSIONS_FILE, sync),
@@ -206,6 +246,8 @@ class Platform:
             ingest=ingest,
             health=self.health,
             stats=self.stats,
+            ready=self.not_ready,
+            services=self._services,  # the list itself: it holds the HTTP server too
         )
         server = GranianHttpServer if settings.http.server == "granian" else HttpServer
         self.http = server(
@@ -217,10 +259,20 @@ class Platform:
         )
         await self._enter(self.http)
         self.data_dir.write_run_info(self.run_info())
+        self._started = True
 
     def health(self) -> dict[str, Health]:
         """Each started service's health, by name."""
         return {s.name: s.health() for s in self._services}
+
+    def not_ready(self) -> list[str]:
+        """Why this process should not be sent traffic now; empty when it is ready:
+        every service started and healthy, and no shutdown asked for (`/readyz`)."""
+        if self._shutdown.is_set():
+            return ["shutting down"]
+        if not self._started:
+            return ["starting"]
+        return [f"{name}: {h.detail or 'not ok'}" for name, h in self.health().items() if not h.ok]
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Each service's counters, by service name (those that have any)."""
@@ -245,6 +297,7 @@ class Platform:
             http["tls_url"] = f"https://{shown}:{self.http.tls_port}"
         return {
             "pid": os.getpid(),
+            "instance_id": instance_id(),
             "version": __version__,
             "data_dir": str(self.data_dir.path),
             "http": http,

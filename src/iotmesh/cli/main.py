@@ -338,6 +338,22 @@ def _print_points(result: dict[str, list[dict[str, Any]]], as_json: bool) -> Non
     out.print(table)
 
 
+@app.command("asyncapi")
+def asyncapi(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this file, not stdout.")
+    ] = None,
+) -> None:
+    """Print the AsyncAPI 3.0 document of the device MQTT topics and the bus (JSON)."""
+    from iotmesh.asyncapi import render  # imports the transports: only when asked
+
+    text = render()
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text, encoding="utf-8")
+
+
 def main() -> None:
     """Entry point of the `iotmesh` console script."""
     app()

@@ -119,6 +119,9 @@ class RpcService(Service):
     """Stores RPC requests, routes them to devices' live sessions, replies back."""
 
     name = "rpc"
+    stats_counters = frozenset(
+        {"stray_replies", *(f"finished_{s.lower()}" for s in RpcStatus if not s.open)}
+    )
 
     def __init__(
         self,

@@ -80,6 +80,11 @@ class HttpSettings(_Section):
         gt=0,
         description="Longest wait a device long-poll may ask for; longer `timeout`s are cut.",
     )
+    metrics_auth: bool = Field(
+        False,
+        description="Require the admin bearer token on /metrics (off: Prometheus scrapes it"
+        " without credentials; it shows counters only, no device ids or secrets).",
+    )
 
 
 class AclRule(_Section):
@@ -391,6 +396,39 @@ class StorageSettings(_Section):
     postgres: PostgresSettings = PostgresSettings()
 
 
+class TracingSettings(_Section):
+    """OpenTelemetry tracing of device messages (transport → bus → pipeline → writer)."""
+
+    enabled: bool = Field(
+        False,
+        description="Make spans and carry W3C trace context across the bus. Off: no span"
+        " is made and a message costs nothing more.",
+    )
+    sample_ratio: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="Share of device messages traced (a message carrying a sampled"
+        " `traceparent`, e.g. an HTTP upload, is always traced).",
+    )
+    exporter: Literal["otlp", "console", "none"] = Field(
+        "otlp",
+        description="Where spans go: an OTLP/HTTP collector (needs `iotmesh[otel]`), stderr"
+        " (console), or nowhere (none: trace ids still appear in the logs).",
+    )
+    endpoint: str = Field(
+        "http://127.0.0.1:4318/v1/traces",
+        description="OTLP/HTTP traces endpoint of the collector (exporter otlp).",
+    )
+    export_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Longest one export to the collector may take, retries included; spans"
+        " it could not send are dropped (never the device data). A stop waits at most this"
+        " long for the spans still batched.",
+    )
+
+
 def _default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "iotmesh"
 
@@ -416,6 +454,11 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Lowest level of log lines printed."
     )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines as text, or as JSON objects one per line (ts, level, logger,"
+        " message, service, instance, trace_id/span_id, exc).",
+    )
     shutdown_timeout_s: float = Field(
         10.0, gt=0, description="How long a clean shutdown may take to flush pending writes."
     )
@@ -426,6 +469,7 @@ class Settings(BaseSettings):
     bus: BusSettings = BusSettings()
     storage: StorageSettings = StorageSettings()
     writer: WriterSettings = WriterSettings()
+    tracing: TracingSettings = TracingSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from iotmesh.core.errors import PayloadError, StorageError
+from iotmesh.core.logs import JsonFormatter, json_log_identity
 from iotmesh.storage.sqlite import schema
 from iotmesh.storage.sqlite.writes import SeriesWriter
 from iotmesh.storage.timeseries import SeriesWrite
@@ -148,8 +149,9 @@ class WriterClient:
         s = self._settings
         options = FileOptions(s.synchronous, s.chunk_max_points, s.compact_min_chunks)
         settings = msgspec.json.encode(options).decode()
+        json_logs = json_log_identity()  # the child logs as the parent does
         try:
-            await self._request(["open", str(self._path), settings, level])
+            await self._request(["open", str(self._path), settings, level, json_logs])
         except BaseException:
             await self._stop(kill=True)
             raise
@@ -309,12 +311,17 @@ def _reply(fd: int, work: Callable[..., Any], *args: Any) -> None:
 def serve(requests: int, replies: int) -> None:
     """Answer requests until end of file (see the module docstring).
 
-    The first request is `["open", path, settings_json, log_level]`."""
+    The first request is `["open", path, settings_json, log_level, json_logs]`, where
+    `json_logs` is None (text) or the parent's [service, instance] for JSON lines."""
     frame = _read_frame(requests)
     if frame is None or frame[0] != "open":
         return
-    path, settings, level = frame[1:]
+    path, settings, level, json_logs = frame[1:]
     logging.getLogger("iotmesh").setLevel(level)
+    if json_logs is not None:
+        service, instance = json_logs
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter(service, instance))
     opened: list[_Child] = []
 
     def open_file() -> None:
