@@ -18,8 +18,10 @@ a jittered exponential back-off and tries another instance, at most `call_retrie
 more times. Each instance has a circuit breaker (`breaker.py`); an open breaker takes
 the instance out of rotation for `breaker_reset_s`, then one trial call decides.
 
-Error handling: a registry read that fails is logged and the last view is kept (the
-detectors keep counting silence, so instances still drop out); `call` raises
+Error handling: a registry read that fails is logged and the last view is kept, judged
+as of the last successful read: heartbeats travel through the engine, so an engine
+outage says nothing about the instances, and the client keeps calling them (their
+breakers still take out those that fail). `call` raises
 `NoInstance` (an `Overloaded`: retry later) when nothing usable is left and
 `CallFailed` when every attempt failed; a non-retryable error is raised as it is.
 
@@ -109,6 +111,7 @@ class Discovery(Service):
         self._outstanding: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._read_ok = False
+        self._read_at = 0.0  # clock() of the last successful registry read
         self._counts = {"calls": 0, "attempts": 0, "failures": 0, "failovers": 0}
 
     async def start(self) -> None:
@@ -148,7 +151,7 @@ class Discovery(Service):
 
     def observe(self, records: list[Instance]) -> None:
         """Take a registry listing (read at `clock()` now)."""
-        now = self._clock()
+        now = self._read_at = self._clock()
         seen = set()
         for record in records:
             seen.add(record.key)
@@ -169,21 +172,21 @@ class Discovery(Service):
 
     def members(self) -> list[MemberView]:
         """Every registered instance with its phi, alive or not."""
-        now = self._clock()
+        now, seen = self._clock(), self._read_at
         return [
             MemberView(
-                m.instance, m.detector.phi(now), m.detector.available(now), m.breaker.state(now)
+                m.instance, m.detector.phi(seen), m.detector.available(seen), m.breaker.state(now)
             )
             for _, m in sorted(self._members.items())
         ]
 
     def alive(self) -> list[Instance]:
         """Instances in rotation: heartbeats on time, not draining, breaker not open."""
-        now = self._clock()
+        now, seen = self._clock(), self._read_at
         return [
             m.instance
             for _, m in sorted(self._members.items())
-            if m.detector.available(now)
+            if m.detector.available(seen)
             and m.instance.health != "draining"
             and m.breaker.allows(now)
         ]

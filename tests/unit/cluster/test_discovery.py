@@ -96,6 +96,23 @@ async def test_a_silent_instance_leaves_rotation_within_the_detector_bound(
     assert [i.instance_id for i in discovery.alive()] == ["a", "b"]
 
 
+async def test_an_unreadable_registry_freezes_the_view_instead_of_failing_everyone(
+    world: tuple[FakeRegistry, Clock, Discovery],
+) -> None:
+    registry, clock, discovery = world
+    await tick(world, 5, ["a", "b"])
+
+    async def down(service: str | None = None) -> list[Instance]:
+        raise ConnectionError("engine down")
+
+    registry.list = down  # type: ignore[method-assign]
+    clock.now += 60.0
+    with pytest.raises(ConnectionError):
+        await discovery.refresh()
+    assert not discovery.health().ok
+    assert [i.instance_id for i in discovery.alive()] == ["a", "b"]
+
+
 async def test_a_record_gone_from_the_registry_is_forgotten(
     world: tuple[FakeRegistry, Clock, Discovery],
 ) -> None:
