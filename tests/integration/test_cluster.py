@@ -219,8 +219,8 @@ async def test_calls_fail_over_and_a_killed_instance_leaves_discovery_and_servic
         assert "echo.alpha" not in {i.key for i in discovery.alive()}
         c = settings.cluster
         # interval + acceptable pause + z(8) * std (the std of 0.2 s beats that the
-        # detector measured, at least phi_min_std_dev_s) + the polling period.
-        bound = c.heartbeat_interval_s + c.acceptable_pause_s + discovery.poll_s
+        # detector measured, at least phi_min_std_dev_s) + two polling periods.
+        bound = c.heartbeat_interval_s + c.acceptable_pause_s + 2 * discovery.poll_s
         bound += 5.62 * max(c.phi_min_std_dev_s, 0.2)
         assert dropped <= bound + SLACK_S
         # Still in the registry (its TTL is 30 s): failure detection came first.

@@ -5,12 +5,13 @@ default). A record whose `seq` changed is a heartbeat seen now; one phi-accrual
 detector per instance (`phi.py`) turns the silence since into suspicion, and an
 instance whose phi reached `cluster.phi_threshold` is out of rotation at once, before
 the engine's TTL deletes its record. It comes back with its next heartbeat. So a dead
-instance stops getting calls after at most
+instance stops getting calls, counted from its last heartbeat, after at most
 
-    detection_bound() + poll_s
-    ≈ heartbeat_interval + acceptable_pause + z(phi_threshold) * std + poll_s
+    detection_bound() + 2 * poll_s
+    ≈ heartbeat_interval + acceptable_pause + z(phi_threshold) * std + 2 * poll_s
 
-(defaults: 1 + 1 + 5.61 * 0.2 + 0.25 ≈ 3.4 s), and leaves the registry after `ttl_s`.
+(one poll to see the last heartbeat, one to see phi cross the threshold; defaults:
+1 + 1 + 5.61 * 0.2 + 0.5 ≈ 3.6 s), and leaves the registry after `ttl_s`.
 
 `call(fn, key=...)` is the proxyless service mesh: it picks an instance with the
 policy, runs `fn(instance)` under `call_timeout_s`, and on a retryable failure waits

@@ -9,6 +9,9 @@ Layout, `ns` being `cluster.namespace`:
 - `<ns>:cluster:lease:<name>`: `<owner>#<token>`, `PX lease_s`;
   `<ns>:cluster:term:<name>`: the fencing counter (INCR; never expires).
 - `<ns>:cluster:fence:<resource>`: hash {token, value} of the last fenced write.
+
+The listing script reads record keys it does not declare, which a single Redis (as the
+bus also assumes) allows and Redis Cluster would not.
 """
 
 from __future__ import annotations

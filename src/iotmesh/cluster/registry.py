@@ -55,6 +55,9 @@ class Registry(abc.ABC):
     ) -> AsyncIterator[builtins.list[Instance]]:
         """Yield the list now, then again whenever it changed (looked at every `interval` s).
 
+        Every heartbeat changes a record (`seq`), so with instances registered this
+        yields about once per heartbeat interval, or once per `interval` if longer.
+
         Polling rather than engine notifications: Redis keyspace events need server
         configuration, and one request per interval per watcher is cheap.
         """
@@ -122,7 +125,8 @@ class Registration(Service):
         next_at = time.monotonic() + self._interval
         while True:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            next_at += self._interval
+            # A late beat (a slow engine, a busy loop) does not cause a burst after it.
+            next_at = max(next_at + self._interval, time.monotonic())
             try:
                 await self.beat()
                 self._ok = True
