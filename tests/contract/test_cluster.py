@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from iotmesh.cluster import ClusterBackend, Instance, Registration, StaleToken
+from iotmesh.cluster import ClusterBackend, ClusterError, Instance, Registration, StaleToken
 from tests.contract.cluster_backends import ClusterHarness
 
 
@@ -198,3 +198,15 @@ async def test_concurrent_fenced_writes_keep_the_highest(
 
     await asyncio.gather(*(write(t) for t in range(1, 31)))
     assert await clients[0].read("r") == (30, b"30")
+
+
+async def test_nats_refuses_a_lease_bucket_with_another_lease() -> None:
+    # Redis sets the TTL on each lease; a NATS KV bucket fixes it when it is made.
+    first = ClusterHarness("nats", lease_s=1.0)
+    try:
+        await first.backend()
+        other = ClusterHarness("nats", lease_s=2.0, namespace=first.settings.cluster.namespace)
+        with pytest.raises(ClusterError, match="lease_s"):
+            await other.backend()
+    finally:
+        await first.close()

@@ -12,7 +12,9 @@ Buckets, `ns` being `cluster.namespace` (all with history 1):
   the data; a fenced write is a compare-and-set on the entry's revision.
 
 A bucket's TTL is fixed when it is made: processes sharing a namespace must agree on
-`ttl_s` and `lease_s` (the first one's values stay).
+`ttl_s` and `lease_s` (the first one's values stay). `start` refuses a lease bucket
+whose TTL is not `lease_s`: a leader believes its lease for `lease_s` minus a margin,
+so an entry that expired sooner could let two lead at once.
 """
 
 from __future__ import annotations
@@ -62,9 +64,17 @@ class NatsCluster(ClusterBackend):
                 ),
                 "fences": await open_bucket(js, f"{self._ns}_cluster_fences", None),
             }
+            ttl = (await self._kv["leases"].status()).ttl
         except (OSError, nats.errors.Error) as exc:
             await self.stop()
             raise ClusterError(f"cannot use NATS at {self._url}: {exc}") from exc
+        if ttl is None or abs(ttl - self.settings.lease_s) > 1e-3:
+            await self.stop()
+            raise ClusterError(
+                f"NATS bucket {self._ns}_cluster_leases expires leases after {ttl} s but"
+                f" cluster.lease_s is {self.settings.lease_s}: use the same lease_s"
+                " everywhere, or delete the bucket while no instance runs"
+            )
         self._leases = KvLeases(self._kv["leases"])
 
     async def stop(self) -> None:
