@@ -6,7 +6,7 @@ import re
 
 import msgspec
 
-NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class Instance(msgspec.Struct, frozen=True, kw_only=True):
@@ -49,6 +49,6 @@ def decode(data: bytes) -> Instance:
 
 def check_name(kind: str, name: str) -> str:
     """`name` if fit for engine keys (letters, digits, '-', '_'); else ValueError."""
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):
         raise ValueError(f"{kind} {name!r}: use letters, digits, '-' and '_' only")
     return name
