@@ -203,10 +203,13 @@ async def test_concurrent_fenced_writes_keep_the_highest(
 async def test_nats_refuses_a_lease_bucket_with_another_lease() -> None:
     # Redis sets the TTL on each lease; a NATS KV bucket fixes it when it is made.
     first = ClusterHarness("nats", lease_s=1.0)
+    second = ClusterHarness("nats", lease_s=2.0, namespace=first.settings.cluster.namespace)
     try:
-        await first.backend()
-        other = ClusterHarness("nats", lease_s=2.0, namespace=first.settings.cluster.namespace)
+        await (await first.backend()).acquire("job", "first", 1.0)
+        other = await second.backend()
+        assert await other.list() == []  # reading the registry is fine
         with pytest.raises(ClusterError, match="lease_s"):
-            await other.backend()
+            await other.acquire("job", "x", 2.0)
     finally:
+        await second.close()
         await first.close()

@@ -237,6 +237,7 @@ async def test_calls_fail_over_and_a_killed_instance_leaves_discovery_and_servic
         everything = await asyncio.to_thread(run_services, settings, "--all")
         dead = next(r for r in everything if r["instance"] == "alpha")
         assert not dead["alive"]
+        assert dead["state"] == "failed"
         assert dead["phi"] >= settings.cluster.phi_threshold
 
 

@@ -6,6 +6,7 @@ computed as a discovery client that had seen regular heartbeats at the instance'
 interval would compute it, from the age of the last one (the instance's wall clock:
 keep clocks in sync). Instances whose phi reached `cluster.phi_threshold` are failed
 and left out unless `--all`; the engine deletes their record after `cluster.ttl_s`.
+Past half the threshold an instance is shown as suspect (still in rotation).
 
 Exit codes: 0 listed (possibly nothing), 1 the engine cannot be read, 2 bad settings.
 """
@@ -23,6 +24,7 @@ from rich.table import Table
 
 from iotmesh.cluster import ClusterError, Instance, make_backend
 from iotmesh.cluster.discovery import make_detector
+from iotmesh.cluster.phi import verdict
 from iotmesh.core.clock import now_ms
 from iotmesh.core.errors import ConfigError
 from iotmesh.core.settings import ClusterSettings, Settings, load_settings
@@ -45,6 +47,7 @@ def describe(instance: Instance, settings: ClusterSettings, now: int) -> dict[st
         "heartbeat_age_s": round(age, 3),
         "phi": round(phi, 2),
         "alive": phi < settings.phi_threshold,
+        "state": verdict(phi, settings.phi_threshold),
         "metadata": instance.metadata,
     }
 
@@ -104,7 +107,7 @@ def services(
         out = Console(width=200)
     table = Table("service", "instance", "address", "version", "health", "load", "age", "phi")
     for r in rows:
-        health = r["health"] if r["alive"] else f"{r['health']} (failed)"
+        health = r["health"] if r["state"] == "alive" else f"{r['health']} ({r['state']})"
         table.add_row(
             r["service"],
             r["instance"],

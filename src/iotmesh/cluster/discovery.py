@@ -67,7 +67,8 @@ class Member:
 class MemberView:
     instance: Instance
     phi: float
-    alive: bool
+    alive: bool  # in rotation as far as the failure detector goes
+    state: str  # "alive", "suspect" or "failed" (`PhiAccrualDetector.verdict`)
     breaker: State
 
 
@@ -176,7 +177,11 @@ class Discovery(Service):
         now, seen = self._clock(), self._read_at
         return [
             MemberView(
-                m.instance, m.detector.phi(seen), m.detector.available(seen), m.breaker.state(now)
+                m.instance,
+                m.detector.phi(seen),
+                m.detector.available(seen),
+                m.detector.verdict(seen),
+                m.breaker.state(now),
             )
             for _, m in sorted(self._members.items())
         ]

@@ -110,7 +110,16 @@ class LeaderElection(Service):
             return self._token
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=self.name)
+        """Make the first attempt, then keep trying in the background.
+
+        Raises:
+            ClusterError: the first attempt failed (engine unreachable, or its lease
+                store refuses these settings): better at start-up than never leading.
+        """
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        await self._round(asked)
+        self._task = asyncio.create_task(self._run(asked + self._tick), name=self.name)
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -133,8 +142,9 @@ class LeaderElection(Service):
     def stats(self) -> dict[str, int | bool | None]:
         return {"leader": self.is_leader, "token": self._token, "terms": self._terms}
 
-    async def _run(self) -> None:
+    async def _run(self, first: float) -> None:
         loop = asyncio.get_running_loop()
+        await asyncio.sleep(max(0.0, first - loop.time()))
         while True:
             asked = loop.time()
             try:

@@ -49,46 +49,53 @@ class NatsCluster(ClusterBackend):
         self._url = url
         self._ns = settings.namespace
         self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
         self._kv: dict[str, KeyValue] = {}
 
     async def start(self) -> None:
         try:
             self._nc = await nats.connect(self._url, connect_timeout=5, allow_reconnect=True)
-            js = self._nc.jetstream(timeout=5)
-            self._kv = {
-                "services": await open_bucket(
-                    js, f"{self._ns}_cluster_services", self.settings.ttl_s
-                ),
-                "leases": await open_bucket(
-                    js, f"{self._ns}_cluster_leases", self.settings.lease_s
-                ),
-                "fences": await open_bucket(js, f"{self._ns}_cluster_fences", None),
-            }
-            ttl = (await self._kv["leases"].status()).ttl
+            self._js = self._nc.jetstream(timeout=5)
+            await self._open("services")
         except (OSError, nats.errors.Error) as exc:
             await self.stop()
             raise ClusterError(f"cannot use NATS at {self._url}: {exc}") from exc
-        if ttl is None or abs(ttl - self.settings.lease_s) > 1e-3:
-            await self.stop()
-            raise ClusterError(
-                f"NATS bucket {self._ns}_cluster_leases expires leases after {ttl} s but"
-                f" cluster.lease_s is {self.settings.lease_s}: use the same lease_s"
-                " everywhere, or delete the bucket while no instance runs"
-            )
-        self._leases = KvLeases(self._kv["leases"])
 
     async def stop(self) -> None:
-        nc, self._nc = self._nc, None
+        nc, self._nc, self._js = self._nc, None, None
         self._kv = {}
         if nc is not None:
             with contextlib.suppress(Exception):
                 await nc.close()
 
-    def _bucket(self, name: str) -> KeyValue:
-        kv = self._kv.get(name)
-        if kv is None:
+    async def _open(self, name: str) -> KeyValue:
+        """Bucket `name`, opened (and made) on first use: a reader of the registry
+        (`iotmesh services`) touches neither the lease nor the fence bucket."""
+        cached = self._kv.get(name)
+        if cached is not None:
+            return cached
+        if self._js is None:
             raise ClusterError("the cluster backend is stopped")
+        ttl = {"services": self.settings.ttl_s, "leases": self.settings.lease_s}.get(name)
+        kv: KeyValue = await self._call(
+            "opening a bucket", open_bucket(self._js, self._bucket_name(name), ttl)
+        )
+        if name == "leases":
+            actual = (await self._call("bucket status", kv.status())).ttl
+            if actual is None or abs(actual - self.settings.lease_s) > 1e-3:
+                raise ClusterError(
+                    f"NATS bucket {self._bucket_name(name)} expires leases after {actual} s"
+                    f" but cluster.lease_s is {self.settings.lease_s}: use the same lease_s"
+                    " everywhere, or delete the bucket while no instance runs"
+                )
+        self._kv[name] = kv
         return kv
+
+    def _bucket_name(self, name: str) -> str:
+        return f"{self._ns}_cluster_{name}"
+
+    async def _leases(self) -> KvLeases:
+        return KvLeases(await self._open("leases"))
 
     async def _call(self, what: str, aw: Any) -> Any:
         try:
@@ -101,15 +108,15 @@ class NatsCluster(ClusterBackend):
     # -- registry -----------------------------------------------------------------
 
     async def put(self, instance: Instance) -> None:
-        kv = self._bucket("services")
+        kv = await self._open("services")
         await self._call("registering", kv.put(instance.key, model.encode(instance)))
 
     async def remove(self, service: str, instance_id: str) -> None:
-        kv = self._bucket("services")
+        kv = await self._open("services")
         await self._call("deregistering", kv.purge(f"{service}.{instance_id}"))
 
     async def list(self, service: str | None = None) -> builtins.list[Instance]:
-        kv = self._bucket("services")
+        kv = await self._open("services")
         found = []
         for data in await self._call(
             "listing", self._values(kv, f"{service}.*" if service else ">")
@@ -138,28 +145,30 @@ class NatsCluster(ClusterBackend):
     # -- leases -------------------------------------------------------------------
 
     async def acquire(self, name: str, owner: str, ttl_s: float) -> int | None:
-        revision = await self._call("acquire", self._leases.acquire(name, f"{owner}#0".encode()))
+        leases = await self._leases()
+        revision = await self._call("acquire", leases.acquire(name, f"{owner}#0".encode()))
         if revision is None:
             return None
+        value = f"{owner}#{revision}".encode()
         try:
-            await self._call(
-                "acquire",
-                self._leases.kv.update(name, f"{owner}#{revision}".encode(), last=revision),
-            )
+            await self._call("acquire", leases.kv.update(name, value, last=revision))
         except nats.js.errors.KeyWrongLastSequenceError:
             return None  # expired and taken in between: not ours
         return int(revision)
 
     async def renew(self, name: str, owner: str, token: int, ttl_s: float) -> bool:
-        got = await self._call("renew", self._leases.renew(name, f"{owner}#{token}".encode()))
+        leases = await self._leases()
+        got = await self._call("renew", leases.renew(name, f"{owner}#{token}".encode()))
         return got is not None
 
     async def release(self, name: str, owner: str, token: int) -> None:
-        await self._call("release", self._leases.release(name, f"{owner}#{token}".encode()))
+        leases = await self._leases()
+        await self._call("release", leases.release(name, f"{owner}#{token}".encode()))
 
     async def holder(self, name: str) -> tuple[str, int] | None:
+        leases = await self._leases()
         try:
-            entry = await self._call("holder", self._leases.kv.get(name))
+            entry = await self._call("holder", leases.kv.get(name))
         except nats.js.errors.NotFoundError:
             return None
         owner, _, token = bytes(entry.value or b"").decode().rpartition("#")
@@ -168,7 +177,7 @@ class NatsCluster(ClusterBackend):
     # -- fences -------------------------------------------------------------------
 
     async def write(self, resource: str, token: int, value: bytes) -> None:
-        kv = self._bucket("fences")
+        kv = await self._open("fences")
         data = token.to_bytes(8, "big") + value
         while True:
             try:
@@ -190,7 +199,7 @@ class NatsCluster(ClusterBackend):
 
     async def read(self, resource: str) -> tuple[int, bytes] | None:
         try:
-            entry = await self._call("fence read", self._bucket("fences").get(resource))
+            entry = await self._call("fence read", (await self._open("fences")).get(resource))
         except nats.js.errors.NotFoundError:
             return None
         data = bytes(entry.value or b"")
@@ -200,6 +209,7 @@ class NatsCluster(ClusterBackend):
         if self._nc is None:
             raise ClusterError("the cluster backend is stopped")
         js: JetStreamContext = self._nc.jetstream()
+        self._kv = {}
         for bucket in ("services", "leases", "fences"):
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 await js.delete_key_value(f"{self._ns}_cluster_{bucket}")

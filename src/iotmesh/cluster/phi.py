@@ -124,7 +124,19 @@ class PhiAccrualDetector:
     def available(self, now: float) -> bool:
         return self.phi(now) < self.threshold
 
+    def verdict(self, now: float) -> str:
+        """Alive, suspect (phi past half the threshold: still in rotation, worth
+        showing) or "failed" (phi at or past the threshold: out of rotation)."""
+        return verdict(self.phi(now), self.threshold)
+
     def detection_bound(self) -> float:
         """Seconds of silence after which phi reaches the threshold, for this history."""
         mean, std = self.stats()
         return mean + self.acceptable_pause + z_of(self.threshold) * std
+
+
+def verdict(phi: float, threshold: float) -> str:
+    """See `PhiAccrualDetector.verdict`."""
+    if phi >= threshold:
+        return "failed"
+    return "suspect" if phi >= threshold / 2 else "alive"

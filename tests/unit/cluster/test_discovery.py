@@ -89,6 +89,7 @@ async def test_a_silent_instance_leaves_rotation_within_the_detector_bound(
     # Still registered (the TTL has not run out) but out of rotation, with its phi shown.
     views = {v.instance.instance_id: v for v in discovery.members()}
     assert not views["b"].alive
+    assert views["b"].state == "failed"
     assert views["b"].phi >= SETTINGS.phi_threshold
     assert views["a"].alive
     # Its next heartbeat brings it back.

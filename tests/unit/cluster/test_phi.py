@@ -91,3 +91,14 @@ def test_phi_is_capped_where_the_tail_underflows() -> None:
 def test_bad_parameters_are_refused() -> None:
     with pytest.raises(ValueError, match="window"):
         PhiAccrualDetector(window=1)
+
+
+@given(intervals, st.floats(0.0, 100.0))
+def test_the_verdict_follows_phi(gaps: list[float], silence: float) -> None:
+    d = beating(gaps, threshold=8.0)
+    last = d.last_heartbeat
+    assert last is not None
+    phi = d.phi(last + silence)
+    expected = "failed" if phi >= 8 else "suspect" if phi >= 4 else "alive"
+    assert d.verdict(last + silence) == expected
+    assert (expected != "failed") == d.available(last + silence)
