@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -290,6 +290,83 @@ class BusSettings(_Section):
     )
 
 
+class ClusterSettings(_Section):
+    """Several instances: service registry, failure detection, leader election."""
+
+    backend: Literal["redis", "nats"] = Field(
+        "redis",
+        description="Engine holding the registry, leader leases and fences: Redis or NATS"
+        " JetStream KV.",
+    )
+    redis_url: str | None = Field(None, description="Redis server; unset: `bus.redis_url`.")
+    nats_url: str | None = Field(None, description="NATS server; unset: `bus.nats_url`.")
+    namespace: str = Field(
+        "iotmesh",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Prefix of the keys and buckets the cluster makes in the engine.",
+    )
+    heartbeat_interval_s: float = Field(
+        1.0, gt=0, description="How often an instance rewrites its registry entry."
+    )
+    ttl_s: float = Field(
+        10.0,
+        gt=0,
+        description="An entry not rewritten for this long is deleted by the engine (the"
+        " failure detector drops a silent instance from rotation sooner).",
+    )
+    phi_threshold: float = Field(
+        8.0,
+        gt=0,
+        description="Phi (-log10 of the chance that a heartbeat is merely late) from which"
+        " an instance counts as failed.",
+    )
+    phi_window: int = Field(
+        100, ge=2, description="Heartbeat intervals the failure detector remembers."
+    )
+    phi_min_std_dev_s: float = Field(
+        0.2,
+        gt=0,
+        description="Smallest standard deviation of heartbeat intervals the detector"
+        " assumes (very regular heartbeats would otherwise make it jumpy).",
+    )
+    acceptable_pause_s: float = Field(
+        1.0,
+        ge=0,
+        description="Extra silence tolerated before suspicion grows (GC pauses, a busy loop).",
+    )
+    lease_s: float = Field(
+        10.0,
+        gt=0,
+        description="Leader lease: a leader that stops renewing loses leadership after it;"
+        " renewed every third of it.",
+    )
+    call_timeout_s: float = Field(
+        5.0, gt=0, description="Service-to-service call: longest wait for one attempt."
+    )
+    call_retries: int = Field(
+        2, ge=0, description="Service-to-service call: further attempts, each on another instance."
+    )
+    retry_backoff_s: float = Field(
+        0.05,
+        ge=0,
+        description="Base of the jittered exponential pause before a retry.",
+    )
+    breaker_failures: int = Field(
+        5, ge=1, description="Consecutive failed calls that open an instance's circuit breaker."
+    )
+    breaker_reset_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long an open breaker refuses calls before letting one trial through.",
+    )
+
+    @model_validator(mode="after")
+    def _ttl_covers_heartbeats(self) -> ClusterSettings:
+        if self.ttl_s <= self.heartbeat_interval_s:
+            raise ValueError("cluster.ttl_s must be longer than cluster.heartbeat_interval_s")
+        return self
+
+
 class SqliteSettings(_Section):
     """SQLite files in the data directory."""
 
@@ -467,6 +544,7 @@ class Settings(BaseSettings):
     coap: CoapSettings = CoapSettings()
     devices: DeviceSettings = DeviceSettings()
     bus: BusSettings = BusSettings()
+    cluster: ClusterSettings = ClusterSettings()
     storage: StorageSettings = StorageSettings()
     writer: WriterSettings = WriterSettings()
     tracing: TracingSettings = TracingSettings()
