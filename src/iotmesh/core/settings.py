@@ -11,11 +11,12 @@ Every key is documented in docs/configuration.md (a test keeps the two in step).
 from __future__ import annotations
 
 import contextvars
+import itertools
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -282,6 +283,53 @@ class InfluxSettings(_Section):
     timeout_s: float = Field(10.0, gt=0, description="Timeout of one HTTP request to InfluxDB.")
 
 
+class RollupLevel(_Section):
+    """One rollup level: per-bucket min, max, sum and count of every series."""
+
+    interval_ms: int = Field(
+        gt=0,
+        description="Bucket width; a query whose interval_ms is a multiple of it reads this level.",
+    )
+    ttl_s: float = Field(0.0, ge=0, description="How long its buckets are kept; 0: forever.")
+
+
+class RetentionSettings(_Section):
+    """How long telemetry is kept, and the rollups that outlive raw points."""
+
+    raw_ttl_s: float = Field(0.0, ge=0, description="How long raw points are kept; 0: forever.")
+    keys: dict[str, float] = Field(
+        {},
+        description="Raw TTL (s) per telemetry key, overriding raw_ttl_s (0: forever). When"
+        " a key rule and a device-type rule both match, the longer TTL applies.",
+    )
+    device_types: dict[str, float] = Field(
+        {},
+        description="Raw TTL (s) per device type, overriding raw_ttl_s (0: forever).",
+    )
+    rollups: list[RollupLevel] = Field(
+        default_factory=lambda: [
+            RollupLevel(interval_ms=60_000),
+            RollupLevel(interval_ms=3_600_000),
+        ],
+        description="Rollup levels (`[[storage.retention.rollups]]` tables), finest first;"
+        " each interval a multiple of the one before. Default: 1 minute and 1 hour, kept"
+        " forever. An empty list: no rollups.",
+    )
+    interval_s: float = Field(
+        3600.0, gt=0, description="How often expired raw points and rollup buckets are deleted."
+    )
+
+    @model_validator(mode="after")
+    def _levels_nest(self) -> RetentionSettings:
+        sizes = [level.interval_ms for level in self.rollups]
+        for finer, coarser in itertools.pairwise(sizes):
+            if coarser <= finer or coarser % finer:
+                raise ValueError(
+                    f"rollup interval {coarser} ms is not a larger multiple of {finer} ms"
+                )
+        return self
+
+
 class StorageSettings(_Section):
     """Which storage backends hold data."""
 
@@ -291,6 +339,7 @@ class StorageSettings(_Section):
     state: Literal["sqlite"] = Field("sqlite", description="State store (devices, tokens).")
     sqlite: SqliteSettings = SqliteSettings()
     influxdb: InfluxSettings = InfluxSettings()
+    retention: RetentionSettings = RetentionSettings()
 
 
 def _default_data_dir() -> Path:

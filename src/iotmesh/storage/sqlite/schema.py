@@ -68,7 +68,30 @@ MIGRATIONS: tuple[str, ...] = (
         value
     );
     """,
+    """
+    -- Rollup buckets of one series and level (its width in ms): `buckets` holds the
+    -- `storage.rollup.ROLLUP` records of buckets block * 256 .. block * 256 + 255.
+    CREATE TABLE ts_rollup (
+        id         INTEGER PRIMARY KEY,
+        series_id  INTEGER NOT NULL,
+        level      INTEGER NOT NULL,
+        block      INTEGER NOT NULL,
+        buckets    BLOB NOT NULL,
+        UNIQUE (series_id, level, block)
+    );
+    -- Every bucket of the level that starts before `lo` is rolled up from the series'
+    -- chunks; buckets from `lo` on are not (yet). No row: nothing is rolled up.
+    CREATE TABLE ts_rollup_state (
+        series_id  INTEGER NOT NULL,
+        level      INTEGER NOT NULL,
+        lo         INTEGER NOT NULL,
+        PRIMARY KEY (series_id, level)
+    ) WITHOUT ROWID;
+    """,
 )
+
+# Buckets per `ts_rollup` row.
+ROLLUP_BLOCK = 256
 
 INSERT_BATCH = """
     INSERT INTO ts_batch (
@@ -106,6 +129,11 @@ UPSERT_LATEST_JSON = """
     ON CONFLICT (series_id) DO UPDATE
     SET ts = excluded.ts, kind = excluded.kind, value = excluded.value
     WHERE excluded.ts >= ts_latest.ts
+"""
+ROLLUP_LO = "SELECT lo FROM ts_rollup_state WHERE series_id = ? AND level = ?"
+ROLLUP_BLOCKS = """
+    SELECT buckets FROM ts_rollup
+    WHERE series_id = ? AND level = ? AND block BETWEEN ? AND ? ORDER BY block
 """
 SERIES_ID = """
     SELECT s.id FROM ts_series s JOIN ts_key k ON k.id = s.key_id
