@@ -409,7 +409,12 @@ class SeriesWriter:
 
     def start_retention(self, policy: RetentionPolicy) -> None:
         """Begin a retention pass; it runs as background steps (`compact_all` finishes it)."""
-        self._transaction(lambda: self._rollups.start_retention(policy))
+
+        def start() -> None:
+            self._flush_all()  # points still in batch rows expire in this pass too
+            self._rollups.start_retention(policy)
+
+        self._transaction(start)
         self._schedule()
 
     def _flush_all(self) -> None:
