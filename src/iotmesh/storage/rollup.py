@@ -174,6 +174,8 @@ def combine(parts: RollupArray, size: int) -> RollupArray:
     bucket = parts["ts"] - parts["ts"] % size
     at = _runs(bucket)
     if len(at) == len(parts):
+        if np.array_equal(bucket, parts["ts"]):
+            return parts  # one part per bucket, already labelled: nothing to do
         out = parts.copy()
         out["ts"] = bucket
         return out
@@ -188,14 +190,17 @@ def combine(parts: RollupArray, size: int) -> RollupArray:
     return out
 
 
-def concat_sorted(parts: Sequence[RollupArray]) -> RollupArray:
-    """Disjoint bucket arrays as one array sorted by ts."""
-    parts = [p for p in parts if len(p)]
-    if not parts:
-        return empty()
-    joined = np.concatenate(parts)
-    if len(parts) > 1:
-        joined = joined[np.argsort(joined["ts"], kind="stable")]
+def concat_sorted(parts: Sequence[RollupArray | bytes]) -> RollupArray:
+    """Disjoint bucket arrays (or their bytes) as one array sorted by ts.
+
+    Joined as bytes: `np.concatenate` of structured arrays checks their fields array by
+    array, which costs more than the copy itself for the ~170 blocks of a 30-day read.
+    """
+    data = b"".join(p if isinstance(p, bytes) else p.tobytes() for p in parts)
+    joined = np.frombuffer(data, ROLLUP)
+    ts = joined["ts"]
+    if len(ts) > 1 and bool((ts[1:] < ts[:-1]).any()):
+        joined = joined[np.argsort(ts, kind="stable")]
     return joined
 
 
@@ -213,9 +218,9 @@ def exact_sum(wrapped: int, approx: float) -> int:
 def answer(buckets: RollupArray, agg: Aggregation) -> Buckets:
     """The query answer of combined buckets (one per query bucket), by the store rules."""
     if agg is Aggregation.COUNT:
-        kept = buckets[buckets["count"] > 0]
+        kept = _where(buckets, buckets["count"] > 0)
         return Buckets(kept["ts"].astype(np.int64), kept["count"].tolist())
-    kept = buckets[buckets["num"] > 0]
+    kept = _where(buckets, buckets["num"] > 0)
     ts = kept["ts"].astype(np.int64)
     num = kept["num"]
     all_long = (kept["longs"] == num).tolist()
@@ -236,6 +241,11 @@ def answer(buckets: RollupArray, agg: Aggregation) -> Buckets:
         doubles = kept[f"{suffix}_d"].tolist()
     values = [longs[i] if a else doubles[i] for i, a in enumerate(all_long)]
     return Buckets(ts, values)
+
+
+def _where(buckets: RollupArray, mask: npt.NDArray[np.bool_]) -> RollupArray:
+    """buckets[mask], without a copy when the mask keeps everything (the usual case)."""
+    return buckets if bool(mask.all()) else buckets[mask]
 
 
 def _long_sums(kept: RollupArray) -> list[int]:

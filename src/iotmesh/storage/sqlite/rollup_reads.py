@@ -58,13 +58,17 @@ def _answer(
     inside = [p.ts[(p.ts >= r0) & (p.ts < r1)] for p in recent]
     pending: I64Array = np.unique(np.concatenate([*inside, np.empty(0, np.int64)]) // size * size)
     blobs = db.execute(schema.ROLLUP_BLOCKS, (sid, size, r0 // size // _B, (r1 - 1) // size // _B))
-    stored = [np.frombuffer(blob, rollup.ROLLUP) for (blob,) in blobs]
-    used = rollup.concat_sorted(stored)
-    used = used[(used["ts"] >= r0) & (used["ts"] < r1)]
+    used = rollup.concat_sorted([blob for (blob,) in blobs])  # blocks in order: sorted
+    lo, hi = np.searchsorted(used["ts"], [r0, r1])
+    used = used[lo:hi]  # a view
     if len(pending):
         used = used[~np.isin(used["ts"], pending)]
     raw = _raw_partials(db, sid, q, recent, size, r0, r1, pending)
-    parts = rollup.concat_sorted([used, raw])
+    if len(pending):
+        parts = rollup.concat_sorted([used, raw])
+    else:  # raw partials lie before r0 or from r1 on: already in order, one copy
+        cut = int(np.searchsorted(raw["ts"], r0))
+        parts = np.concatenate([raw[:cut], used, raw[cut:]])
     if len(parts):
         agg.check_buckets(int(parts["ts"][0]), int(parts["ts"][-1]), q.interval_ms)
     return rollup.answer(rollup.combine(parts, q.interval_ms), q.agg)
