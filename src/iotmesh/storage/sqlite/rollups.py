@@ -52,7 +52,8 @@ from iotmesh.storage.sqlite import schema
 
 log = logging.getLogger(__name__)
 
-_POINTS_PER_STEP = 32_768  # raw points a rollup step reads (a few ms of numpy)
+_POINTS_PER_STEP = 8192  # raw points a background rollup step reads (~1-2 ms)
+_POINTS_PER_FORCED_STEP = 65_536  # ... and one of `compact_all` or retention
 _MIN_SPAN_MS = 15 * 60_000  # closed buckets a level waits for before it is due
 _MAX_CACHED = 1_000_000  # (series -> watermarks) entries kept in memory
 _B = schema.ROLLUP_BLOCK
@@ -193,14 +194,18 @@ class RollupKeeper:
                     "SELECT min(min_ts) FROM ts_chunk WHERE series_id = ?", (sid,)
                 ).fetchone()
                 lo = rollup.floor(int(first), size)
+                if hi <= lo:  # nothing closed yet; nothing before the first point
+                    self._set_lo(sid, i, lo)
+                    continue
             if hi <= lo:
                 continue
-            end = self._roll_range(sid, size, lo, hi)
+            cap = _POINTS_PER_FORCED_STEP if force or until is not None else _POINTS_PER_STEP
+            end = self._roll_range(sid, size, lo, hi, cap)
             self._set_lo(sid, i, end)
             more = more or end < hi
         return more
 
-    def _roll_range(self, sid: int, size: int, lo: int, hi: int) -> int:
+    def _roll_range(self, sid: int, size: int, lo: int, hi: int, cap: int) -> int:
         """Recompute buckets [lo, end) from chunks; return `end` (<= hi, > lo)."""
         db = self._db
         metas = db.execute(
@@ -211,7 +216,7 @@ class RollupKeeper:
         total = 0
         for _, min_ts, n in metas:
             total += n
-            if total > _POINTS_PER_STEP:
+            if total > cap:
                 hi = min(hi, max(lo + size, rollup.floor(int(min_ts), size)))
                 break
         ids = [cid for cid, min_ts, _ in metas if min_ts < hi]

@@ -371,14 +371,11 @@ class SeriesWriter:
                 self._transaction(self._flush_groups)
             while self._to_merge and time.perf_counter() < deadline:
                 self._merge_some()
-            # Rollups and retention after compaction, in what is left of the budget
-            # (at least one, so that steady compaction work cannot starve them).
+            # Rollups and retention after compaction, in what is left of the budget:
+            # under sustained load they wait for a quieter moment (queries read raw
+            # points where rollups lag, so nothing is wrong meanwhile, only slower).
             rollups = self._rollups
-            first = True
-            while (first or time.perf_counter() < deadline) and (
-                rollups.retention_pending or rollups.due
-            ):
-                first = False
+            while time.perf_counter() < deadline and (rollups.retention_pending or rollups.due):
                 if rollups.retention_pending:
                     self._transaction(rollups.retention_step)
                 else:
