@@ -163,3 +163,36 @@ def test_rollups_are_used_and_outlive_raw_points(tmp_path: Path) -> None:
     finally:
         db.close()
     assert levels == {100}
+
+
+def test_expired_rollup_buckets_fall_back_to_raw_points(tmp_path: Path) -> None:
+    """A level's TTL shorter than the raw TTL: old ranges are answered from raw points."""
+    store = SqliteTimeSeriesStore(tmp_path / "ts.db", SqliteSettings(), (10,))
+
+    async def run() -> None:
+        await store.open()
+        try:
+            records = [TsRecord(t, {"v": t % 5}) for t in range(0, 10_000, 3)]
+            await store.write([SeriesWrite("d", records)])
+            await store.compact()
+            queries = [
+                Query("d", ("v",), start, 9999, agg, 20, 1000, Order.ASC)
+                for start in (0, 1234, 5000)
+                for agg in AGGREGATIONS
+            ]
+            before = [await store.query(q) for q in queries]
+            # Buckets of 10 ms are kept 2 s: blocks (2.56 s each) before 7680 go.
+            await store.apply_retention(RetentionPolicy(now_ms=10_000, levels={10: 2000}))
+            await store.compact()
+            assert [await store.query(q) for q in queries] == before
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+    db = sqlite3.connect(tmp_path / "ts.db")
+    try:
+        (oldest,) = db.execute("SELECT min(block) FROM ts_rollup").fetchone()
+        (horizon,) = db.execute("SELECT expired_before FROM ts_rollup_level").fetchone()
+    finally:
+        db.close()
+    assert (oldest, horizon) == (3, 7680)

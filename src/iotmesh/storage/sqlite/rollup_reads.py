@@ -3,8 +3,9 @@
 Planning one key (`answer`): the coarsest level whose width divides `interval_ms` (so
 each query bucket is whole level buckets; both are aligned to the epoch) and that has
 rolled-up buckets inside the range. Level buckets are used where they lie wholly
-inside [start_ts, end_ts] and before the level's watermark `lo` (see `rollups.py`),
-except those holding a point still in a batch row. Everything else, the range's edges
+inside [start_ts, end_ts], before the level's watermark `lo` (see `rollups.py`) and
+not before the level's TTL horizon (older buckets were deleted, raw points may not
+have been), except those holding a point still in a batch row. Everything else, the range's edges
 that cut a level bucket, the buckets not rolled up yet, is computed from raw points
 into partial buckets of the same width, so the two kinds simply add up
 (`storage/rollup.py` combines them and applies the aggregation rules).
@@ -35,11 +36,12 @@ def answer(
 ) -> agg.Buckets | None:
     """The buckets of one key from rollups and raw points; None: no level helps."""
     for size in rollup.level_for(levels, q.interval_ms):
-        row = db.execute(schema.ROLLUP_LO, (sid, size)).fetchone()
+        row = db.execute(schema.ROLLUP_RANGE, (sid, size)).fetchone()
         if row is None:
             continue
-        r0 = rollup.ceil(q.start_ts, size)
-        r1 = min(rollup.floor(q.end_ts + 1, size), int(row[0]))
+        expired_before, lo = int(row[0]), int(row[1])
+        r0 = max(rollup.ceil(q.start_ts, size), expired_before)
+        r1 = min(rollup.floor(q.end_ts + 1, size), lo)
         if r1 - r0 >= 2 * size:  # worth it: at least two whole buckets
             return _answer(db, sid, q, recent, size, r0, r1)
     return None

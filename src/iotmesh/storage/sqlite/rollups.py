@@ -89,6 +89,7 @@ class RollupKeeper:
         marks = ",".join("?" * len(self.levels)) or "NULL"
         self._db.execute(f"DELETE FROM ts_rollup WHERE level NOT IN ({marks})", self.levels)
         self._db.execute(f"DELETE FROM ts_rollup_state WHERE level NOT IN ({marks})", self.levels)
+        self._db.execute(f"DELETE FROM ts_rollup_level WHERE level NOT IN ({marks})", self.levels)
         if self.levels:
             for (sid,) in self._db.execute("SELECT id FROM ts_series ORDER BY id"):
                 self.due[int(sid)] = None
@@ -275,11 +276,17 @@ class RollupKeeper:
         )
         for size, ttl in policy.levels.items():
             if ttl > 0 and size in self.levels:
-                cutoff = policy.now_ms - ttl
                 # Whole blocks only: a block goes when its last bucket has expired.
+                span = _B * size
+                before = (policy.now_ms - ttl) // span * span
                 self._db.execute(
-                    "DELETE FROM ts_rollup WHERE level = ? AND (block + 1) * ? * ? <= ?",
-                    (size, _B, size, cutoff),
+                    "DELETE FROM ts_rollup WHERE level = ? AND block < ?", (size, before // span)
+                )
+                self._db.execute(
+                    "INSERT INTO ts_rollup_level (level, expired_before) VALUES (?, ?)"
+                    " ON CONFLICT (level) DO UPDATE"
+                    " SET expired_before = max(expired_before, excluded.expired_before)",
+                    (size, before),
                 )
 
     @property

@@ -87,6 +87,12 @@ MIGRATIONS: tuple[str, ...] = (
         lo         INTEGER NOT NULL,
         PRIMARY KEY (series_id, level)
     ) WITHOUT ROWID;
+    -- Buckets of the level before `expired_before` were deleted by its TTL: a reader
+    -- must not take their absence for "no data" (raw points may outlive them).
+    CREATE TABLE ts_rollup_level (
+        level           INTEGER PRIMARY KEY,
+        expired_before  INTEGER NOT NULL
+    );
     """,
 )
 
@@ -131,6 +137,13 @@ UPSERT_LATEST_JSON = """
     WHERE excluded.ts >= ts_latest.ts
 """
 ROLLUP_LO = "SELECT lo FROM ts_rollup_state WHERE series_id = ? AND level = ?"
+# The range of a level's buckets a reader may use: [expired_before, lo).
+ROLLUP_RANGE = """
+    SELECT coalesce(
+        (SELECT expired_before FROM ts_rollup_level WHERE level = ?2), -9223372036854775808
+    ), lo
+    FROM ts_rollup_state WHERE series_id = ?1 AND level = ?2
+"""
 ROLLUP_BLOCKS = """
     SELECT buckets FROM ts_rollup
     WHERE series_id = ? AND level = ? AND block BETWEEN ? AND ? ORDER BY block
