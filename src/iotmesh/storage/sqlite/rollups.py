@@ -53,7 +53,7 @@ from iotmesh.storage.sqlite import schema
 log = logging.getLogger(__name__)
 
 _POINTS_PER_STEP = 8192  # raw points a background rollup step reads (~1-2 ms)
-_POINTS_PER_FORCED_STEP = 65_536  # ... and one of `compact_all` or retention
+_POINTS_PER_FORCED_STEP = 65_536  # ... and one of `compact_all` (nobody waits)
 _MIN_SPAN_MS = 15 * 60_000  # closed buckets a level waits for before it is due
 _MAX_CACHED = 1_000_000  # (series -> watermarks) entries kept in memory
 _B = schema.ROLLUP_BLOCK
@@ -200,7 +200,7 @@ class RollupKeeper:
                     continue
             if hi <= lo:
                 continue
-            cap = _POINTS_PER_FORCED_STEP if force or until is not None else _POINTS_PER_STEP
+            cap = _POINTS_PER_FORCED_STEP if force and until is None else _POINTS_PER_STEP
             end = self._roll_range(sid, size, lo, hi, cap)
             self._set_lo(sid, i, end)
             more = more or end < hi
@@ -294,19 +294,27 @@ class RollupKeeper:
         return bool(self._retention)
 
     def retention_step(self) -> int:
-        """Expire the raw points of the next series; return how many were deleted."""
-        sid, entity, key = self._retention.popleft()
+        """One step of the pass: roll up a bounded part of the next series' expiring
+        range, or, once it is all rolled up, delete it; return the points deleted."""
+        sid, entity, key = self._retention[0]
         assert self._policy is not None
         align = self.levels[-1] if self.levels else 1
         cutoff = self._policy.raw_cutoff(entity, key, align)
+        if cutoff is not None:
+            (oldest,) = self._db.execute(
+                "SELECT min(min_ts) FROM ts_chunk WHERE series_id = ?", (sid,)
+            ).fetchone()
+            if oldest is None or oldest >= cutoff:
+                cutoff = None
         if cutoff is None:
-            return 0
-        (oldest,) = self._db.execute(
-            "SELECT min(min_ts) FROM ts_chunk WHERE series_id = ?", (sid,)
-        ).fetchone()
-        if oldest is None or oldest >= cutoff:
+            self._retention.popleft()
             return 0
         # Everything before the cutoff must be in the rollups before it goes.
-        while self.roll(sid, force=True, until=cutoff) if self.levels else False:
-            pass
+        if self.levels and self.roll(sid, force=True, until=cutoff):
+            return 0  # more to roll up: the next step goes on
+        self._retention.popleft()
         return self._delete_raw(sid, INT64_MIN, cutoff - 1)
+
+    def rolled_back(self) -> None:
+        """A transaction was rolled back: forget cached watermarks it may have moved."""
+        self._lo.clear()

@@ -130,6 +130,9 @@ class SeriesWriter:
                 db.execute("ROLLBACK")
                 # The body may have counted batch rows as moved that now are not.
                 self._batches = self._pending_batches()
+                rollups: RollupKeeper | None = getattr(self, "_rollups", None)
+                if rollups is not None:
+                    rollups.rolled_back()
             raise
         return result
 
