@@ -11,7 +11,8 @@ Rollups are never touched by a write's commit. They follow the chunks:
 * A series is *due* once a level has closed buckets to roll up: the bucket holding
   its newest chunk point is still open (more points will come) and is not rolled up,
   except by `compact_all` (benchmarks, tests) and before raw points expire. Small
-  levels wait until `_MIN_SPAN_MS` of closed buckets have piled up, so that a busy
+  levels wait until `_span` of closed buckets have piled up (15 minutes, or 16
+  buckets of a level finer than a minute, or one bucket of a coarser level), so that a busy
   series costs one step per quarter hour, not one per minute.
 * A step (`roll_next`, one transaction) recomputes buckets [lo, hi) of one series from
   its chunks (last write wins, as for queries), at most `_POINTS_PER_STEP` raw points,
@@ -55,6 +56,13 @@ log = logging.getLogger(__name__)
 _POINTS_PER_STEP = 8192  # raw points a background rollup step reads (~1-2 ms)
 _POINTS_PER_FORCED_STEP = 65_536  # ... and one of `compact_all` (nobody waits)
 _MIN_SPAN_MS = 15 * 60_000  # closed buckets a level waits for before it is due
+
+
+def _span(size: int) -> int:
+    """The closed buckets (ms) a level waits for before a background step rolls them."""
+    return max(size, min(_MIN_SPAN_MS, 16 * size))
+
+
 _MAX_CACHED = 1_000_000  # (series -> watermarks) entries kept in memory
 _B = schema.ROLLUP_BLOCK
 
@@ -127,7 +135,7 @@ class RollupKeeper:
                 if lo != INT64_MIN and lo_ts < lo:
                     lo = rollup.floor(lo_ts, size)
                     self._set_lo(sid, i, lo)
-                if lo == INT64_MIN or hi_ts >= lo + max(2 * size, _MIN_SPAN_MS):
+                if lo == INT64_MIN or hi_ts >= lo + _span(size) + size:
                     self.due[sid] = None
 
     def lowered(self, sid: int, start_ts: int) -> None:
@@ -187,7 +195,7 @@ class RollupKeeper:
                 hi = rollup.floor(int(newest), size)
                 if force:
                     hi += size
-                elif lo != INT64_MIN and hi - lo < max(size, _MIN_SPAN_MS):
+                elif lo != INT64_MIN and hi - lo < _span(size):
                     continue
             if lo == INT64_MIN:
                 db.execute("DELETE FROM ts_rollup WHERE series_id = ? AND level = ?", (sid, size))
