@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 _POINTS_PER_STEP = 8192  # raw points a background rollup step reads (~1-2 ms)
 _POINTS_PER_FORCED_STEP = 65_536  # ... and one of `compact_all` (nobody waits)
 _MIN_SPAN_MS = 15 * 60_000  # closed buckets a level waits for before it is due
+_SERIES_PER_STEP = 16  # series a rollup step (one transaction) may take
 
 
 def _span(size: int) -> int:
@@ -91,6 +92,7 @@ class RollupKeeper:
         self.due: dict[int, None] = {}  # an ordered set of series ids
         self._retention: collections.deque[tuple[int, str, str]] = collections.deque()
         self._policy: RetentionPolicy | None = None
+        self.points_read = 0  # raw points read by the current step
 
     def start(self) -> None:
         """Drop levels no longer configured; make every series due once (in a transaction)."""
@@ -159,15 +161,23 @@ class RollupKeeper:
     # -- rolling up ------------------------------------------------------------------
 
     def roll_next(self, *, force: bool) -> None:
-        """One step for the first due series (in a transaction the caller opened).
+        """One step for the first due series, up to `_SERIES_PER_STEP` of them while
+        the step has read fewer raw points than one series may (one transaction, which
+        the caller opened: a commit, with its fsync, per series would cost more than
+        the rolling up of a quiet series).
 
         Args:
             force: roll up the open bucket too (`compact_all`).
         """
-        sid = next(iter(self.due))
-        del self.due[sid]
-        if self.roll(sid, force=force):
-            self.due[sid] = None  # more to do: behind the other due series
+        cap = _POINTS_PER_FORCED_STEP if force else _POINTS_PER_STEP
+        self.points_read = 0
+        for _ in range(_SERIES_PER_STEP):
+            if not self.due or self.points_read >= cap:
+                return
+            sid = next(iter(self.due))
+            del self.due[sid]
+            if self.roll(sid, force=force):
+                self.due[sid] = None  # more to do: behind the other due series
 
     def roll(self, sid: int, *, force: bool, until: int | None = None) -> bool:
         """Roll up one series' buckets, at most `_POINTS_PER_STEP` raw points per level.
@@ -229,6 +239,7 @@ class RollupKeeper:
                 hi = min(hi, max(lo + size, rollup.floor(int(min_ts), size)))
                 break
         ids = [cid for cid, min_ts, _ in metas if min_ts < hi]
+        self.points_read += sum(n for _, min_ts, n in metas if min_ts < hi)
         parts = [
             chunking.decode(kind, ts, vals) for _, kind, ts, vals in schema.fetch_chunks(db, ids)
         ]
