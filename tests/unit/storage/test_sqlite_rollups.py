@@ -196,3 +196,36 @@ def test_expired_rollup_buckets_fall_back_to_raw_points(tmp_path: Path) -> None:
     finally:
         db.close()
     assert (oldest, horizon) == (3, 7680)
+
+
+def test_levels_added_later_are_built_from_existing_data(tmp_path: Path) -> None:
+    """Data written without rollups (an upgraded data dir, or levels configured later)
+    is rolled up at the next open; a level no longer configured is dropped."""
+    path = tmp_path / "ts.db"
+    q = Query("d", ("v",), 0, 9999, Aggregation.SUM, 100, 1000, Order.ASC)
+
+    async def run(levels: tuple[int, ...], write: bool) -> dict[str, Any]:
+        store = SqliteTimeSeriesStore(path, SqliteSettings(), levels)
+        await store.open()
+        try:
+            if write:
+                records = [TsRecord(t, {"v": t}) for t in range(0, 10_000, 7)]
+                await store.write([SeriesWrite("d", records)])
+            await store.compact()
+            return await store.query(q)
+        finally:
+            await store.close()
+
+    def levels() -> set[int]:
+        db = sqlite3.connect(path)
+        try:
+            return {row[0] for row in db.execute("SELECT DISTINCT level FROM ts_rollup")}
+        finally:
+            db.close()
+
+    raw = asyncio.run(run((), write=True))
+    assert levels() == set()
+    assert asyncio.run(run((10, 100), write=False)) == raw
+    assert levels() == {10, 100}
+    assert asyncio.run(run((10,), write=False)) == raw
+    assert levels() == {10}
