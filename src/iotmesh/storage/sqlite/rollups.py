@@ -27,9 +27,11 @@ Retention (`start_retention`, then `retention_step`s): per series, raw points ol
 than the policy's cutoff are first rolled up (forced, through the cutoff), then deleted
 from the chunks, without moving `lo`: the rollups keep the expired range's
 aggregates. The cutoff is aligned down to the coarsest level, so no bucket is half
-expired. Rollup buckets of each level are deleted a block at a time once the whole
-block is older than the level's TTL. A point that arrives already older than its raw
-TTL is rolled up from what raw points remain (only it): it is expired at the next pass.
+expired, and recorded per series (`ts_expired`): no watermark moves below it again,
+since the buckets before it cannot be recomputed. A point that arrives already older
+than its raw TTL is therefore left out of the rollups (the next pass deletes it); a
+delete of an expired range deletes the buckets it covers whole. Rollup buckets of each
+level are deleted a block at a time once the whole block is older than the level's TTL.
 
 State after a restart: every series is due once (a cheap check each), so nothing a
 crash interrupted is left behind; a level no longer configured is dropped, so one
@@ -89,6 +91,7 @@ class RollupKeeper:
         self.levels = sorted(levels)
         self._delete_raw = delete_raw
         self._lo: dict[int, list[int]] = {}
+        self._before: dict[int, int] = {}  # raw points expired before (cached with _lo)
         self.due: dict[int, None] = {}  # an ordered set of series ids
         self._retention: collections.deque[tuple[int, str, str]] = collections.deque()
         self._policy: RetentionPolicy | None = None
@@ -111,12 +114,21 @@ class RollupKeeper:
         if los is None:
             if len(self._lo) >= _MAX_CACHED:
                 self._lo.clear()
+                self._before.clear()
             los = []
             for size in self.levels:
                 row = self._db.execute(schema.ROLLUP_LO, (sid, size)).fetchone()
                 los.append(INT64_MIN if row is None else int(row[0]))
+            row = self._db.execute(
+                "SELECT before FROM ts_expired WHERE series_id = ?", (sid,)
+            ).fetchone()
+            self._before[sid] = INT64_MIN if row is None else int(row[0])
             self._lo[sid] = los
         return los
+
+    def _expired_before(self, sid: int) -> int:
+        self._los(sid)
+        return self._before[sid]
 
     def _set_lo(self, sid: int, i: int, lo: int) -> None:
         self._db.execute(
@@ -132,6 +144,9 @@ class RollupKeeper:
             return
         for sid, lo_ts, hi_ts in spans:
             los = self._los(sid)
+            # A point older than the raw expiry cannot be rolled up with the expired
+            # points of its bucket: it is left out (the next retention pass deletes it).
+            lo_ts = max(lo_ts, self._before[sid])
             for i, size in enumerate(self.levels):
                 lo = los[i]
                 if lo != INT64_MIN and lo_ts < lo:
@@ -140,13 +155,26 @@ class RollupKeeper:
                 if lo == INT64_MIN or hi_ts >= lo + _span(size) + size:
                     self.due[sid] = None
 
-    def lowered(self, sid: int, start_ts: int) -> None:
-        """Points of a series from `start_ts` on were deleted."""
-        los = self._los(sid) if self.levels else []
+    def lowered(self, sid: int, start_ts: int, end_ts: int, *, raw_deleted: bool) -> None:
+        """Points of a series in [start_ts, end_ts] were deleted.
+
+        Where the raw points had expired already, the buckets the range covers whole are
+        deleted (those it cuts keep their aggregates: there is nothing to recompute
+        them from); elsewhere the watermark moves back and the buckets are recomputed.
+        """
+        if not self.levels:
+            return
+        los = self._los(sid)
+        before = self._before[sid]
         for i, size in enumerate(self.levels):
-            if los[i] != INT64_MIN and start_ts < los[i]:
-                self._set_lo(sid, i, rollup.floor(start_ts, size))
-        if self.levels:
+            if start_ts < before:
+                a, b = rollup.ceil(start_ts, size), min(rollup.floor(end_ts + 1, size), before)
+                if a < b:
+                    self._replace(sid, size, a, b, rollup.empty())
+            start = max(start_ts, before)
+            if raw_deleted and los[i] != INT64_MIN and start < los[i] and start <= end_ts:
+                self._set_lo(sid, i, rollup.floor(start, size))
+        if raw_deleted:
             self.due[sid] = None
 
     def forget(self, sids: Sequence[int]) -> None:
@@ -154,8 +182,10 @@ class RollupKeeper:
         params = [(s,) for s in sids]
         self._db.executemany("DELETE FROM ts_rollup WHERE series_id = ?", params)
         self._db.executemany("DELETE FROM ts_rollup_state WHERE series_id = ?", params)
+        self._db.executemany("DELETE FROM ts_expired WHERE series_id = ?", params)
         for sid in sids:
             self._lo.pop(sid, None)
+            self._before.pop(sid, None)
             self.due.pop(sid, None)
 
     # -- rolling up ------------------------------------------------------------------
@@ -212,7 +242,7 @@ class RollupKeeper:
                 (first,) = db.execute(
                     "SELECT min(min_ts) FROM ts_chunk WHERE series_id = ?", (sid,)
                 ).fetchone()
-                lo = rollup.floor(int(first), size)
+                lo = max(rollup.floor(int(first), size), self._expired_before(sid))
                 if hi <= lo:  # nothing closed yet; nothing before the first point
                     self._set_lo(sid, i, lo)
                     continue
@@ -332,8 +362,16 @@ class RollupKeeper:
         if self.levels and self.roll(sid, force=True, until=cutoff):
             return 0  # more to roll up: the next step goes on
         self._retention.popleft()
+        if cutoff > self._expired_before(sid):
+            self._db.execute(
+                "INSERT INTO ts_expired (series_id, before) VALUES (?, ?)"
+                " ON CONFLICT (series_id) DO UPDATE SET before = excluded.before",
+                (sid, cutoff),
+            )
+            self._before[sid] = cutoff
         return self._delete_raw(sid, INT64_MIN, cutoff - 1)
 
     def rolled_back(self) -> None:
         """A transaction was rolled back: forget cached watermarks it may have moved."""
         self._lo.clear()
+        self._before.clear()

@@ -93,6 +93,12 @@ MIGRATIONS: tuple[str, ...] = (
         level           INTEGER PRIMARY KEY,
         expired_before  INTEGER NOT NULL
     );
+    -- Raw points of the series before `before` were expired by retention: rollups
+    -- there can no longer be recomputed, so nothing moves a watermark below it.
+    CREATE TABLE ts_expired (
+        series_id  INTEGER PRIMARY KEY,
+        before     INTEGER NOT NULL
+    );
     """,
 )
 

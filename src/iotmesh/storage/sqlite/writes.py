@@ -280,8 +280,7 @@ class SeriesWriter:
             if row is not None:
                 sid = int(row[0])
                 gone = self._delete_series(sid, start_ts, end_ts)
-                if gone:
-                    self._rollups.lowered(sid, start_ts)
+                self._rollups.lowered(sid, start_ts, end_ts, raw_deleted=gone > 0)
                 deleted += gone
         return deleted
 
