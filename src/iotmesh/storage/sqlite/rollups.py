@@ -43,6 +43,7 @@ from __future__ import annotations
 import collections
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -190,7 +191,7 @@ class RollupKeeper:
 
     # -- rolling up ------------------------------------------------------------------
 
-    def roll_next(self, *, force: bool) -> None:
+    def roll_next(self, *, force: bool, deadline: float | None = None) -> None:
         """One step for the first due series, up to `_SERIES_PER_STEP` of them while
         the step has read fewer raw points than one series may (one transaction, which
         the caller opened: a commit, with its fsync, per series would cost more than
@@ -198,11 +199,14 @@ class RollupKeeper:
 
         Args:
             force: roll up the open bucket too (`compact_all`).
+            deadline: `time.perf_counter()` after which no further series is taken.
         """
         cap = _POINTS_PER_FORCED_STEP if force else _POINTS_PER_STEP
         self.points_read = 0
-        for _ in range(_SERIES_PER_STEP):
+        for n in range(_SERIES_PER_STEP):
             if not self.due or self.points_read >= cap:
+                return
+            if n and deadline is not None and time.perf_counter() > deadline:
                 return
             sid = next(iter(self.due))
             del self.due[sid]

@@ -381,7 +381,7 @@ class SeriesWriter:
                 if rollups.retention_pending:
                     self._transaction(rollups.retention_step)
                 else:
-                    self._transaction(lambda: rollups.roll_next(force=False))
+                    self._transaction(lambda: rollups.roll_next(force=False, deadline=deadline))
         except sqlite3.Error as exc:
             # Nothing is lost: the rows stay as they were; the next write queues a retry.
             log.warning("time-series compaction failed: %s", exc)
