@@ -2,7 +2,8 @@
 
 Run: `.venv/bin/python bench/rollup_steps.py` (~1 minute). Writes `--devices` devices x
 3 keys at 1 point per device-second for `--seconds` seconds through the writer (no
-rollups yet: they are left due), compacts, then runs every due rollup step, as the
+rollups yet: they are left due), compacting as the writer does (each compaction step
+timed), then runs every due rollup step, as the
 writer process runs them between writes (`roll_next(force=False)`, one transaction
 each, `synchronous = FULL`), and reports their durations. A write that arrives while a
 step runs waits for that one step, like for a compaction step (budget 4 ms).
@@ -37,11 +38,28 @@ RESULTS = Path(__file__).parent / "results" / "rollup_steps.json"
 T0 = 1_700_000_000_000
 
 
-def flush(writer: SeriesWriter) -> None:
-    """Compaction without the rollup steps (which `compact_all` would run too)."""
-    writer._transaction(writer._flush_all)
+def flush(writer: SeriesWriter, times: list[float]) -> None:
+    """Compaction as the writer's steps do it (a group of series, or merges of up to 16
+    series, per transaction), each step timed; rollup steps are left for later."""
+    writer._start_pass()
+    while writer._pass:
+        started = time.perf_counter()
+        writer._transaction(writer._flush_groups)
+        times.append((time.perf_counter() - started) * 1000)
     while writer._to_merge:
+        started = time.perf_counter()
         writer._merge_some()
+        times.append((time.perf_counter() - started) * 1000)
+
+
+def summary(times: list[float]) -> dict[str, float]:
+    times = sorted(times)
+    return {
+        "steps": len(times),
+        "median_ms": statistics.median(times),
+        "p99_ms": times[int(len(times) * 0.99)],
+        "max_ms": times[-1],
+    }
 
 
 def main() -> None:
@@ -53,6 +71,7 @@ def main() -> None:
         conn = connect(Path(tmp) / "ts.db", "FULL")
         conn.execute("PRAGMA journal_mode = WAL")
         schema.migrate(conn)
+        compaction: list[float] = []
         writer = SeriesWriter(
             conn, SqliteSettings(), lambda step: None, lambda: None, [60_000, 3_600_000]
         )
@@ -66,8 +85,8 @@ def main() -> None:
                 ]
             )
             if sec % 32 == 31:
-                flush(writer)
-        flush(writer)
+                flush(writer, compaction)
+        flush(writer, compaction)
         # The writer's own step, minus the scheduling (private members: a bench only).
         rollups = writer._rollups
         times = []
@@ -77,26 +96,27 @@ def main() -> None:
             writer._transaction(partial(rollups.roll_next, force=False, deadline=deadline))
             times.append((time.perf_counter() - started) * 1000)
         conn.close()
-    times.sort()
     result = {
         "machine": machine(),
         "args": vars(args),
-        "steps": len(times),
-        "median_ms": statistics.median(times),
-        "p99_ms": times[int(len(times) * 0.99)],
-        "max_ms": times[-1],
+        "rollup": summary(times),
+        "compaction": summary(compaction),
     }
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    table = Table(title=f"Rollup steps, {args.devices * 3:,} series x {args.seconds:,} s at 1 Hz")
-    for column in ("steps", "median", "p99", "max"):
+    title = f"Writer steps, {args.devices * 3:,} series x {args.seconds:,} s at 1 Hz"
+    table = Table(title=title)
+    for column in ("step", "steps", "median", "p99", "max"):
         table.add_column(column, justify="right")
-    table.add_row(
-        f"{len(times):,}",
-        f"{result['median_ms']:.2f} ms",
-        f"{result['p99_ms']:.2f} ms",
-        f"{result['max_ms']:.2f} ms",
-    )
+    for name in ("rollup", "compaction"):
+        r = result[name]
+        table.add_row(
+            name,
+            f"{r['steps']:,}",
+            f"{r['median_ms']:.2f} ms",
+            f"{r['p99_ms']:.2f} ms",
+            f"{r['max_ms']:.2f} ms",
+        )
     Console().print(table)
 
 
