@@ -223,23 +223,30 @@ def answer(buckets: RollupArray, agg: Aggregation) -> Buckets:
     kept = _where(buckets, buckets["num"] > 0)
     ts = kept["ts"].astype(np.int64)
     num = kept["num"]
-    all_long = (kept["longs"] == num).tolist()
+    is_long = kept["longs"] == num
+    every, some = bool(is_long.all()), bool(is_long.any())
     values: list[Any]
     if agg is Aggregation.AVG:
-        if all(all_long):
+        if every:
             sums = _long_sums(kept)
             values = [s / c for s, c in zip(sums, num.tolist(), strict=True)]
         else:
             values = (kept["sum_d"] / num).tolist()
         return Buckets(ts, values)
     if agg is Aggregation.SUM:
-        longs: list[Any] = _long_sums(kept) if any(all_long) else []
+        if not some:
+            return Buckets(ts, kept["sum_d"].tolist())
+        longs: list[Any] = _long_sums(kept)
         doubles = kept["sum_d"].tolist()
     else:
         suffix = "min" if agg is Aggregation.MIN else "max"
+        if not some:
+            return Buckets(ts, kept[f"{suffix}_d"].tolist())
         longs = kept[f"{suffix}_l"].tolist()
+        if every:
+            return Buckets(ts, longs)
         doubles = kept[f"{suffix}_d"].tolist()
-    values = [longs[i] if a else doubles[i] for i, a in enumerate(all_long)]
+    values = [longs[i] if a else doubles[i] for i, a in enumerate(is_long.tolist())]
     return Buckets(ts, values)
 
 

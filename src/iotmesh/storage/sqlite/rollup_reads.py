@@ -90,8 +90,7 @@ def _raw_partials(
     spans = [(q.start_ts, r0 - 1), (r1, q.end_ts)]
     spans += [(int(b), int(b) + size - 1) for b in pending.tolist()]
     spans = [(a, b) for a, b in spans if a <= b]
-    metas = db.execute(schema.CHUNK_META, (sid, q.start_ts, q.end_ts)).fetchall()
-    ids = [cid for cid, lo, hi, _ in metas if any(lo <= b and hi >= a for a, b in spans)]
+    ids = sorted({cid for a, b in spans for cid, *_ in db.execute(schema.CHUNK_META, (sid, a, b))})
     parts = [chunking.decode(kind, ts, vals) for _, kind, ts, vals in schema.fetch_chunks(db, ids)]
     points = merge([*parts, *recent]).window(q.start_ts, q.end_ts)
     if not len(points):
