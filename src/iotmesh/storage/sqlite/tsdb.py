@@ -10,6 +10,8 @@ Schema (`schema.py`):
     ts_chunk   (id, series_id, min_ts, max_ts, n, kind, ts BLOB, vals BLOB)
                index (series_id, max_ts, min_ts, n)
     ts_latest  (series_id, ts, kind, value)        the newest point of each series
+    ts_rollup, ts_rollup_state, ts_rollup_level, ts_expired
+                                                   rollups and retention: `rollups.py`
 
 Why it is fast. SQLite costs per row and per b-tree page touched, hardly per byte, so
 points are stored many to a row, as packed arrays numpy reads without copying:
@@ -51,6 +53,10 @@ The compaction state is in memory: after a restart, waiting batch rows are count
 again, and a series is looked at again once it gets new chunks; nothing is lost, only
 merged later. A delete first compacts every batch row (in its own transaction), then
 edits chunks in place, keeping their ids.
+
+Rollups (`rollups.py`, upkeep as background steps of the writer process, like
+compaction; `rollup_reads.py`, how an aggregation reads them) and retention
+(`apply_retention`) are described in docs/storage.md, "Retention and rollups".
 
 Latest values: `ts_latest` is updated in the write's transaction, only where the new
 ts is >= the stored one, so `latest` and `keys` are one indexed join. A delete
