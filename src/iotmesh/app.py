@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Collection
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -32,6 +33,7 @@ from iotmesh.devicestate import AttributeService, ConnectivityService
 from iotmesh.pipeline import LatestValues, Pipeline
 from iotmesh.pipeline.ingest import TelemetryIngest
 from iotmesh.registry import DeviceRegistry
+from iotmesh.storage.retention import DevicesOfTypes, RetentionJob
 from iotmesh.storage.sqlite.sessions import FILE_NAME as SESSIONS_FILE
 from iotmesh.storage.sqlite.sessions import SqliteSessionStore
 from iotmesh.storage.sqlite.state import SqliteStateStore
@@ -62,7 +64,27 @@ def timeseries_store(settings: Settings, data_dir: Path) -> TimeSeriesStore:
         from iotmesh.storage.postgres import PostgresTimeSeriesStore
 
         return PostgresTimeSeriesStore(settings.storage.postgres)
-    return SqliteTimeSeriesStore(data_dir / "timeseries.db", settings.storage.sqlite)
+    levels = [level.interval_ms for level in settings.storage.retention.rollups]
+    return SqliteTimeSeriesStore(data_dir / "timeseries.db", settings.storage.sqlite, levels)
+
+
+def devices_of_types(registry: DeviceRegistry) -> DevicesOfTypes:
+    """The retention job's view of the registry: device ids by type."""
+
+    async def lookup(types: Collection[str]) -> dict[str, list[str]]:
+        wanted = set(types)
+        out: dict[str, list[str]] = {t: [] for t in wanted}
+        page = 0
+        while True:
+            listing = await registry.list(page, 1000)
+            for device in listing.data:
+                if device.type in wanted:
+                    out[device.type].append(device.id)
+            if not listing.has_next:
+                return out
+            page += 1
+
+    return lookup
 
 
 def state_store(settings: Settings, data_dir: Path) -> StateStore:
@@ -208,6 +230,9 @@ class Platform:
         await self._enter(connectivity)
         await self._enter(_StoreService(store))
         await self._enter(writer)
+        await self._enter(
+            RetentionJob(store, settings.storage.retention, devices_of_types(registry))
+        )
         await self._enter(_BusService(bus))
         await self._enter(Pipeline(bus, writer, latest, tracer=tracer))
 

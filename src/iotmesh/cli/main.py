@@ -15,6 +15,7 @@ from iotmesh import __version__
 from iotmesh.cli.client import ApiClient, ClientError
 from iotmesh.cli.config import config_app
 from iotmesh.cli.doctor import doctor
+from iotmesh.cli.export import export
 from iotmesh.cli.run import run
 from iotmesh.cli.services import services
 from iotmesh.core.errors import ConfigError
@@ -33,6 +34,7 @@ app.add_typer(config_app, name="config")
 app.command()(run)
 app.command()(doctor)
 app.command()(services)
+app.command()(export)
 
 out = Console()
 if not out.is_terminal:

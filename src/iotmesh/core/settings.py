@@ -11,6 +11,7 @@ Every key is documented in docs/configuration.md (a test keeps the two in step).
 from __future__ import annotations
 
 import contextvars
+import itertools
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -459,6 +460,53 @@ class PostgresSettings(_Section):
     timeout_s: float = Field(10.0, gt=0, description="Timeout of connecting and of one statement.")
 
 
+class RollupLevel(_Section):
+    """One rollup level: per-bucket min, max, sum and count of every series."""
+
+    interval_ms: int = Field(
+        gt=0,
+        description="Bucket width; a query whose interval_ms is a multiple of it reads this level.",
+    )
+    ttl_s: float = Field(0.0, ge=0, description="How long its buckets are kept; 0: forever.")
+
+
+class RetentionSettings(_Section):
+    """How long telemetry is kept, and the rollups that outlive raw points."""
+
+    raw_ttl_s: float = Field(0.0, ge=0, description="How long raw points are kept; 0: forever.")
+    keys: dict[str, float] = Field(
+        {},
+        description="Raw TTL (s) per telemetry key, overriding raw_ttl_s (0: forever). When"
+        " a key rule and a device-type rule both match, the longer TTL applies.",
+    )
+    device_types: dict[str, float] = Field(
+        {},
+        description="Raw TTL (s) per device type, overriding raw_ttl_s (0: forever).",
+    )
+    rollups: list[RollupLevel] = Field(
+        default_factory=lambda: [
+            RollupLevel(interval_ms=60_000),
+            RollupLevel(interval_ms=3_600_000),
+        ],
+        description="Rollup levels (`[[storage.retention.rollups]]` tables), finest first;"
+        " each interval a multiple of the one before. Default: 1 minute and 1 hour, kept"
+        " forever. An empty list: no rollups.",
+    )
+    interval_s: float = Field(
+        3600.0, gt=0, description="How often expired raw points and rollup buckets are deleted."
+    )
+
+    @model_validator(mode="after")
+    def _levels_nest(self) -> RetentionSettings:
+        sizes = [level.interval_ms for level in self.rollups]
+        for finer, coarser in itertools.pairwise(sizes):
+            if coarser <= finer or coarser % finer:
+                raise ValueError(
+                    f"rollup interval {coarser} ms is not a larger multiple of {finer} ms"
+                )
+        return self
+
+
 class StorageSettings(_Section):
     """Which storage backends hold data."""
 
@@ -471,6 +519,7 @@ class StorageSettings(_Section):
     sqlite: SqliteSettings = SqliteSettings()
     influxdb: InfluxSettings = InfluxSettings()
     postgres: PostgresSettings = PostgresSettings()
+    retention: RetentionSettings = RetentionSettings()
 
 
 class TracingSettings(_Section):

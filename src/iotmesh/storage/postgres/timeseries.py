@@ -49,6 +49,7 @@ from iotmesh.storage import aggregate
 from iotmesh.storage.points import INT64_MAX, INT64_MIN, Kind, classify
 from iotmesh.storage.postgres import tsquery, tsschema
 from iotmesh.storage.postgres.connection import Conn, create_pool, migrate, translated
+from iotmesh.storage.rollup import RetentionPolicy
 from iotmesh.storage.timeseries import Query, SeriesWrite
 
 _WHAT = "time-series store"
@@ -308,6 +309,28 @@ class PostgresTimeSeriesStore:
         async with translated(_WHAT), self.pool.acquire() as conn, conn.transaction():
             await conn.execute(f"DELETE FROM ts_points WHERE series_id IN ({series})", entity_id)
             await conn.execute(f"DELETE FROM ts_latest WHERE series_id IN ({series})", entity_id)
+
+    async def apply_retention(self, policy: RetentionPolicy) -> None:
+        """Delete raw points past their TTL; no rollups on PostgreSQL yet.
+
+        Series are grouped by their TTL (`RetentionPolicy.raw_ttl`: the default, a key's or
+        a device's rule), and each group is one DELETE, so a pass costs a statement per
+        distinct TTL, not per series. Latest values stay (they are the current state)."""
+        if not (policy.raw_ttl_ms or policy.keys or policy.entities):
+            return
+        async with translated(_WHAT), self.pool.acquire() as conn:
+            series = await conn.fetch("SELECT id, entity_id, key FROM ts_series")
+            by_ttl: dict[int, list[int]] = {}
+            for sid, entity_id, key in series:
+                ttl = policy.raw_ttl(entity_id, key)
+                if ttl > 0:
+                    by_ttl.setdefault(ttl, []).append(sid)
+            for ttl, sids in sorted(by_ttl.items()):
+                await conn.execute(
+                    "DELETE FROM ts_points WHERE series_id = ANY($1::bigint[]) AND ts < $2",
+                    sids,
+                    policy.now_ms - ttl,
+                )
 
 
 __all__ = ["PostgresTimeSeriesStore"]
