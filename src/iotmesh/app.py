@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from iotmesh import __version__
 from iotmesh.api import ApiContext, create_asgi_app
@@ -26,7 +26,7 @@ from iotmesh.core.lifecycle import Health, Service
 from iotmesh.core.settings import Settings
 from iotmesh.datadir import DataDir
 from iotmesh.devicestate import AttributeService, ConnectivityService
-from iotmesh.pipeline import LatestValues, Pipeline
+from iotmesh.pipeline import LatestCache, LatestValues, Pipeline
 from iotmesh.pipeline.ingest import TelemetryIngest
 from iotmesh.registry import DeviceRegistry
 from iotmesh.storage.sqlite.sessions import FILE_NAME as SESSIONS_FILE
@@ -40,6 +40,9 @@ from iotmesh.transports.coap import CoapServer
 from iotmesh.transports.http import HttpServer
 from iotmesh.transports.http_granian import GranianHttpServer
 from iotmesh.transports.mqtt import MqttServer
+
+if TYPE_CHECKING:
+    from iotmesh.storage.redis import HotState
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,14 @@ def state_store(settings: Settings, data_dir: Path) -> StateStore:
 
         return PostgresStateStore(settings.storage.postgres)
     return SqliteStateStore(data_dir / "state.db", settings.storage.sqlite.synchronous)
+
+
+def uses_redis(settings: Settings) -> bool:
+    """Whether any hot state is configured to live in Redis (`storage.redis`)."""
+    r = settings.storage.redis
+    return (
+        settings.storage.latest == "redis" or r.connectivity or r.attribute_cache or r.rpc_wakeups
+    )
 
 
 class _StoreService(Service):
@@ -153,6 +164,13 @@ class Platform:
             self.admin_token, self.admin_token_generated = self.data_dir.admin_token()
 
         sync = settings.storage.sqlite.synchronous
+        hot: HotState | None = None
+        if uses_redis(settings):
+            # Imported only when chosen, like the other engines.
+            from iotmesh.storage.redis import HotState
+
+            hot = HotState(settings.storage.redis)
+            await self._enter(hot)
         state = state_store(settings, path)
         registry = DeviceRegistry(state)
         attributes = AttributeService(state)
@@ -161,7 +179,11 @@ class Platform:
         store = timeseries_store(settings, path)
         writer = BatchWriter(store, settings.writer)
         bus = MemoryBus(settings.bus)
-        latest = LatestValues()
+        latest: LatestCache = LatestValues()
+        if settings.storage.latest == "redis" and hot is not None:
+            from iotmesh.storage.redis import RedisLatestValues
+
+            latest = RedisLatestValues(hot)
         await self._enter(registry)
         await self._enter(attributes)
         await self._enter(rpc)

@@ -138,7 +138,7 @@ async def delete_device(device_id: str, ctx: Ctx) -> None:
     await ctx.registry.delete(device_id)
     ctx.rpc.forget(device_id)
     ctx.connectivity.forget(device_id)
-    ctx.latest.invalidate(device_id)
+    await ctx.latest.invalidate(device_id)
     await ctx.timeseries.delete_entity(device_id)
 
 

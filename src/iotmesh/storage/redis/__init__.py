@@ -1,0 +1,10 @@
+"""Redis for hot state: caches and messages several processes share (docs/storage.md).
+
+Nothing here is the only copy of anything; the stores hold what is durable, and every
+part degrades to the store (or to this process alone) when Redis is down.
+"""
+
+from iotmesh.storage.redis.client import HotState, HotStateError
+from iotmesh.storage.redis.latest import RedisLatestValues
+
+__all__ = ["HotState", "HotStateError", "RedisLatestValues"]
