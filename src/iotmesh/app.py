@@ -174,7 +174,13 @@ class Platform:
         state = state_store(settings, path)
         registry = DeviceRegistry(state)
         attributes = AttributeService(state)
-        rpc = RpcService(state, settings.devices)
+        notifier = None
+        if hot is not None and settings.storage.redis.rpc_wakeups:
+            from iotmesh.commands.wakeups import CLAIM_TTL_S
+            from iotmesh.storage.redis import RedisRpcNotifier
+
+            notifier = RedisRpcNotifier(hot, CLAIM_TTL_S)
+        rpc = RpcService(state, settings.devices, notifier=notifier)
         connectivity = ConnectivityService(settings.devices.inactivity_timeout_s, store=state)
         store = timeseries_store(settings, path)
         writer = BatchWriter(store, settings.writer)

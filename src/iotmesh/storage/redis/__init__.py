@@ -6,5 +6,6 @@ part degrades to the store (or to this process alone) when Redis is down.
 
 from iotmesh.storage.redis.client import HotState, HotStateError
 from iotmesh.storage.redis.latest import RedisLatestValues
+from iotmesh.storage.redis.wakeups import RedisRpcNotifier
 
-__all__ = ["HotState", "HotStateError", "RedisLatestValues"]
+__all__ = ["HotState", "HotStateError", "RedisLatestValues", "RedisRpcNotifier"]
