@@ -181,7 +181,17 @@ class Platform:
 
             notifier = RedisRpcNotifier(hot, CLAIM_TTL_S)
         rpc = RpcService(state, settings.devices, notifier=notifier)
-        connectivity = ConnectivityService(settings.devices.inactivity_timeout_s, store=state)
+        mirror = None
+        if hot is not None and settings.storage.redis.connectivity:
+            from iotmesh.storage.redis import RedisConnectivityMirror
+
+            mirror = RedisConnectivityMirror(hot)
+        connectivity = ConnectivityService(
+            settings.devices.inactivity_timeout_s,
+            store=state,
+            mirror=mirror,
+            mirror_interval_s=settings.storage.redis.connectivity_flush_s,
+        )
         store = timeseries_store(settings, path)
         writer = BatchWriter(store, settings.writer)
         bus = MemoryBus(settings.bus)

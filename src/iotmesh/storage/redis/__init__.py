@@ -5,7 +5,14 @@ part degrades to the store (or to this process alone) when Redis is down.
 """
 
 from iotmesh.storage.redis.client import HotState, HotStateError
+from iotmesh.storage.redis.connectivity import RedisConnectivityMirror
 from iotmesh.storage.redis.latest import RedisLatestValues
 from iotmesh.storage.redis.wakeups import RedisRpcNotifier
 
-__all__ = ["HotState", "HotStateError", "RedisLatestValues", "RedisRpcNotifier"]
+__all__ = [
+    "HotState",
+    "HotStateError",
+    "RedisConnectivityMirror",
+    "RedisLatestValues",
+    "RedisRpcNotifier",
+]
