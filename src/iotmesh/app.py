@@ -173,7 +173,12 @@ class Platform:
             await self._enter(hot)
         state = state_store(settings, path)
         registry = DeviceRegistry(state)
-        attributes = AttributeService(state)
+        attribute_cache = None
+        if hot is not None and settings.storage.redis.attribute_cache:
+            from iotmesh.storage.redis import RedisAttributeCache
+
+            attribute_cache = RedisAttributeCache(hot)
+        attributes = AttributeService(state, attribute_cache)
         notifier = None
         if hot is not None and settings.storage.redis.rpc_wakeups:
             from iotmesh.commands.wakeups import CLAIM_TTL_S

@@ -4,6 +4,7 @@ Nothing here is the only copy of anything; the stores hold what is durable, and 
 part degrades to the store (or to this process alone) when Redis is down.
 """
 
+from iotmesh.storage.redis.attributes import RedisAttributeCache
 from iotmesh.storage.redis.client import HotState, HotStateError
 from iotmesh.storage.redis.connectivity import RedisConnectivityMirror
 from iotmesh.storage.redis.latest import RedisLatestValues
@@ -12,6 +13,7 @@ from iotmesh.storage.redis.wakeups import RedisRpcNotifier
 __all__ = [
     "HotState",
     "HotStateError",
+    "RedisAttributeCache",
     "RedisConnectivityMirror",
     "RedisLatestValues",
     "RedisRpcNotifier",
