@@ -8,6 +8,7 @@ from iotmesh.storage.redis.attributes import RedisAttributeCache
 from iotmesh.storage.redis.client import HotState, HotStateError
 from iotmesh.storage.redis.connectivity import RedisConnectivityMirror
 from iotmesh.storage.redis.latest import RedisLatestValues
+from iotmesh.storage.redis.ratelimit import RedisRateLimiter
 from iotmesh.storage.redis.wakeups import RedisRpcNotifier
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "RedisAttributeCache",
     "RedisConnectivityMirror",
     "RedisLatestValues",
+    "RedisRateLimiter",
     "RedisRpcNotifier",
 ]
