@@ -113,6 +113,7 @@ def test_run_with_redis_down_ingests_and_reads_the_store(tmp_path: Path) -> None
             assert admin.get(f"{dev}/twin").json()["reported"]["fw"]["value"] == "1"
             assert admin.get(f"{dev}/connectivity").json()["online"]
             stats = admin.get("/api/v1/stats").json()["redis"]
-            assert stats["errors_latest_update"] >= 2
+            assert stats["errors_latest_update"] >= 1  # later batches skip Redis a while
+            assert stats["errors_latest_update"] + stats["errors_latest_update_skipped"] >= 2
     finally:
         srv.stop()

@@ -10,8 +10,9 @@ Layout, `ns` being `storage.redis.namespace`:
   dead process's sessions vanish within `ttl`).
 - `<ns>:conn:members`: live members, a sorted set scored by expiry (Redis time).
 
-A push is one script call for all changed devices; a read is two round trips (live
-members, then the device's hash and its count in each member's sessions).
+A push is one script call for all changed devices; a read is one script call (a
+consistent snapshot of the device's hash and its count in each live member's
+sessions), two when the set of live members changed since the last read.
 Error handling: `HotStateError` (counted) from every method; the service falls back.
 """
 
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from iotmesh.core.types import DeviceActivity
-from iotmesh.storage.redis.client import HotState
+from iotmesh.storage.redis.client import HotState, HotStateError
 
 # KEYS: our sessions hash, members zset, then one conn hash per record. ARGV: member,
 # ttl ms, full ("1": our sessions are exactly these), then 6 per record: device,
@@ -55,12 +56,28 @@ redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return {existed, redis.call('HLEN', KEYS[1])}
 """
 
-# KEYS: members zset. The members alive now (Redis time).
-_LIVE = """
+# KEYS: members zset, conn hash, then the sessions hash of each member the caller
+# believes alive (ARGV[2..], ARGV[1] being the device). A consistent snapshot: if the
+# live members (Redis time) are not those, {0, live members} (the caller asks again);
+# else {1, the conn hash (flat), the device's count in each member's sessions}.
+_READ = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
+local same = #live == #ARGV - 1
+if same then
+  local expected = {}
+  for i = 2, #ARGV do expected[ARGV[i]] = true end
+  for _, m in ipairs(live) do
+    if not expected[m] then same = false end
+  end
+end
+if not same then return {0, live} end
+local counts = {}
+for i = 3, #KEYS do counts[#counts + 1] = redis.call('HGET', KEYS[i], ARGV[1]) or '0' end
+return {1, redis.call('HGETALL', KEYS[2]), counts}
 """
+_READ_ATTEMPTS = 5
 
 
 class RedisConnectivityMirror:
@@ -73,6 +90,7 @@ class RedisConnectivityMirror:
         self._ttl_ms = int(max(3.0, 5 * flush) * 1000)
         self._members = hot.key("conn", "members")
         self._had_sessions = False
+        self._live: list[str] = []  # the live members at the last read
         self._scripts: dict[str, Any] = {}
 
     def _sessions(self, member: str) -> str:
@@ -107,17 +125,21 @@ class RedisConnectivityMirror:
         return lost
 
     async def fetch(self, device_id: str) -> tuple[DeviceActivity | None, int, int]:
-        members: list[bytes] = await self._hot.call(
-            "connectivity_read", self._script(_LIVE)(keys=[self._members])
-        )
-        pipe = self._hot.redis.pipeline(transaction=False)
-        pipe.hgetall(self._device(device_id))
-        names = [m.decode() for m in members]
-        for name in names:
-            pipe.hget(self._sessions(name), device_id)
-        replies: list[Any] = await self._hot.call("connectivity_read", pipe.execute())
-        fields: dict[bytes, bytes] = replies[0]
-        counts = {name: int(c or 0) for name, c in zip(names, replies[1:], strict=True)}
+        script = self._script(_READ)
+        for _ in range(_READ_ATTEMPTS):
+            names = self._live
+            keys = [self._members, self._device(device_id), *map(self._sessions, names)]
+            reply: list[Any] = await self._hot.call(
+                "connectivity_read", script(keys=keys, args=[device_id, *names])
+            )
+            if reply[0] == 1:
+                break
+            self._live = [m.decode() for m in reply[1]]  # members changed: again
+        else:
+            raise HotStateError("the live processes kept changing during a read")
+        flat: list[bytes] = reply[1]
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        counts = {name: int(c) for name, c in zip(names, reply[2], strict=True)}
         if not fields:
             return None, sum(counts.values()), counts.get(self.member, 0)
         transport = fields.get(b"t")

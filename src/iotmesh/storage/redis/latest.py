@@ -18,14 +18,18 @@ only once filled. `storage.redis.latest_ttl_s` lets Redis drop quiet devices.
 Error handling: this is a cache. A failed or slow (`timeout_s`) update is counted and
 logged, never raised into the pipeline (ingest goes on); the devices it missed are
 remembered (up to `MAX_LOST`, past that: all of this namespace) and their hashes
-deleted with the next update that gets through, so no stale "complete" hash stays. A
-failed `get` is a miss: the API reads the store.
+deleted with the next update that gets through, so no stale "complete" hash stays
+(this process reads them from the store meanwhile). After a failed update, updates
+skip Redis for a while (0.5 s, doubling to 10 s while it keeps failing; counted as
+`latest_update_skipped`), so a Redis that hangs costs ingest one timeout now and
+then, not one per batch. A failed `get` is a miss: the API reads the store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -37,6 +41,8 @@ from iotmesh.storage.redis.client import HotState, HotStateError
 log = logging.getLogger(__name__)
 
 MAX_LOST = 10_000
+PAUSE_MIN_S = 0.5
+PAUSE_MAX_S = 10.0
 _MARK = b""
 
 # KEYS: one hash per device. ARGV[1]: TTL ms (0: none); ARGV[2]: "1" to mark the
@@ -86,6 +92,8 @@ class RedisLatestValues:
         self._ttl_ms = int(hot.settings.latest_ttl_s * 1000)
         self._lost: set[str] = set()
         self._lost_all = False
+        self._pause = 0.0  # after a failed update, skip Redis for this long (doubling)
+        self._paused_until = 0.0
         self._script: Any = None
 
     def _key(self, device_id: str) -> str:
@@ -97,6 +105,8 @@ class RedisLatestValues:
         return self._script(keys=keys, args=args)
 
     async def get(self, device_id: str) -> dict[str, TsPoint] | None:
+        if self._lost_all or device_id in self._lost:
+            return None  # this process knows Redis missed an update of it
         try:
             raw: dict[Any, Any] = await self._hot.call(
                 "latest_get", self._hot.redis.hgetall(self._key(device_id))
@@ -121,6 +131,11 @@ class RedisLatestValues:
             self._lose([device_id])
 
     async def update(self, messages: Iterable[TelemetryMessage]) -> None:
+        if self._paused_until and time.monotonic() < self._paused_until:
+            # Redis failed just now: do not make every batch wait for its timeout.
+            self._hot.errors["latest_update_skipped"] += 1
+            self._lose({m.device_id for m in messages})
+            return
         newest: dict[str, dict[str, tuple[int, Any]]] = {}
         for message in messages:
             points = newest.setdefault(message.device_id, {})
@@ -152,6 +167,10 @@ class RedisLatestValues:
                 raise
         except HotStateError:
             self._lose(newest)
+            self._pause = min(self._pause * 2, PAUSE_MAX_S) if self._pause else PAUSE_MIN_S
+            self._paused_until = time.monotonic() + self._pause
+        else:
+            self._pause = self._paused_until = 0.0
 
     def _lose(self, device_ids: Iterable[str]) -> None:
         """Remember devices whose hash may now be stale, to delete it when Redis is back."""
