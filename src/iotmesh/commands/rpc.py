@@ -79,6 +79,7 @@ RETRY_S = 1.0  # after every attached sink refused a request, try again this muc
 EXPIRY_INTERVAL_S = 0.2  # how often due deadlines are looked for (a heap peek)
 PURGE_INTERVAL_MS = 3600 * 1000
 PURGE_BATCH = 1000
+LOAD_CONCURRENCY = 8  # store reads of devices' requests at once (several processes)
 
 QUEUED, SENT, DELIVERED = RpcStatus.QUEUED, RpcStatus.SENT, RpcStatus.DELIVERED
 OPEN = (QUEUED, SENT, DELIVERED)
@@ -160,6 +161,7 @@ class RpcService(Service):
         self._next_purge = 0
         self._notifier = notifier
         self._reloads: dict[str, bool] = {}  # device id → another pass asked for
+        self._load_slots = asyncio.Semaphore(LOAD_CONCURRENCY)
         self._gateway_sinks = 0
         self._next_renew = 0.0
         self._stopping = False
@@ -620,6 +622,8 @@ class RpcService(Service):
 
     def _reload_soon(self, device_id: str) -> None:
         """Load the device's open requests (once more if a load is under way)."""
+        if self._stopping:
+            return
         if device_id in self._reloads:
             self._reloads[device_id] = True
             return
@@ -630,7 +634,8 @@ class RpcService(Service):
         try:
             while True:
                 try:
-                    await self._load(device_id)
+                    async with self._load_slots:
+                        await self._load(device_id)
                 except IotmeshError as exc:
                     log.warning("loading RPC requests of device %s failed: %s", device_id, exc)
                 if not self._reloads.get(device_id):
