@@ -30,7 +30,7 @@ from iotmesh.core.tracing import INSTRUMENTATION, Tracing, make_provider
 from iotmesh.core.tracing import shutdown as shutdown_tracing
 from iotmesh.datadir import DataDir
 from iotmesh.devicestate import AttributeService, ConnectivityService
-from iotmesh.pipeline import LatestValues, Pipeline
+from iotmesh.pipeline import LatestCache, LatestValues, Pipeline
 from iotmesh.pipeline.ingest import TelemetryIngest
 from iotmesh.registry import DeviceRegistry
 from iotmesh.storage.retention import DevicesOfTypes, RetentionJob
@@ -49,6 +49,8 @@ from iotmesh.transports.mqtt import MqttServer
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
     from opentelemetry.trace import TracerProvider
+
+    from iotmesh.storage.redis import HotState
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,14 @@ def state_store(settings: Settings, data_dir: Path) -> StateStore:
 
         return PostgresStateStore(settings.storage.postgres)
     return SqliteStateStore(data_dir / "state.db", settings.storage.sqlite.synchronous)
+
+
+def uses_redis(settings: Settings) -> bool:
+    """Whether any hot state is configured to live in Redis (`storage.redis`)."""
+    r = settings.storage.redis
+    return (
+        settings.storage.latest == "redis" or r.connectivity or r.attribute_cache or r.rpc_wakeups
+    )
 
 
 class _StoreService(Service):
@@ -215,15 +225,47 @@ class Platform:
             self.admin_token, self.admin_token_generated = self.data_dir.admin_token()
 
         sync = settings.storage.sqlite.synchronous
+        hot: HotState | None = None
+        if uses_redis(settings):
+            # Imported only when chosen, like the other engines.
+            from iotmesh.storage.redis import HotState
+
+            hot = HotState(settings.storage.redis)
+            await self._enter(hot)
         state = state_store(settings, path)
         registry = DeviceRegistry(state)
-        attributes = AttributeService(state)
-        rpc = RpcService(state, settings.devices)
-        connectivity = ConnectivityService(settings.devices.inactivity_timeout_s, store=state)
+        attribute_cache = None
+        if hot is not None and settings.storage.redis.attribute_cache:
+            from iotmesh.storage.redis import RedisAttributeCache
+
+            attribute_cache = RedisAttributeCache(hot)
+        attributes = AttributeService(state, attribute_cache)
+        notifier = None
+        if hot is not None and settings.storage.redis.rpc_wakeups:
+            from iotmesh.commands.wakeups import CLAIM_TTL_S
+            from iotmesh.storage.redis import RedisRpcNotifier
+
+            notifier = RedisRpcNotifier(hot, CLAIM_TTL_S)
+        rpc = RpcService(state, settings.devices, notifier=notifier)
+        mirror = None
+        if hot is not None and settings.storage.redis.connectivity:
+            from iotmesh.storage.redis import RedisConnectivityMirror
+
+            mirror = RedisConnectivityMirror(hot)
+        connectivity = ConnectivityService(
+            settings.devices.inactivity_timeout_s,
+            store=state,
+            mirror=mirror,
+            mirror_interval_s=settings.storage.redis.connectivity_flush_s,
+        )
         store = timeseries_store(settings, path)
         writer = BatchWriter(store, settings.writer, tracer)
         bus = MemoryBus(settings.bus)
-        latest = LatestValues()
+        latest: LatestCache = LatestValues()
+        if settings.storage.latest == "redis" and hot is not None:
+            from iotmesh.storage.redis import RedisLatestValues
+
+            latest = RedisLatestValues(hot)
         await self._enter(registry)
         await self._enter(attributes)
         await self._enter(rpc)

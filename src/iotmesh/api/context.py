@@ -15,7 +15,7 @@ from iotmesh.core.lifecycle import Health, Service
 from iotmesh.core.settings import Settings
 from iotmesh.devicestate import AttributeService, ConnectivityService
 from iotmesh.pipeline.ingest import TelemetryIngest
-from iotmesh.pipeline.latest import LatestValues
+from iotmesh.pipeline.latest import LatestCache
 from iotmesh.registry.service import DeviceRegistry
 from iotmesh.storage.timeseries import TimeSeriesStore
 
@@ -31,7 +31,7 @@ class ApiContext:
     rpc: RpcService
     connectivity: ConnectivityService
     timeseries: TimeSeriesStore
-    latest: LatestValues
+    latest: LatestCache
     ingest: TelemetryIngest
     health: Callable[[], dict[str, Health]]
     stats: Callable[[], dict[str, dict[str, Any]]]

@@ -507,6 +507,50 @@ class RetentionSettings(_Section):
         return self
 
 
+class RedisSettings(_Section):
+    """Redis for hot state shared by several processes (docs/storage.md): latest values
+    (`storage.latest` = "redis"), connectivity, an attribute cache, RPC wake-ups, rate
+    limits. A cache and a messenger only: what is durable stays in the stores."""
+
+    url: str = Field("redis://127.0.0.1:6379/0", description="Redis server for hot state.")
+    namespace: str = Field(
+        "iotmesh",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="Prefix of every key and channel, so several platforms can share a server.",
+    )
+    timeout_s: float = Field(
+        1.0,
+        gt=0,
+        description="Longest wait for one Redis answer; past it the cache is skipped (reads"
+        " go to the store) and the failure is counted.",
+    )
+    latest_ttl_s: float = Field(
+        0.0,
+        ge=0,
+        description="Latest values of a device not updated for this long are dropped from"
+        " Redis (read again from the store); 0 keeps them.",
+    )
+    connectivity: bool = Field(
+        False,
+        description="Mirror connectivity (sessions, last activity) to Redis so every process"
+        " shows one truth.",
+    )
+    connectivity_flush_s: float = Field(
+        1.0, gt=0, description="How often connectivity changes are written to Redis (batched)."
+    )
+    attribute_cache: bool = Field(
+        False, description="Serve attribute reads from a Redis cache, written through on save."
+    )
+    attribute_cache_ttl_s: float = Field(
+        3600.0, gt=0, description="How long a cached attribute set lives unless invalidated."
+    )
+    rpc_wakeups: bool = Field(
+        False,
+        description="Publish a wake-up when a persistent RPC request is stored for a device"
+        " with no session in this process; the process holding its session delivers it.",
+    )
+
+
 class StorageSettings(_Section):
     """Which storage backends hold data."""
 
@@ -516,7 +560,13 @@ class StorageSettings(_Section):
     state: Literal["sqlite", "postgres"] = Field(
         "sqlite", description="State store (devices, credentials, attributes, RPC)."
     )
+    latest: Literal["memory", "redis"] = Field(
+        "memory",
+        description="Where the latest value of each device and key is cached: this process's"
+        " memory, or Redis (shared by several processes; `storage.redis`).",
+    )
     sqlite: SqliteSettings = SqliteSettings()
+    redis: RedisSettings = RedisSettings()
     influxdb: InfluxSettings = InfluxSettings()
     postgres: PostgresSettings = PostgresSettings()
     retention: RetentionSettings = RetentionSettings()

@@ -26,7 +26,7 @@ from iotmesh.core.errors import PayloadError, StorageError
 from iotmesh.core.lifecycle import Service
 from iotmesh.core.tracing import Span, SpanKind, Tracer, context_of, end, parent_from
 from iotmesh.core.types import TelemetryMessage
-from iotmesh.pipeline.latest import LatestValues
+from iotmesh.pipeline.latest import LatestCache
 from iotmesh.pipeline.stages import Drop, Processor, decode, make_validator
 from iotmesh.storage.timeseries import SeriesWrite
 from iotmesh.storage.writer import BatchWriter
@@ -46,7 +46,7 @@ class Pipeline(Service):
         self,
         bus: Subscriber,
         writer: BatchWriter,
-        latest: LatestValues,
+        latest: LatestCache,
         processors: Sequence[Processor] | None = None,
         tracer: Tracer | None = None,
     ) -> None:
@@ -110,7 +110,7 @@ class Pipeline(Service):
             for delivery, _ in accepted:
                 delivery.nack(delay=1.0)
             return
-        self._latest.update(message for _, message in accepted)
+        await self._latest.update(message for _, message in accepted)
         for delivery, _ in accepted:
             delivery.ack()
 
@@ -159,5 +159,5 @@ class Pipeline(Service):
                 for later, _ in accepted[i:]:
                     later.nack(delay=1.0)
                 return
-            self._latest.update([message])
+            await self._latest.update([message])
             delivery.ack()
