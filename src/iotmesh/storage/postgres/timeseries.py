@@ -319,15 +319,25 @@ class PostgresTimeSeriesStore:
             sids = [r[1] for r in await conn.fetch(_KEY_IDS, entity_id, list(set(keys)))]
             if not sids:
                 return 0
-            status = await conn.execute(
+            deleted = await conn.fetch(
                 "DELETE FROM ts_points WHERE series_id = ANY($1::bigint[])"
-                " AND ts >= $2 AND ts <= $3",
+                " AND ts >= $2 AND ts <= $3 RETURNING series_id, ts",
                 sids,
                 start_ts,
                 end_ts,
             )
-            count = int(status.rsplit(" ", 1)[1])
-            count += await tschunks.delete_range(conn, sids, start_ts, end_ts, self._span)
+            count = len(deleted)
+            rows_ts: dict[int, list[int]] = {}
+            for sid, ts in deleted:
+                rows_ts.setdefault(sid, []).append(ts)
+            count += await tschunks.delete_range(
+                conn,
+                sids,
+                start_ts,
+                end_ts,
+                self._span,
+                {sid: np.array(ts, np.int64) for sid, ts in rows_ts.items()},
+            )
             if count:
                 stale = await conn.fetch(
                     "DELETE FROM ts_latest WHERE series_id = ANY($1::bigint[])"

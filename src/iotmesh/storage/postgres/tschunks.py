@@ -33,12 +33,13 @@ touch (`delete_range`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import asyncpg
 import msgspec
 import numpy as np
+import numpy.typing as npt
 
 from iotmesh.core.errors import StorageError
 from iotmesh.storage.points import INT64_MAX, INT64_MIN, Kind, Points, classify, merge
@@ -316,8 +317,17 @@ async def write_chunk(conn: Conn, sid: int, block: int, points: Points) -> None:
 # -- deletes ---------------------------------------------------------------------------
 
 
-async def delete_range(conn: Conn, sids: Sequence[int], start: int, end: int, span: int) -> int:
-    """Delete the chunk points of `sids` in [start, end]; return how many.
+async def delete_range(
+    conn: Conn,
+    sids: Sequence[int],
+    start: int,
+    end: int,
+    span: int,
+    deleted_rows: Mapping[int, npt.NDArray[np.int64]],
+) -> int:
+    """Delete the chunk points of `sids` in [start, end]; return how many points that
+    removed besides `deleted_rows` (per series, the ts of the rows just deleted: a row
+    rewriting a chunk's point is one point, not two).
 
     Run inside a transaction. Blocks wholly inside the range go as rows; the (at most
     two) blocks at its edges are rewritten without the deleted points.
@@ -329,14 +339,17 @@ async def delete_range(conn: Conn, sids: Sequence[int], start: int, end: int, sp
         # Whole blocks: the ones strictly inside, and an edge block the range covers.
         whole_lo = first if block_bounds(first, span)[0] >= start else first + 1
         whole_hi = last if block_bounds(last, span)[1] <= end else last - 1
+        rows_ts = deleted_rows.get(sid, np.empty(0, np.int64))
+        gone: list[npt.NDArray[np.int64]] = []
         if whole_lo <= whole_hi:
-            count += await conn.fetchval(
-                "WITH d AS (DELETE FROM ts_chunks WHERE series_id = $1 AND block >= $2"
-                " AND block <= $3 RETURNING n) SELECT coalesce(sum(n), 0) FROM d",
+            for (blob,) in await conn.fetch(
+                "DELETE FROM ts_chunks WHERE series_id = $1 AND block >= $2"
+                " AND block <= $3 RETURNING ts",
                 sid,
                 whole_lo,
                 whole_hi,
-            )
+            ):
+                gone.append(np.frombuffer(blob, "<i8").astype(np.int64, copy=False))
         for block in sorted({first, last} - set(range(whole_lo, whole_hi + 1))):
             row = await conn.fetchrow(
                 f"SELECT {CHUNK_COLUMNS} FROM ts_chunks WHERE series_id = $1 AND block = $2"
@@ -347,11 +360,13 @@ async def delete_range(conn: Conn, sids: Sequence[int], start: int, end: int, sp
             if row is None:
                 continue
             points = decode(row)
-            keep = np.flatnonzero((points.ts < start) | (points.ts > end))
-            if len(keep) == len(points):
+            inside = (points.ts >= start) & (points.ts <= end)
+            if not inside.any():
                 continue
-            count += len(points) - len(keep)
-            await write_chunk(conn, sid, block, points.take(keep))
+            gone.append(points.ts[inside])
+            await write_chunk(conn, sid, block, points.take(np.flatnonzero(~inside)))
+        for stamps in gone:
+            count += int(np.count_nonzero(~np.isin(stamps, rows_ts)))
     return count
 
 

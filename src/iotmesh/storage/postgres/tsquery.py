@@ -143,6 +143,8 @@ async def chunked(
         points = merge(parts).window(start, end)
         return aggregate.to_ts_points(points, order, limit)
     points = await tschunks.series_points(conn, sid, start, end, span)
+    if len(points):  # counted over points of every kind, as the SQL path's probe does
+        aggregate.check_buckets(int(points.ts[0]), int(points.ts[-1]), interval_ms)
     buckets = aggregate.aggregate(points, agg, interval_ms)
     return aggregate.to_ts_points(buckets, order, limit)
 
