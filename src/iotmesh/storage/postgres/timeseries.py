@@ -254,14 +254,17 @@ class PostgresTimeSeriesStore:
             self.pool.acquire() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
-            ids = {r[0]: r[1] for r in await conn.fetch(_KEY_IDS, q.entity_id, keys)}
+            series = await tschunks.series_with_chunks(
+                conn, q.entity_id, keys, q.start_ts, q.end_ts, self._span
+            )
             for key in keys:
-                if key not in ids:
+                if key not in series:
                     continue
-                if await tschunks.has_chunks(conn, ids[key], q.start_ts, q.end_ts, self._span):
+                sid, chunked = series[key]
+                if chunked:
                     found = await tsquery.chunked(
                         conn,
-                        ids[key],
+                        sid,
                         q.start_ts,
                         q.end_ts,
                         q.agg,
@@ -271,13 +274,11 @@ class PostgresTimeSeriesStore:
                         self._span,
                     )
                 elif q.agg is Aggregation.NONE:
-                    found = await tsquery.raw(
-                        conn, ids[key], q.start_ts, q.end_ts, q.order, q.limit
-                    )
+                    found = await tsquery.raw(conn, sid, q.start_ts, q.end_ts, q.order, q.limit)
                 else:
                     found = await tsquery.aggregated(
                         conn,
-                        ids[key],
+                        sid,
                         q.start_ts,
                         q.end_ts,
                         q.agg,

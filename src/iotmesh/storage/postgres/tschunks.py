@@ -222,14 +222,23 @@ async def rows(
     return rows_to_points(await conn.fetch(sql, *args))
 
 
-async def has_chunks(conn: Conn, sid: int, start: int, end: int, span: int) -> bool:
-    found = await conn.fetchval(
-        "SELECT true FROM ts_chunks WHERE series_id = $1 AND block >= $2 AND block <= $3 LIMIT 1",
-        sid,
-        block_of(start, span),
-        block_of(end, span),
+# The series of keys of an entity, and whether each has chunks in a block range ($3..$4):
+# one round trip for what decides how each key is read.
+SERIES_WITH_CHUNKS = """
+    SELECT s.key, s.id, EXISTS (
+        SELECT 1 FROM ts_chunks c WHERE c.series_id = s.id AND c.block >= $3 AND c.block <= $4
+    ) FROM ts_series s WHERE s.entity_id = $1 AND s.key = ANY($2::text[])
+"""
+
+
+async def series_with_chunks(
+    conn: Conn, entity_id: str, keys: list[str], start: int, end: int, span: int
+) -> dict[str, tuple[int, bool]]:
+    """Per key of `entity_id` that has a series: (series id, has chunks in [start, end])."""
+    rows = await conn.fetch(
+        SERIES_WITH_CHUNKS, entity_id, keys, block_of(start, span), block_of(end, span)
     )
-    return bool(found)
+    return {r[0]: (r[1], r[2]) for r in rows}
 
 
 async def series_points(conn: Conn, sid: int, start: int, end: int, span: int) -> Points:
@@ -398,10 +407,10 @@ __all__ = [
     "decode",
     "delete_range",
     "encode",
-    "has_chunks",
     "newest",
     "read",
     "rows",
     "series_points",
+    "series_with_chunks",
     "value_columns",
 ]
