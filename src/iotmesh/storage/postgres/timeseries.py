@@ -395,6 +395,11 @@ class PostgresTimeSeriesStore:
             except StorageError as exc:
                 log.warning("compaction of the PostgreSQL time series failed: %s", exc)
                 found = 0
+            except Exception:
+                # A bug here must not stop the store: writes and reads work without
+                # compaction (slower); say so loudly and try again later.
+                log.exception("compaction of the PostgreSQL time series failed")
+                found = 0
             await asyncio.sleep(0 if found else COMPACT_IDLE_S)
 
 
