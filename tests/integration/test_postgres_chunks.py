@@ -170,8 +170,9 @@ def test_chunks_change_no_answer(opened: tuple[asyncio.Runner, Any], ops: list[A
 
 
 async def test_compaction_racing_writers_loses_nothing(postgres: PgServer, tmp_path: Path) -> None:
-    """Writers rewriting and extending blocks while they are compacted: every point's
-    last write is what a query answers."""
+    """Writes rewriting and extending blocks, and deletes, while the blocks are
+    compacted: every point's last write is what a query answers, and no statement
+    fails (a deadlock between a delete and compaction would)."""
     store = PostgresTimeSeriesStore(postgres.settings(str(tmp_path)))
     await store.open()
     try:
@@ -180,12 +181,21 @@ async def test_compaction_racing_writers_loses_nothing(postgres: PgServer, tmp_p
 
         async def writer(n: int) -> None:
             for rnd in range(15):
-                batch = {(i * 997 + rnd * 31 + n) % (3 * H): float(rnd * 10 + n) for i in range(50)}
+                batch = {
+                    (i * 216_007 + rnd * 31 + n) % (3 * H): float(rnd * 10 + n) for i in range(50)
+                }
                 for ts, v in batch.items():
                     model[ts] = v
                 await store.write(
                     [SeriesWrite("d", [TsRecord(t, {"v": v}) for t, v in batch.items()])]
                 )
+                if rnd % 3 == 2:  # a delete across a block edge, racing compaction too
+                    lo = H - 200_000 * rnd
+                    hi = lo + 400_000
+                    gone = [t for t in model if lo <= t <= hi]
+                    assert await store.delete("d", ["v"], lo, hi) == len(gone)
+                    for t in gone:
+                        del model[t]
 
         async def compactor() -> None:
             for _ in range(20):

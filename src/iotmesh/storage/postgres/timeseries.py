@@ -320,6 +320,10 @@ class PostgresTimeSeriesStore:
             sids = [r[1] for r in await conn.fetch(_KEY_IDS, entity_id, list(set(keys)))]
             if not sids:
                 return 0
+            # The series' chunk locks before any row lock, in one order, as compaction
+            # takes them: the other way round, the two could deadlock.
+            for sid in sorted(sids):
+                await conn.execute(*tschunks.series_lock(sid))
             deleted = await conn.fetch(
                 "DELETE FROM ts_points WHERE series_id = ANY($1::bigint[])"
                 " AND ts >= $2 AND ts <= $3 RETURNING series_id, ts",

@@ -344,7 +344,7 @@ async def delete_range(
     first, last = block_of(start, span), block_of(end, span)
     count = 0
     for sid in sorted(set(sids)):
-        await conn.execute(*series_lock(sid))
+        await conn.execute(*series_lock(sid))  # held already by a store's delete: no-op
         # Whole blocks: the ones strictly inside, and an edge block the range covers.
         whole_lo = first if block_bounds(first, span)[0] >= start else first + 1
         whole_hi = last if block_bounds(last, span)[1] <= end else last - 1
@@ -410,6 +410,7 @@ __all__ = [
     "newest",
     "read",
     "rows",
+    "series_lock",
     "series_points",
     "series_with_chunks",
     "value_columns",

@@ -1,6 +1,10 @@
 """The SQL the PostgreSQL time-series store reads with, and how rows become values.
 
-Aggregation runs in PostgreSQL, per key, with the contract's rules (see
+A key with chunks in the range (`tschunks.py`) is read into `Points` and answered by
+`storage/aggregate.py` (`chunked`); a key whose points in the range are all rows is
+answered by the SQL below.
+
+Aggregation of rows runs in PostgreSQL, per key, with the contract's rules (see
 `storage/timeseries.py`; the SQLite store computes the same with numpy in
 `storage/aggregate.py`):
 
