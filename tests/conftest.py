@@ -9,6 +9,8 @@ import pytest
 from tests.influxd import InfluxServer
 from tests.postgres import PgServer
 
+pytest_plugins = ["tests.redis_hot"]  # the `redis_hot` fixture
+
 
 @pytest.fixture(scope="session")
 def influxd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxServer]:

@@ -14,21 +14,26 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Collection
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from iotmesh import __version__
 from iotmesh.api import ApiContext, create_asgi_app
 from iotmesh.bus.memory import MemoryBus
 from iotmesh.commands import RpcService
+from iotmesh.core.ids import SERVICE_NAME, instance_id
 from iotmesh.core.lifecycle import Health, Service
 from iotmesh.core.settings import Settings
+from iotmesh.core.tracing import INSTRUMENTATION, Tracing, make_provider
+from iotmesh.core.tracing import shutdown as shutdown_tracing
 from iotmesh.datadir import DataDir
 from iotmesh.devicestate import AttributeService, ConnectivityService
-from iotmesh.pipeline import LatestValues, Pipeline
+from iotmesh.pipeline import LatestCache, LatestValues, Pipeline
 from iotmesh.pipeline.ingest import TelemetryIngest
 from iotmesh.registry import DeviceRegistry
+from iotmesh.storage.retention import DevicesOfTypes, RetentionJob
 from iotmesh.storage.sqlite.sessions import FILE_NAME as SESSIONS_FILE
 from iotmesh.storage.sqlite.sessions import SqliteSessionStore
 from iotmesh.storage.sqlite.state import SqliteStateStore
@@ -40,6 +45,12 @@ from iotmesh.transports.coap import CoapServer
 from iotmesh.transports.http import HttpServer
 from iotmesh.transports.http_granian import GranianHttpServer
 from iotmesh.transports.mqtt import MqttServer
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+    from opentelemetry.trace import TracerProvider
+
+    from iotmesh.storage.redis import HotState
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +66,27 @@ def timeseries_store(settings: Settings, data_dir: Path) -> TimeSeriesStore:
         from iotmesh.storage.postgres import PostgresTimeSeriesStore
 
         return PostgresTimeSeriesStore(settings.storage.postgres)
-    return SqliteTimeSeriesStore(data_dir / "timeseries.db", settings.storage.sqlite)
+    levels = [level.interval_ms for level in settings.storage.retention.rollups]
+    return SqliteTimeSeriesStore(data_dir / "timeseries.db", settings.storage.sqlite, levels)
+
+
+def devices_of_types(registry: DeviceRegistry) -> DevicesOfTypes:
+    """The retention job's view of the registry: device ids by type."""
+
+    async def lookup(types: Collection[str]) -> dict[str, list[str]]:
+        wanted = set(types)
+        out: dict[str, list[str]] = {t: [] for t in wanted}
+        page = 0
+        while True:
+            listing = await registry.list(page, 1000)
+            for device in listing.data:
+                if device.type in wanted:
+                    out[device.type].append(device.id)
+            if not listing.has_next:
+                return out
+            page += 1
+
+    return lookup
 
 
 def state_store(settings: Settings, data_dir: Path) -> StateStore:
@@ -65,6 +96,14 @@ def state_store(settings: Settings, data_dir: Path) -> StateStore:
 
         return PostgresStateStore(settings.storage.postgres)
     return SqliteStateStore(data_dir / "state.db", settings.storage.sqlite.synchronous)
+
+
+def uses_redis(settings: Settings) -> bool:
+    """Whether any hot state is configured to live in Redis (`storage.redis`)."""
+    r = settings.storage.redis
+    return (
+        settings.storage.latest == "redis" or r.connectivity or r.attribute_cache or r.rpc_wakeups
+    )
 
 
 class _StoreService(Service):
@@ -107,10 +146,18 @@ class Platform:
     Usage:
         async with Platform(settings) as platform:
             await platform.wait_closed()   # until `shutdown()` or a service fails
+
+    `tracer_provider`: with `tracing.enabled`, spans go to this provider instead of
+    the one the settings describe (tests read them with an in-memory exporter);
+    `tracing.sample_ratio` still applies.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, *, tracer_provider: TracerProvider | None = None
+    ) -> None:
         self.settings = settings
+        self._tracer_provider = tracer_provider
+        self._started = False
         self.data_dir = DataDir(settings.data_dir)
         self.admin_token = ""
         self.admin_token_generated = False
@@ -137,6 +184,7 @@ class Platform:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._shutdown.set()  # /readyz says so while the services stop
         async with asyncio.timeout(self.settings.shutdown_timeout_s):
             await self._stack.aclose()
 
@@ -144,39 +192,98 @@ class Platform:
         await self._stack.enter_async_context(service)
         self._services.append(service)
 
+    def _tracing(self) -> Tracing | None:
+        """The tracer of every service, None when tracing is off (see core/tracing.py)."""
+        if not self.settings.tracing.enabled:
+            return None
+        provider = self._tracer_provider
+        if provider is None:
+            built = make_provider(
+                self.settings.tracing,
+                service=SERVICE_NAME,
+                version=__version__,
+                instance=instance_id(),
+            )
+            # Sends the spans still batched; runs after every service stopped.
+            self._stack.push_async_callback(self._stop_tracing, built)
+            provider = built
+        tracer = provider.get_tracer(INSTRUMENTATION, __version__)
+        return Tracing(tracer, self.settings.tracing.sample_ratio)
+
+    async def _stop_tracing(self, provider: SdkTracerProvider) -> None:
+        if not await shutdown_tracing(provider, self.settings.tracing.export_timeout_s):
+            log.warning("tracing: the collector did not take the last spans; dropped")
+
     async def _start(self) -> None:
         settings = self.settings
         path = self.data_dir.path
+        tracing = self._tracing()
+        tracer = None if tracing is None else tracing.tracer
         if settings.admin_token is not None:
             self.admin_token = settings.admin_token.get_secret_value()
         else:
             self.admin_token, self.admin_token_generated = self.data_dir.admin_token()
 
         sync = settings.storage.sqlite.synchronous
+        hot: HotState | None = None
+        if uses_redis(settings):
+            # Imported only when chosen, like the other engines.
+            from iotmesh.storage.redis import HotState
+
+            hot = HotState(settings.storage.redis)
+            await self._enter(hot)
         state = state_store(settings, path)
         registry = DeviceRegistry(state)
-        attributes = AttributeService(state)
-        rpc = RpcService(state, settings.devices)
-        connectivity = ConnectivityService(settings.devices.inactivity_timeout_s, store=state)
+        attribute_cache = None
+        if hot is not None and settings.storage.redis.attribute_cache:
+            from iotmesh.storage.redis import RedisAttributeCache
+
+            attribute_cache = RedisAttributeCache(hot)
+        attributes = AttributeService(state, attribute_cache)
+        notifier = None
+        if hot is not None and settings.storage.redis.rpc_wakeups:
+            from iotmesh.commands.wakeups import CLAIM_TTL_S
+            from iotmesh.storage.redis import RedisRpcNotifier
+
+            notifier = RedisRpcNotifier(hot, CLAIM_TTL_S)
+        rpc = RpcService(state, settings.devices, notifier=notifier)
+        mirror = None
+        if hot is not None and settings.storage.redis.connectivity:
+            from iotmesh.storage.redis import RedisConnectivityMirror
+
+            mirror = RedisConnectivityMirror(hot)
+        connectivity = ConnectivityService(
+            settings.devices.inactivity_timeout_s,
+            store=state,
+            mirror=mirror,
+            mirror_interval_s=settings.storage.redis.connectivity_flush_s,
+        )
         store = timeseries_store(settings, path)
-        writer = BatchWriter(store, settings.writer)
+        writer = BatchWriter(store, settings.writer, tracer)
         bus = MemoryBus(settings.bus)
-        latest = LatestValues()
+        latest: LatestCache = LatestValues()
+        if settings.storage.latest == "redis" and hot is not None:
+            from iotmesh.storage.redis import RedisLatestValues
+
+            latest = RedisLatestValues(hot)
         await self._enter(registry)
         await self._enter(attributes)
         await self._enter(rpc)
         await self._enter(connectivity)
         await self._enter(_StoreService(store))
         await self._enter(writer)
+        await self._enter(
+            RetentionJob(store, settings.storage.retention, devices_of_types(registry))
+        )
         await self._enter(_BusService(bus))
-        await self._enter(Pipeline(bus, writer, latest))
+        await self._enter(Pipeline(bus, writer, latest, tracer=tracer))
 
-        ingest = TelemetryIngest(bus, settings.http.enqueue_timeout_s)
+        ingest = TelemetryIngest(bus, settings.http.enqueue_timeout_s, tracing)
         self.mqtt = MqttServer(
             settings.host,
             settings.mqtt,
             registry,
-            TelemetryIngest(bus, None),  # MQTT waits for room: slow acks, not errors
+            TelemetryIngest(bus, None, tracing),  # MQTT waits for room: slow acks, not errors
             attributes,
             rpc,
             sessions=SqliteSessionStore(path / SESSIONS_FILE, sync),
@@ -206,6 +313,8 @@ class Platform:
             ingest=ingest,
             health=self.health,
             stats=self.stats,
+            ready=self.not_ready,
+            services=self._services,  # the list itself: it holds the HTTP server too
         )
         server = GranianHttpServer if settings.http.server == "granian" else HttpServer
         self.http = server(
@@ -217,10 +326,20 @@ class Platform:
         )
         await self._enter(self.http)
         self.data_dir.write_run_info(self.run_info())
+        self._started = True
 
     def health(self) -> dict[str, Health]:
         """Each started service's health, by name."""
         return {s.name: s.health() for s in self._services}
+
+    def not_ready(self) -> list[str]:
+        """Why this process should not be sent traffic now; empty when it is ready:
+        every service started and healthy, and no shutdown asked for (`/readyz`)."""
+        if self._shutdown.is_set():
+            return ["shutting down"]
+        if not self._started:
+            return ["starting"]
+        return [f"{name}: {h.detail or 'not ok'}" for name, h in self.health().items() if not h.ok]
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Each service's counters, by service name (those that have any)."""
@@ -245,6 +364,7 @@ class Platform:
             http["tls_url"] = f"https://{shown}:{self.http.tls_port}"
         return {
             "pid": os.getpid(),
+            "instance_id": instance_id(),
             "version": __version__,
             "data_dir": str(self.data_dir.path),
             "http": http,

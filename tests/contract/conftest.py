@@ -52,8 +52,9 @@ async def _sqlite_settle(store: TimeSeriesStore) -> None:
 
 def _sqlite(tmp_path: Path) -> TimeSeriesStore:
     # Small chunks and an early compaction, so a test's few points exercise both.
+    # Rollup levels that the suite's intervals (10, 25, a minute, random) read.
     settings = SqliteSettings(chunk_max_points=16, compact_min_chunks=3)
-    return SqliteTimeSeriesStore(tmp_path / "timeseries.db", settings)
+    return SqliteTimeSeriesStore(tmp_path / "timeseries.db", settings, (5, 10, 60_000))
 
 
 def _influxdb(server: InfluxServer, tmp_path: Path) -> TimeSeriesStore:

@@ -27,6 +27,7 @@ from iotmesh.storage.points import Points
 from iotmesh.storage.postgres import PostgresTimeSeriesStore, timeseries, tsschema
 from iotmesh.storage.postgres.connection import migrate, schema_version
 from iotmesh.storage.postgres.tschunks import CHUNK_SPAN_MS
+from iotmesh.storage.rollup import RetentionPolicy
 from iotmesh.storage.timeseries import Query, SeriesWrite
 from tests.postgres import PgServer
 
@@ -291,5 +292,28 @@ async def test_background_task_compacts_older_blocks(
         finally:
             await conn.close()
         await _check(store, "d", model)
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("cutoff", [2 * H + 600_000, 2 * H])
+async def test_retention_expires_chunks(postgres: PgServer, tmp_path: Path, cutoff: int) -> None:
+    """Raw TTLs reach packed points: whole blocks before the cutoff go, the block it
+    cuts is rewritten, rows and chunks alike."""
+    store = PostgresTimeSeriesStore(postgres.settings(str(tmp_path)))
+    await store.open()
+    try:
+        await _stop_background(store)
+        model = {t: float(t % 977) for t in range(0, 4 * H, 60_000)}
+        records = [TsRecord(t, {"v": v}) for t, v in model.items()]
+        await store.write([SeriesWrite("d", records), SeriesWrite("kept", records)])
+        await store.compact()  # blocks 0-2 packed, block 3 rows
+        await store.write([SeriesWrite("d", [TsRecord(H + 5, {"v": "late"})])])  # a row
+        now = 10 * H
+        policy = RetentionPolicy(now_ms=now, raw_ttl_ms=now - cutoff, entities={"kept": 0})
+        await store.apply_retention(policy)
+        await _check(store, "d", {t: v for t, v in model.items() if t >= cutoff})
+        model[H + 5] = "late"
+        await _check(store, "kept", {t: v for t, v in model.items() if t != H + 5})
     finally:
         await store.close()

@@ -27,20 +27,8 @@ from iotmesh.cli.storage_options import (
     storage_overrides,
 )
 from iotmesh.core.errors import IotmeshError
+from iotmesh.core.logs import configure_logging, json_log_identity
 from iotmesh.core.settings import Settings, load_settings
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # hypercorn logs every lifespan/connection detail at INFO; keep ours readable.
-    logging.getLogger("hypercorn.error").setLevel(max(logging.WARNING, logging.root.level))
-    # aiocoap logs every 2.31 Continue and error answer at INFO: one line per request.
-    logging.getLogger("iotmesh.coap.aiocoap").setLevel(max(logging.WARNING, logging.root.level))
-
 
 GC_YOUNG = 10_000
 
@@ -107,6 +95,9 @@ def run(
     coap_port: Annotated[int | None, typer.Option(help="CoAP port (0 = any free).")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML settings file.")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
+    log_format: Annotated[
+        str | None, typer.Option(help="text, or json (one JSON object per line).")
+    ] = None,
     storage: StorageOpt = None,
     influx_url: InfluxUrlOpt = None,
     influx_version: InfluxVersionOpt = None,
@@ -134,6 +125,7 @@ def run(
                 "mqtt.port": mqtt_port,
                 "coap.port": coap_port,
                 "log_level": log_level,
+                "log_format": log_format,
                 **storage_overrides(
                     storage,
                     influx_url,
@@ -148,10 +140,13 @@ def run(
                 ),
             },
         )
-        _configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
         asyncio.run(_serve(settings))
     except IotmeshError as exc:
-        print(f"iotmesh: cannot start: {exc}", file=sys.stderr)
+        if json_log_identity() is not None:  # stderr is read as JSON lines: stay one
+            logging.getLogger("iotmesh.cli").error("cannot start: %s", exc)
+        else:
+            print(f"iotmesh: cannot start: {exc}", file=sys.stderr)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None

@@ -61,6 +61,7 @@ from iotmesh.storage import aggregate
 from iotmesh.storage.points import INT64_MAX, INT64_MIN, Kind, classify
 from iotmesh.storage.postgres import tschunks, tsquery, tsschema
 from iotmesh.storage.postgres.connection import Conn, create_pool, migrate, translated
+from iotmesh.storage.rollup import RetentionPolicy
 from iotmesh.storage.timeseries import Query, SeriesWrite
 
 log = logging.getLogger(__name__)
@@ -322,8 +323,7 @@ class PostgresTimeSeriesStore:
                 return 0
             # The series' chunk locks before any row lock, in one order, as compaction
             # takes them: the other way round, the two could deadlock.
-            for sid in sorted(sids):
-                await conn.execute(*tschunks.series_lock(sid))
+            await tschunks.lock_series(conn, sids)
             deleted = await conn.fetch(
                 "DELETE FROM ts_points WHERE series_id = ANY($1::bigint[])"
                 " AND ts >= $2 AND ts <= $3 RETURNING series_id, ts",
@@ -405,6 +405,34 @@ class PostgresTimeSeriesStore:
                 log.exception("compaction of the PostgreSQL time series failed")
                 found = 0
             await asyncio.sleep(0 if found else COMPACT_IDLE_S)
+
+    async def apply_retention(self, policy: RetentionPolicy) -> None:
+        """Delete raw points past their TTL; no rollups on PostgreSQL yet.
+
+        Series are grouped by their TTL (`RetentionPolicy.raw_ttl`: the default, a key's or
+        a device's rule), and each group is one transaction: a DELETE of rows, one of the
+        chunks wholly before the cutoff, and a rewrite of the chunks the cutoff cuts, so a
+        pass costs a few statements per distinct TTL, not per series. Latest values stay
+        (they are the current state)."""
+        if not (policy.raw_ttl_ms or policy.keys or policy.entities):
+            return
+        async with translated(_WHAT), self.pool.acquire() as conn:
+            series = await conn.fetch("SELECT id, entity_id, key FROM ts_series")
+            by_ttl: dict[int, list[int]] = {}
+            for sid, entity_id, key in series:
+                ttl = policy.raw_ttl(entity_id, key)
+                if ttl > 0:
+                    by_ttl.setdefault(ttl, []).append(sid)
+            for ttl, sids in sorted(by_ttl.items()):
+                cutoff = policy.now_ms - ttl
+                async with conn.transaction():
+                    await tschunks.lock_series(conn, sids)
+                    await conn.execute(
+                        "DELETE FROM ts_points WHERE series_id = ANY($1::bigint[]) AND ts < $2",
+                        sids,
+                        cutoff,
+                    )
+                    await tschunks.expire(conn, sids, cutoff, self._span)
 
 
 __all__ = ["PostgresTimeSeriesStore"]

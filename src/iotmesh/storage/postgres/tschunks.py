@@ -379,6 +379,42 @@ async def delete_range(
     return count
 
 
+async def lock_series(conn: Conn, sids: Sequence[int]) -> None:
+    """Take `series_lock` of every series of `sids`, in ascending order, in one
+    statement (before any of their rows is locked, as compaction takes them)."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('iotmesh:chunks'), (s % 2147483648)::int)"
+        " FROM (SELECT DISTINCT s FROM unnest($1::bigint[]) AS u (s) ORDER BY s) o",
+        list(sids),
+    )
+
+
+async def expire(conn: Conn, sids: Sequence[int], cutoff: int, span: int) -> None:
+    """Delete the chunk points of `sids` older than `cutoff` (retention).
+
+    Run inside a transaction, after `lock_series`. The blocks wholly before the cutoff
+    go in one statement; the one the cutoff cuts is rewritten, per series that has it.
+    """
+    cut = block_of(cutoff, span)
+    await conn.execute(
+        "DELETE FROM ts_chunks WHERE series_id = ANY($1::bigint[]) AND block < $2",
+        list(sids),
+        cut,
+    )
+    if block_bounds(cut, span)[0] == cutoff:
+        return
+    for row in await conn.fetch(
+        f"SELECT series_id, {CHUNK_COLUMNS} FROM ts_chunks"
+        " WHERE series_id = ANY($1::bigint[]) AND block = $2 FOR UPDATE",
+        list(sids),
+        cut,
+    ):
+        points = decode(row, 1)
+        keep = points.ts >= cutoff
+        if not keep.all():
+            await write_chunk(conn, row[0], cut, points.take(np.flatnonzero(keep)))
+
+
 async def newest(conn: Conn, sid: int) -> tuple[int, Any] | None:
     """The newest point of `sid` (ts, value), rows and chunks together; None if none."""
     row = await conn.fetchrow(
@@ -407,6 +443,8 @@ __all__ = [
     "decode",
     "delete_range",
     "encode",
+    "expire",
+    "lock_series",
     "newest",
     "read",
     "rows",
