@@ -112,7 +112,8 @@ class Backend:
             levels = self.args.levels if levels is None else levels
             return SqliteTimeSeriesStore(self.data_dir / f"{name}.db", settings, levels)
         if self.name == "postgres":
-            pg = PostgresSettings(url=self.postgres_url, schema_name=f"bench_{name}")
+            schema = "bench_" + name.replace("-", "_")
+            pg = PostgresSettings(url=self.postgres_url, schema_name=schema)
             return PostgresTimeSeriesStore(pg)
         database = f"bench_{name}_{time.time_ns()}"
         return InfluxTimeSeriesStore(InfluxSettings(url=self.influx_url, database=database))
