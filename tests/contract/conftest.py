@@ -63,6 +63,12 @@ def _influxdb(server: InfluxServer, tmp_path: Path) -> TimeSeriesStore:
     return InfluxTimeSeriesStore(InfluxSettings(url=server.url, database=database))
 
 
+async def _postgres_settle(store: TimeSeriesStore) -> None:
+    # Every point into chunks (the background task leaves the newest block as rows).
+    assert isinstance(store, PostgresTimeSeriesStore)
+    await store.compact(everything=True)
+
+
 def _postgres(server: PgServer, tmp_path: Path) -> TimeSeriesStore:
     # A schema per test, named after its tmp dir: the same on a reopen in one test.
     # Daily partitions, so the tests' timestamps (1970 and 2023) span a few of them.
@@ -72,7 +78,7 @@ def _postgres(server: PgServer, tmp_path: Path) -> TimeSeriesStore:
 BACKENDS = [
     Backend("sqlite", _sqlite, _sqlite_settle),
     Backend("influxdb", _influxdb, no_background_work, server="influxd"),
-    Backend("postgres", _postgres, no_background_work, server="postgres"),
+    Backend("postgres", _postgres, _postgres_settle, server="postgres"),
 ]
 
 

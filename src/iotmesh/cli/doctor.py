@@ -99,7 +99,10 @@ async def check_postgres(settings: PostgresSettings, components: Sequence[str]) 
     from iotmesh.storage.postgres import state, tsschema
     from iotmesh.storage.postgres.connection import CAUGHT, schema_version, server_facts, where
 
-    known = {tsschema.COMPONENT: 1, state.COMPONENT: len(state.MIGRATIONS)}
+    known = {
+        tsschema.COMPONENT: len(tsschema.migrations(settings)),
+        state.COMPONENT: len(state.MIGRATIONS),
+    }
     password = settings.password.get_secret_value() if settings.password else None
     try:
         conn = await asyncpg.connect(

@@ -15,11 +15,20 @@ in one statement pair, committed on their own: an unused series row is harmless)
 missing partitions are created. PostgreSQL's commit (synchronous_commit on, the
 default) makes the batch durable before `write` returns.
 
-Reads run in one read-only REPEATABLE READ transaction per call, so the keys of one
-query see the same commits and never half a batch.
+Chunks (`tschunks.py`): a background task (`compact`) moves the rows of each series'
+older blocks (an hour each) into `ts_chunks`, one row of packed arrays per series per
+block, so that a query over 1M points reads ~280 rows instead of 1M. The block of a
+series' newest point stays as rows while it is written to.
 
-Deletes recompute `ts_latest` of the series whose newest point was deleted from the
-newest remaining one (an index probe per series). A deleted device's points and latest
+Reads run in one read-only REPEATABLE READ transaction per call, so the keys of one
+query see the same commits and never half a batch, nor a block both as rows and chunk.
+A key without chunks in the range is answered by SQL (`tsquery.raw`/`aggregated`); one
+with chunks is read into numpy columns and answered like the SQLite store's
+(`tsquery.chunked`).
+
+Deletes remove rows and cut points out of chunks, and recompute `ts_latest` of the
+series whose newest point was deleted from the newest remaining one (an index probe per
+series, in rows and chunks). A deleted device's points and latest
 values are deleted; its `ts_series` rows stay (a few bytes each), so series ids cached
 by other instances stay valid.
 
@@ -27,14 +36,18 @@ Error handling: see `connection.py`. Connection errors and server failures are
 `StorageError` (the writer retries), data PostgreSQL refuses (a key holding NUL, a ts
 outside int64) is `PayloadError`, like the SQLite store.
 
-Resource handling: `open` creates the pool, migrates the schema and loads the partition
-list; `close` waits for a write in progress, then closes the pool (waiting for queries
-in progress).
+Resource handling: `open` creates the pool, migrates the schema, loads the partition
+list and starts the compaction task; `close` stops that task (a compaction in progress
+rolls back), waits for a write in progress, then closes the pool (waiting for queries
+in progress). A compaction that fails (server away) is logged and retried later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,12 +60,18 @@ from iotmesh.core.settings import PostgresSettings
 from iotmesh.core.types import Aggregation, TsPoint
 from iotmesh.storage import aggregate
 from iotmesh.storage.points import INT64_MAX, INT64_MIN, Kind, classify
-from iotmesh.storage.postgres import tsquery, tsschema
+from iotmesh.storage.postgres import tschunks, tsquery, tsschema
 from iotmesh.storage.postgres.connection import Conn, create_pool, migrate, translated
 from iotmesh.storage.rollup import RetentionPolicy
 from iotmesh.storage.timeseries import Query, SeriesWrite
 
+log = logging.getLogger(__name__)
+
 _WHAT = "time-series store"
+
+# Seconds the compaction task waits at least when it found nothing to compact (or
+# failed); more when the search took long (many series).
+COMPACT_IDLE_S = 5.0
 _json = msgspec.json.Encoder()
 
 # Series ids cached per entity; the cache is dropped whole when it holds more than this.
@@ -89,12 +108,9 @@ _LATEST = f"""
     SELECT s.key, l.ts, l.{tsquery.VALUE_COLUMNS.replace(", ", ", l.")}
     FROM ts_series s JOIN ts_latest l ON l.series_id = s.id WHERE s.entity_id = $1
 """
-_RECOMPUTE_LATEST = f"""
+_INSERT_LATEST = """
     INSERT INTO ts_latest (series_id, ts, kind, v_d, v_l, v_b, v_s, v_j)
-    SELECT s.id, p.ts, p.{tsquery.VALUE_COLUMNS.replace(", ", ", p.")}
-    FROM unnest($1::bigint[]) AS s (id) CROSS JOIN LATERAL (
-        SELECT * FROM ts_points WHERE series_id = s.id ORDER BY ts DESC LIMIT 1
-    ) p
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 """
 
 
@@ -105,6 +121,8 @@ class PostgresTimeSeriesStore:
         self.settings = settings
         self._pool: asyncpg.Pool | None = None
         self._partitions: tsschema.Partitions | None = None
+        self._span = tschunks.CHUNK_SPAN_MS
+        self._compactor: asyncio.Task[None] | None = None
         self._series: dict[str, dict[str, int]] = {}
         self._cached = 0
         # Held by a write; `close` takes it, so it waits for a write in progress.
@@ -127,12 +145,20 @@ class PostgresTimeSeriesStore:
                     tsschema.migrations(self.settings),
                 )
                 self._partitions = await tsschema.Partitions.load(conn)
+                span = await conn.fetchval("SELECT value FROM ts_meta WHERE name = 'chunk_span_ms'")
+                self._span = int(span)
         except BaseException:
             await pool.close()
             raise
         self._pool = pool
+        self._compactor = asyncio.create_task(self._compact_forever(), name="pg-ts-compaction")
 
     async def close(self) -> None:
+        task, self._compactor = self._compactor, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         async with self._writing:
             pool, self._pool = self._pool, None
             if pool is not None:
@@ -231,18 +257,31 @@ class PostgresTimeSeriesStore:
             self.pool.acquire() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
-            ids = {r[0]: r[1] for r in await conn.fetch(_KEY_IDS, q.entity_id, keys)}
+            series = await tschunks.series_with_chunks(
+                conn, q.entity_id, keys, q.start_ts, q.end_ts, self._span
+            )
             for key in keys:
-                if key not in ids:
+                if key not in series:
                     continue
-                if q.agg is Aggregation.NONE:
-                    found = await tsquery.raw(
-                        conn, ids[key], q.start_ts, q.end_ts, q.order, q.limit
+                sid, chunked = series[key]
+                if chunked:
+                    found = await tsquery.chunked(
+                        conn,
+                        sid,
+                        q.start_ts,
+                        q.end_ts,
+                        q.agg,
+                        q.interval_ms,
+                        q.order,
+                        q.limit,
+                        self._span,
                     )
+                elif q.agg is Aggregation.NONE:
+                    found = await tsquery.raw(conn, sid, q.start_ts, q.end_ts, q.order, q.limit)
                 else:
                     found = await tsquery.aggregated(
                         conn,
-                        ids[key],
+                        sid,
                         q.start_ts,
                         q.end_ts,
                         q.agg,
@@ -284,14 +323,28 @@ class PostgresTimeSeriesStore:
             sids = [r[1] for r in await conn.fetch(_KEY_IDS, entity_id, list(set(keys)))]
             if not sids:
                 return 0
-            status = await conn.execute(
+            # The series' chunk locks before any row lock, in one order, as compaction
+            # takes them: the other way round, the two could deadlock.
+            await tschunks.lock_series(conn, sids)
+            deleted = await conn.fetch(
                 "DELETE FROM ts_points WHERE series_id = ANY($1::bigint[])"
-                " AND ts >= $2 AND ts <= $3",
+                " AND ts >= $2 AND ts <= $3 RETURNING series_id, ts",
                 sids,
                 start_ts,
                 end_ts,
             )
-            count = int(status.rsplit(" ", 1)[1])
+            count = len(deleted)
+            rows_ts: dict[int, list[int]] = {}
+            for sid, ts in deleted:
+                rows_ts.setdefault(sid, []).append(ts)
+            count += await tschunks.delete_range(
+                conn,
+                sids,
+                start_ts,
+                end_ts,
+                self._span,
+                {sid: np.array(ts, np.int64) for sid, ts in rows_ts.items()},
+            )
             if count:
                 stale = await conn.fetch(
                     "DELETE FROM ts_latest WHERE series_id = ANY($1::bigint[])"
@@ -300,8 +353,11 @@ class PostgresTimeSeriesStore:
                     start_ts,
                     end_ts,
                 )
-                if stale:
-                    await conn.execute(_RECOMPUTE_LATEST, [r[0] for r in stale])
+                for (sid,) in stale:
+                    found = await tschunks.newest(conn, sid)
+                    if found is not None:
+                        ts, v = found
+                        await conn.execute(_INSERT_LATEST, sid, ts, *tschunks.value_columns(v))
         return count
 
     async def delete_entity(self, entity_id: str) -> None:
@@ -309,13 +365,61 @@ class PostgresTimeSeriesStore:
         async with translated(_WHAT), self.pool.acquire() as conn, conn.transaction():
             await conn.execute(f"DELETE FROM ts_points WHERE series_id IN ({series})", entity_id)
             await conn.execute(f"DELETE FROM ts_latest WHERE series_id IN ({series})", entity_id)
+            await conn.execute(f"DELETE FROM ts_chunks WHERE series_id IN ({series})", entity_id)
+
+    # -- compaction ----------------------------------------------------------------
+
+    async def compact(self, *, everything: bool = False) -> int:
+        """Compact until nothing is left to; return the points moved into chunks.
+
+        Args:
+            everything: also the block of each series' newest point (tests, benchmarks:
+                every point in chunks); by default that block stays as rows.
+        """
+        total = 0
+        while True:
+            found, moved = await self._compact_round(everything)
+            total += moved
+            if not found:
+                return total
+
+    async def _compact_round(self, everything: bool) -> tuple[int, int]:
+        """One pass over the series with something to compact, a block each: (blocks
+        found, points moved; none when another instance compacted them meanwhile)."""
+        moved = 0
+        async with translated(_WHAT), self.pool.acquire() as conn:
+            found = await tschunks.candidates(conn, self._span, everything)
+            for sid, block in found:
+                async with conn.transaction():
+                    moved += await tschunks.compact_block(conn, sid, block, self._span)
+        return len(found), moved
+
+    async def _compact_forever(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                found, _ = await self._compact_round(everything=False)
+            except StorageError as exc:
+                log.warning("compaction of the PostgreSQL time series failed: %s", exc)
+                found = 0
+            except Exception:
+                # A bug here must not stop the store: writes and reads work without
+                # compaction (slower); say so loudly and try again later.
+                log.exception("compaction of the PostgreSQL time series failed")
+                found = 0
+            # Idle, the candidate search (an index probe per series) runs at most ~10%
+            # of the time, however many series there are.
+            idle = max(COMPACT_IDLE_S, 10 * (time.monotonic() - started))
+            await asyncio.sleep(0 if found else idle)
 
     async def apply_retention(self, policy: RetentionPolicy) -> None:
         """Delete raw points past their TTL; no rollups on PostgreSQL yet.
 
         Series are grouped by their TTL (`RetentionPolicy.raw_ttl`: the default, a key's or
-        a device's rule), and each group is one DELETE, so a pass costs a statement per
-        distinct TTL, not per series. Latest values stay (they are the current state)."""
+        a device's rule), and each group is one transaction: a DELETE of rows, one of the
+        chunks wholly before the cutoff, and a rewrite of the chunks the cutoff cuts, so a
+        pass costs a few statements per distinct TTL, not per series. Latest values stay
+        (they are the current state)."""
         if not (policy.raw_ttl_ms or policy.keys or policy.entities):
             return
         async with translated(_WHAT), self.pool.acquire() as conn:
@@ -326,11 +430,15 @@ class PostgresTimeSeriesStore:
                 if ttl > 0:
                     by_ttl.setdefault(ttl, []).append(sid)
             for ttl, sids in sorted(by_ttl.items()):
-                await conn.execute(
-                    "DELETE FROM ts_points WHERE series_id = ANY($1::bigint[]) AND ts < $2",
-                    sids,
-                    policy.now_ms - ttl,
-                )
+                cutoff = policy.now_ms - ttl
+                async with conn.transaction():
+                    await tschunks.lock_series(conn, sids)
+                    await conn.execute(
+                        "DELETE FROM ts_points WHERE series_id = ANY($1::bigint[]) AND ts < $2",
+                        sids,
+                        cutoff,
+                    )
+                    await tschunks.expire(conn, sids, cutoff, self._span)
 
 
 __all__ = ["PostgresTimeSeriesStore"]

@@ -1,6 +1,10 @@
 """The SQL the PostgreSQL time-series store reads with, and how rows become values.
 
-Aggregation runs in PostgreSQL, per key, with the contract's rules (see
+A key with chunks in the range (`tschunks.py`) is read into `Points` and answered by
+`storage/aggregate.py` (`chunked`); a key whose points in the range are all rows is
+answered by the SQL below.
+
+Aggregation of rows runs in PostgreSQL, per key, with the contract's rules (see
 `storage/timeseries.py`; the SQLite store computes the same with numpy in
 `storage/aggregate.py`):
 
@@ -33,7 +37,8 @@ import msgspec
 from iotmesh.core.errors import StorageError
 from iotmesh.core.types import Aggregation, Order, TsPoint
 from iotmesh.storage import aggregate
-from iotmesh.storage.points import Kind
+from iotmesh.storage.points import Kind, merge
+from iotmesh.storage.postgres import tschunks
 from iotmesh.storage.postgres.connection import Conn
 
 _json = msgspec.json.Decoder()
@@ -117,6 +122,37 @@ async def aggregated(
     return [TsPoint(r[0], _bucket_value(agg, r)) for r in rows]
 
 
+async def chunked(
+    conn: Conn,
+    sid: int,
+    start: int,
+    end: int,
+    agg: Aggregation,
+    interval_ms: int,
+    order: Order,
+    limit: int,
+    span: int,
+) -> list[TsPoint]:
+    """The answer of one key with points in chunks: read into `Points`, answered by
+    `storage/aggregate.py` (see `tschunks.py`).
+
+    A raw query reads the first `limit` rows and `limit + 2` chunks from the `order`
+    end: a chunk overlapping the range holds at least one point of it, but the two at
+    its edges, so those are enough; a row rewriting a chunk's point replaces it.
+    """
+    if agg is Aggregation.NONE:
+        desc = order is Order.DESC
+        parts = await tschunks.read(conn, sid, start, end, span, limit + 2, desc=desc)
+        parts.append(await tschunks.rows(conn, sid, start, end, limit, desc=desc))
+        points = merge(parts).window(start, end)
+        return aggregate.to_ts_points(points, order, limit)
+    points = await tschunks.series_points(conn, sid, start, end, span)
+    if len(points):  # counted over points of every kind, as the SQL path's probe does
+        aggregate.check_buckets(int(points.ts[0]), int(points.ts[-1]), interval_ms)
+    buckets = aggregate.aggregate(points, agg, interval_ms)
+    return aggregate.to_ts_points(buckets, order, limit)
+
+
 def _bucket_value(agg: Aggregation, row: asyncpg.Record) -> Any:
     _, n, all_long, long_sum, total, long_min, long_max, low, high, has_nan = row
     if agg is Aggregation.AVG:
@@ -128,4 +164,4 @@ def _bucket_value(agg: Aggregation, row: asyncpg.Record) -> Any:
     return int(long_max) if all_long else math.nan if has_nan else float(high)
 
 
-__all__ = ["PROBE", "RAW", "VALUE_COLUMNS", "aggregated", "raw", "value"]
+__all__ = ["PROBE", "RAW", "VALUE_COLUMNS", "aggregated", "chunked", "raw", "value"]
