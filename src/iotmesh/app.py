@@ -14,76 +14,20 @@ import asyncio
 import contextlib
 import logging
 import os
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 from iotmesh import __version__
-from iotmesh.api import ApiContext, create_asgi_app
-from iotmesh.bus.memory import MemoryBus
-from iotmesh.commands import RpcService
-from iotmesh.core.lifecycle import Health, Service
+from iotmesh.core.lifecycle import Health
 from iotmesh.core.settings import Settings
 from iotmesh.datadir import DataDir
-from iotmesh.devicestate import AttributeService, ConnectivityService
-from iotmesh.pipeline import LatestValues, Pipeline
-from iotmesh.pipeline.ingest import TelemetryIngest
-from iotmesh.registry import DeviceRegistry
-from iotmesh.storage.sqlite.sessions import FILE_NAME as SESSIONS_FILE
-from iotmesh.storage.sqlite.sessions import SqliteSessionStore
-from iotmesh.storage.sqlite.state import SqliteStateStore
-from iotmesh.storage.sqlite.tsdb import SqliteTimeSeriesStore
-from iotmesh.storage.timeseries import TimeSeriesStore
-from iotmesh.storage.writer import BatchWriter
-from iotmesh.transports.http import HttpServer
-from iotmesh.transports.http_granian import GranianHttpServer
+from iotmesh.pipeline import LatestValues
 from iotmesh.transports.mqtt import MqttServer
+from iotmesh.wiring import AnyHttpServer, Builder, timeseries_store
 
 log = logging.getLogger(__name__)
 
-
-def timeseries_store(settings: Settings, data_dir: Path) -> TimeSeriesStore:
-    """The time-series store `storage.timeseries` names (unopened)."""
-    if settings.storage.timeseries == "influxdb":
-        # Imported only when chosen: the embedded default needs no InfluxDB client.
-        from iotmesh.storage.influx import InfluxTimeSeriesStore
-
-        return InfluxTimeSeriesStore(settings.storage.influxdb)
-    return SqliteTimeSeriesStore(data_dir / "timeseries.db", settings.storage.sqlite)
-
-
-class _StoreService(Service):
-    """Gives a time-series store the service lifecycle."""
-
-    name = "timeseries"
-
-    def __init__(self, store: TimeSeriesStore) -> None:
-        self.store = store
-
-    async def start(self) -> None:
-        await self.store.open()
-
-    async def stop(self) -> None:
-        await self.store.close()
-
-
-class _BusService(Service):
-    name = "bus"
-
-    def __init__(self, bus: MemoryBus) -> None:
-        self.bus = bus
-
-    async def start(self) -> None:
-        await self.bus.start()
-
-    async def stop(self) -> None:
-        await self.bus.stop()
-
-    def health(self) -> Health:
-        return Health(ok=True, detail=f"{self.bus.depth()} messages queued")
-
-    def stats(self) -> dict[str, Any]:
-        return {"queued": self.bus.depth()}
+__all__ = ["Platform", "timeseries_store"]
 
 
 class Platform:
@@ -100,9 +44,9 @@ class Platform:
         self.admin_token = ""
         self.admin_token_generated = False
         self._stack = contextlib.AsyncExitStack()
-        self._services: list[Service] = []
+        self._builder = Builder(settings, self.data_dir.path, self._stack)
         self._shutdown = asyncio.Event()
-        self.http: HttpServer | GranianHttpServer | None = None
+        self.http: AnyHttpServer | None = None
         self.mqtt: MqttServer | None = None
 
     async def __aenter__(self) -> Self:
@@ -124,80 +68,34 @@ class Platform:
         async with asyncio.timeout(self.settings.shutdown_timeout_s):
             await self._stack.aclose()
 
-    async def _enter(self, service: Service) -> None:
-        await self._stack.enter_async_context(service)
-        self._services.append(service)
-
     async def _start(self) -> None:
         settings = self.settings
-        path = self.data_dir.path
         if settings.admin_token is not None:
             self.admin_token = settings.admin_token.get_secret_value()
         else:
             self.admin_token, self.admin_token_generated = self.data_dir.admin_token()
-
-        sync = settings.storage.sqlite.synchronous
-        state = SqliteStateStore(path / "state.db", sync)
-        registry = DeviceRegistry(state)
-        attributes = AttributeService(state)
-        rpc = RpcService(state, settings.devices)
-        connectivity = ConnectivityService(settings.devices.inactivity_timeout_s, store=state)
-        store = timeseries_store(settings, path)
-        writer = BatchWriter(store, settings.writer)
-        bus = MemoryBus(settings.bus)
+        # In dependency order (the builder enters each as it is built): state, the
+        # store and its writer, the bus and the pipeline, then device traffic.
+        build = self._builder
+        await build.registry()
+        await build.attributes()
+        await build.rpc()
+        await build.connectivity()
+        writer = await build.writer()
         latest = LatestValues()
-        await self._enter(registry)
-        await self._enter(attributes)
-        await self._enter(rpc)
-        await self._enter(connectivity)
-        await self._enter(_StoreService(store))
-        await self._enter(writer)
-        await self._enter(_BusService(bus))
-        await self._enter(Pipeline(bus, writer, latest))
-
-        ingest = TelemetryIngest(bus, settings.http.enqueue_timeout_s)
-        self.mqtt = MqttServer(
-            settings.host,
-            settings.mqtt,
-            registry,
-            TelemetryIngest(bus, None),  # MQTT waits for room: slow acks, not errors
-            attributes,
-            rpc,
-            sessions=SqliteSessionStore(path / SESSIONS_FILE, sync),
-            connectivity=connectivity,
-        )
-        await self._enter(self.mqtt)
-        ctx = ApiContext(
-            settings=settings,
-            admin_token=self.admin_token,
-            registry=registry,
-            attributes=attributes,
-            rpc=rpc,
-            connectivity=connectivity,
-            timeseries=store,
-            latest=latest,
-            ingest=ingest,
-            health=self.health,
-            stats=self.stats,
-        )
-        server = GranianHttpServer if settings.http.server == "granian" else HttpServer
-        self.http = server(
-            create_asgi_app(ctx),
-            settings.host,
-            settings.http,
-            stats=ctx.long_polls.stats,
-            before_stop=ctx.long_polls.close,
-        )
-        await self._enter(self.http)
+        await build.pipeline(writer, latest)
+        self.mqtt = await build.mqtt()
+        ctx = await build.api_context(self.admin_token, latest)
+        self.http = await build.http(ctx)
         self.data_dir.write_run_info(self.run_info())
 
     def health(self) -> dict[str, Health]:
         """Each started service's health, by name."""
-        return {s.name: s.health() for s in self._services}
+        return self._builder.health()
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Each service's counters, by service name (those that have any)."""
-        return {s.name: stats for s in self._services if (stats := s.stats())}
+        return self._builder.stats()
 
     def run_info(self) -> dict[str, Any]:
         """Where this process listens; written to run.json for the CLI and tests."""

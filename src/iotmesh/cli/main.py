@@ -16,6 +16,7 @@ from iotmesh.cli.client import ApiClient, ClientError
 from iotmesh.cli.config import config_app
 from iotmesh.cli.doctor import doctor
 from iotmesh.cli.run import run
+from iotmesh.cli.serve import serve
 from iotmesh.core.errors import ConfigError
 from iotmesh.core.settings import load_settings
 
@@ -30,6 +31,7 @@ app.add_typer(device_app, name="device")
 app.add_typer(telemetry_app, name="telemetry")
 app.add_typer(config_app, name="config")
 app.command()(run)
+app.command()(serve)
 app.command()(doctor)
 
 out = Console()

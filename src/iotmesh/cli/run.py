@@ -27,7 +27,7 @@ from iotmesh.core.errors import IotmeshError
 from iotmesh.core.settings import Settings, load_settings
 
 
-def _configure_logging(level: str) -> None:
+def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
@@ -121,7 +121,7 @@ def run(
                 ),
             },
         )
-        _configure_logging(settings.log_level)
+        configure_logging(settings.log_level)
         asyncio.run(_serve(settings))
     except IotmeshError as exc:
         print(f"iotmesh: cannot start: {exc}", file=sys.stderr)

@@ -288,6 +288,36 @@ class WriterSettings(_Section):
     )
 
 
+class PipelineSettings(_Section):
+    """The pipeline workers that decode and validate telemetry."""
+
+    cpu_work_us: float = Field(
+        0.0,
+        ge=0,
+        le=1_000_000,
+        description="Artificial CPU work per message, in microseconds (benchmarks only:"
+        " makes the pipeline the bottleneck, as heavy rules would).",
+    )
+
+
+class ServeSettings(_Section):
+    """One service of `iotmesh serve` (a process of the distributed mode)."""
+
+    instance_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Name of this instance, unique per service; unset: `<host name>-<pid>`."
+        " Names its run-info file `instances/<service>-<id>.json` in the data dir.",
+    )
+    health_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port of the /healthz listener of services without the HTTP API"
+        " (0 picks a free port; the http service answers /healthz on `http.port`).",
+    )
+
+
 class InfluxSettings(_Section):
     """An InfluxDB server holding telemetry (`storage.timeseries = "influxdb"`)."""
 
@@ -358,6 +388,8 @@ class Settings(BaseSettings):
     bus: BusSettings = BusSettings()
     storage: StorageSettings = StorageSettings()
     writer: WriterSettings = WriterSettings()
+    pipeline: PipelineSettings = PipelineSettings()
+    serve: ServeSettings = ServeSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -6,7 +6,11 @@ only if the writer gives up (it is stopping) are the messages nacked for redeliv
 A batch the store refuses as data (`PayloadError`, e.g. a timestamp InfluxDB cannot
 hold) is written again message by message, so that only the refused messages are
 terminated (with the store's reason) and the others are stored.
-A message is acked only after its transaction committed.
+A message is acked only after its transaction committed (or, with a `BusSink`, after
+the engine stored it on its way to the writer).
+
+The same class is the `writer` service of `iotmesh serve`: it then consumes `store.>`
+as group `writer`, without processors, into a `WriterSink` (see `sink.py`).
 """
 
 from __future__ import annotations
@@ -16,13 +20,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from iotmesh.bus import subjects
-from iotmesh.bus.interface import Delivery, Subscriber, Subscription
+from iotmesh.bus.interface import BusError, Delivery, Subscriber, Subscription
 from iotmesh.core.errors import PayloadError, StorageError
 from iotmesh.core.lifecycle import Service
 from iotmesh.core.types import TelemetryMessage
 from iotmesh.pipeline.latest import LatestValues
+from iotmesh.pipeline.sink import Sink, WriterSink
 from iotmesh.pipeline.stages import Drop, Processor, decode, make_validator
-from iotmesh.storage.timeseries import SeriesWrite
 from iotmesh.storage.writer import BatchWriter
 
 log = logging.getLogger(__name__)
@@ -38,12 +42,19 @@ class Pipeline(Service):
     def __init__(
         self,
         bus: Subscriber,
-        writer: BatchWriter,
+        writer: BatchWriter | Sink,
         latest: LatestValues,
         processors: Sequence[Processor] | None = None,
+        *,
+        pattern: str = f"{subjects.TELEMETRY}.>",
+        group: str = GROUP,
     ) -> None:
+        """`writer`: a batch writer (store here) or another `Sink`; `pattern` and
+        `group`: what to consume, as whom."""
         self._bus = bus
-        self._writer = writer
+        self._sink: Sink = WriterSink(writer) if isinstance(writer, BatchWriter) else writer
+        self._pattern = pattern
+        self._group = group
         self._latest = latest
         self._processors = list(processors) if processors is not None else [make_validator()]
         self._subscription: Subscription | None = None
@@ -53,9 +64,7 @@ class Pipeline(Service):
         return {"dropped": self.dropped}
 
     async def start(self) -> None:
-        self._subscription = await self._bus.subscribe(
-            f"{subjects.TELEMETRY}.>", GROUP, self.handle
-        )
+        self._subscription = await self._bus.subscribe(self._pattern, self._group, self.handle)
 
     async def stop(self) -> None:
         if self._subscription is not None:
@@ -80,14 +89,13 @@ class Pipeline(Service):
                 delivery.term(drop.reason)
         if not accepted:
             return
-        batch = [SeriesWrite(message.device_id, message.records) for _, message in accepted]
         try:
-            await self._writer.write(batch)
+            await self._sink.put([message for _, message in accepted])
         except PayloadError:
             await self._write_each(accepted)
             return
-        except StorageError as exc:
-            log.warning("store failed, %d messages will be redelivered: %s", len(batch), exc)
+        except (StorageError, BusError) as exc:
+            log.warning("store failed, %d messages will be redelivered: %s", len(accepted), exc)
             for delivery, _ in accepted:
                 delivery.nack(delay=1.0)
             return
@@ -99,13 +107,13 @@ class Pipeline(Service):
         """Write messages one by one (in order): terminate those the store refuses."""
         for i, (delivery, message) in enumerate(accepted):
             try:
-                await self._writer.write([SeriesWrite(message.device_id, message.records)])
+                await self._sink.put([message])
             except PayloadError as exc:
                 self.dropped += 1
                 log.warning("store refused message %s: %s", delivery.msg_id, exc)
                 delivery.term(str(exc))
                 continue
-            except StorageError as exc:
+            except (StorageError, BusError) as exc:
                 log.warning(
                     "store failed, %d messages will be redelivered: %s", len(accepted) - i, exc
                 )

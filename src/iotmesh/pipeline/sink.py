@@ -1,0 +1,86 @@
+"""Where the pipeline puts processed messages: the store, or the bus towards the writer.
+
+`iotmesh run` and the `writer` service store with `WriterSink` (the batch writer's group
+commit). `pipeline` workers of `iotmesh serve` use `BusSink`: they publish each processed
+message to `store.<device>`, which the single `writer` service consumes. The SQLite store
+has ONE writer process, so decode/validate/rules scale out over workers while commits
+stay in one place; the hop costs one more engine round trip per batch.
+
+Exactly once: a message keeps its ingest `msg_id` on the store hop, so when a worker dies
+after publishing but before acking the telemetry, its successor's re-publish is dropped
+by the engine's duplicate window; past that window the write is still idempotent (the
+store keeps one point per (device, key, ts): the same point again overwrites itself).
+Per-device order: both hops are partitioned by device id and each partition has one
+holder at a time; `BusSink` publishes the messages of one device one after the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Sequence
+from typing import Protocol
+
+from iotmesh.bus.interface import Publisher
+from iotmesh.core.types import TelemetryMessage
+from iotmesh.pipeline.stages import encode_message
+from iotmesh.storage.timeseries import SeriesWrite
+from iotmesh.storage.writer import BatchWriter
+
+STORE = "store"
+
+
+def store_subject(device_id: str) -> str:
+    """The subject of a device's processed messages, on their way to the writer."""
+    return f"{STORE}.{device_id}"
+
+
+class Sink(Protocol):
+    """The pipeline's last step; returns when the messages are durable beyond it.
+
+    Raises:
+        PayloadError: (store) the data cannot be stored; the pipeline retries one by one.
+        StorageError | BusError: failed for now; the pipeline has them redelivered.
+    """
+
+    async def put(self, messages: Sequence[TelemetryMessage]) -> None: ...
+
+
+class WriterSink:
+    """Commits messages through the batch writer (group commit)."""
+
+    def __init__(self, writer: BatchWriter) -> None:
+        self.writer = writer
+
+    async def put(self, messages: Sequence[TelemetryMessage]) -> None:
+        await self.writer.write([SeriesWrite(m.device_id, m.records) for m in messages])
+
+
+class BusSink:
+    """Publishes processed messages to `store.<device>`, each device's in order."""
+
+    def __init__(self, bus: Publisher) -> None:
+        self._bus = bus
+
+    async def put(self, messages: Sequence[TelemetryMessage]) -> None:
+        by_device: dict[str, list[TelemetryMessage]] = collections.defaultdict(list)
+        for message in messages:
+            by_device[message.device_id].append(message)
+        # Every publish runs to its end (no task is left behind); then the first
+        # failure, if any, is raised as it is, so the pipeline can tell what failed.
+        results = await asyncio.gather(
+            *(self._publish(device_id, own) for device_id, own in by_device.items()),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _publish(self, device_id: str, messages: list[TelemetryMessage]) -> None:
+        for message in messages:
+            await self._bus.publish(
+                store_subject(device_id),
+                encode_message(message),
+                key=device_id,
+                msg_id=message.msg_id,
+            )

@@ -1,0 +1,44 @@
+"""The small HTTP app of a served process without the REST API: /healthz and /info.
+
+One app per process, so that the observability work adds /readyz and /metrics to it
+(and to the REST API of the `http` service) in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgspec
+from fastapi import FastAPI, Response
+
+from iotmesh.core.lifecycle import Health
+from iotmesh.serve.instance import InstanceInfo
+
+
+def _json(body: object, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(body), status, media_type="application/json")
+
+
+def create_health_app(
+    health: Callable[[], dict[str, Health]], info: Callable[[], InstanceInfo | None]
+) -> FastAPI:
+    """`/healthz` as the REST API answers it (200 or 503 naming the services), and
+    `/info`: the instance's `InstanceInfo`."""
+    app = FastAPI(title="iotmesh service", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        services = health()
+        ok = all(h.ok for h in services.values())
+        body = {
+            "status": "ok" if ok else "degraded",
+            "services": {name: {"ok": h.ok, "detail": h.detail} for name, h in services.items()},
+        }
+        return _json(body, 200 if ok else 503)
+
+    @app.get("/info")
+    async def instance_info() -> Response:
+        found = info()
+        return _json(found) if found is not None else _json({"status": "starting"}, 503)
+
+    return app
