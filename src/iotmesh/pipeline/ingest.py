@@ -4,10 +4,19 @@ Every transport (HTTP, MQTT, CoAP) calls `TelemetryIngest.submit` with the devic
 its parsed records. It returns once the bus guarantees delivery, which in the
 all-in-one process means the records are committed: a transport acknowledges its
 device after `submit` returns and never before.
+
+Per-device order. A transport submits each message when it is parsed, without waiting
+for the previous one, so a device's uploads overlap on the bus. A durable engine that is
+full refuses a publish and the publisher retries it (bus/nats.py, redis_streams.py);
+meanwhile a later message of the same device may be accepted first. So a device's
+`submit`s publish one at a time, in call order: each waits until the one before it is
+stored (success or not). Different devices still publish concurrently. `submit_nowait`
+declines while a device has a `submit` pending, so it cannot overtake one either.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Callable
 
@@ -29,6 +38,8 @@ class TelemetryIngest:
         # per message on the hot path.
         self._prefix = new_id()
         self._counter = itertools.count()
+        # device id -> done when the device's newest pending submit has finished.
+        self._tails: dict[str, asyncio.Future[None]] = {}
 
     def _message(self, device_id: str, records: list[TsRecord]) -> TelemetryMessage:
         return TelemetryMessage(
@@ -47,6 +58,8 @@ class TelemetryIngest:
         """Publish one upload if the bus takes it at once; `on_done` is then called once,
         with None when it is durable or the error `submit` would raise. False: use
         `submit` (nothing was published)."""
+        if device_id in self._tails:
+            return False  # a submit of this device is pending: keep behind it
         message = self._message(device_id, records)
         return self._bus.publish_nowait(
             subjects.telemetry_subject(device_id),
@@ -64,10 +77,28 @@ class TelemetryIngest:
             BusError: the pipeline gave the message up.
         """
         message = self._message(device_id, records)
-        await self._bus.publish(
-            subjects.telemetry_subject(device_id),
-            encode_message(message),
-            key=device_id,
-            msg_id=message.msg_id,
-            timeout=self._timeout,
-        )
+        before = self._tails.get(device_id)
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._tails[device_id] = mine
+        try:
+            if before is not None:
+                await asyncio.wait([before])  # its outcome is its caller's, not ours
+            await self._bus.publish(
+                subjects.telemetry_subject(device_id),
+                encode_message(message),
+                key=device_id,
+                msg_id=message.msg_id,
+                timeout=self._timeout,
+            )
+        finally:
+            if before is not None and not before.done():
+                # Cancelled while waiting: the next may go once `before` is done.
+                before.add_done_callback(lambda _: self._finished(device_id, mine))
+            else:
+                self._finished(device_id, mine)
+
+    def _finished(self, device_id: str, done: asyncio.Future[None]) -> None:
+        if not done.done():
+            done.set_result(None)
+        if self._tails.get(device_id) is done:
+            del self._tails[device_id]

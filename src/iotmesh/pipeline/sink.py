@@ -6,7 +6,9 @@ message to `store.<device>`, which the single `writer` service consumes. The SQL
 has ONE writer process, so decode/validate/rules scale out over workers while commits
 stay in one place; the hop costs one more engine round trip per batch.
 
-Exactly once: a message keeps its ingest `msg_id` on the store hop, so when a worker dies
+Exactly once: the store hop's message id is derived from the ingest `msg_id` (prefixed:
+the Redis bus keeps one duplicate window per namespace, not per stream, so the same id
+would be taken for a duplicate of the telemetry message itself). So when a worker dies
 after publishing but before acking the telemetry, its successor's re-publish is dropped
 by the engine's duplicate window; past that window the write is still idempotent (the
 store keeps one point per (device, key, ts): the same point again overwrites itself).
@@ -57,10 +59,15 @@ class WriterSink:
 
 
 class BusSink:
-    """Publishes processed messages to `store.<device>`, each device's in order."""
+    """Publishes processed messages to `store.<device>`, each device's in order.
 
-    def __init__(self, bus: Publisher) -> None:
+    At most `concurrency` devices publish at once: an engine client has a bounded
+    connection pool (redis-py: 100), which a batch of 512 devices would exhaust.
+    """
+
+    def __init__(self, bus: Publisher, concurrency: int = 32) -> None:
         self._bus = bus
+        self._room = asyncio.Semaphore(concurrency)
 
     async def put(self, messages: Sequence[TelemetryMessage]) -> None:
         by_device: dict[str, list[TelemetryMessage]] = collections.defaultdict(list)
@@ -77,10 +84,14 @@ class BusSink:
                 raise result
 
     async def _publish(self, device_id: str, messages: list[TelemetryMessage]) -> None:
+        async with self._room:
+            await self._publish_in_order(device_id, messages)
+
+    async def _publish_in_order(self, device_id: str, messages: list[TelemetryMessage]) -> None:
         for message in messages:
             await self._bus.publish(
                 store_subject(device_id),
                 encode_message(message),
                 key=device_id,
-                msg_id=message.msg_id,
+                msg_id=f"{STORE}-{message.msg_id}",
             )
