@@ -16,6 +16,7 @@ through the http service's REST API:
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import pytest
 
 from tests.integration import cluster
 from tests.integration.cluster import T0, DeviceLoad, Instance
+from tests.integration.server import child_env, iotmesh_command
 
 DEVICES = 200
 MAX_MESSAGES = 150  # per device: bounded in count...
@@ -32,8 +34,6 @@ LOAD_S = 20.0  # ...and in time
 KILL_AFTER_S = 3.0
 WINDOW = 4
 SETTLE_S = 40.0
-
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
 
 def _points(admin: httpx.Client, device_id: str) -> dict[str, list[dict[str, Any]]]:
@@ -64,6 +64,8 @@ async def _load(loads: list[DeviceLoad], victims: list[Instance]) -> None:
         task.result()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(150)
 @pytest.mark.parametrize("backend", ["nats", "redis"])
 def test_kill_a_worker_and_a_transport_mid_load(backend: str, tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
@@ -150,3 +152,11 @@ def test_kill_a_worker_and_a_transport_mid_load(backend: str, tmp_path: Path) ->
         for instance in reversed(instances):
             instance.stop()
         asyncio.run(cluster.delete_bus_data(env))
+
+
+@pytest.mark.timeout(60)
+def test_serve_refuses_the_memory_bus(tmp_path: Path) -> None:
+    cmd = iotmesh_command("serve", "pipeline", "--data-dir", str(tmp_path))
+    done = subprocess.run(cmd, env=child_env(), capture_output=True, timeout=50, check=False)
+    assert done.returncode == 2
+    assert b"set bus.backend to nats or redis" in done.stderr

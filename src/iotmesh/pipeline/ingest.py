@@ -23,6 +23,7 @@ from collections.abc import Callable
 from iotmesh.bus import subjects
 from iotmesh.bus.interface import Publisher
 from iotmesh.core.clock import now_ms
+from iotmesh.core.errors import Overloaded
 from iotmesh.core.ids import new_id
 from iotmesh.core.types import TelemetryMessage, TsRecord
 from iotmesh.pipeline.stages import encode_message
@@ -73,22 +74,32 @@ class TelemetryIngest:
         """Publish one upload; return when it is durable.
 
         Raises:
-            Overloaded: no room on the bus within the enqueue timeout; nothing was kept.
+            Overloaded: no room on the bus (or the device's earlier submits still wait)
+                within the enqueue timeout; nothing was kept.
             BusError: the pipeline gave the message up.
         """
         message = self._message(device_id, records)
         before = self._tails.get(device_id)
-        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        mine: asyncio.Future[None] = loop.create_future()
         self._tails[device_id] = mine
         try:
+            timeout = self._timeout
             if before is not None:
-                await asyncio.wait([before])  # its outcome is its caller's, not ours
+                # Its outcome is its caller's, not ours. The enqueue timeout covers this
+                # wait too: a device flooding one transport gets "retry later" in time.
+                started = loop.time()
+                await asyncio.wait([before], timeout=timeout)
+                if not before.done():
+                    raise Overloaded("the device's earlier uploads are still queued; retry later")
+                if timeout is not None:
+                    timeout = max(timeout - (loop.time() - started), 0.001)
             await self._bus.publish(
                 subjects.telemetry_subject(device_id),
                 encode_message(message),
                 key=device_id,
                 msg_id=message.msg_id,
-                timeout=self._timeout,
+                timeout=timeout,
             )
         finally:
             if before is not None and not before.done():

@@ -1,4 +1,4 @@
-"""The small HTTP app of a served process without the REST API: /healthz and /info.
+"""The small HTTP app of a served process without the REST API: /healthz, /info, /stats.
 
 One app per process, so that the observability work adds /readyz and /metrics to it
 (and to the REST API of the `http` service) in one place.
@@ -7,6 +7,7 @@ One app per process, so that the observability work adds /readyz and /metrics to
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 from fastapi import FastAPI, Response
@@ -20,10 +21,13 @@ def _json(body: object, status: int = 200) -> Response:
 
 
 def create_health_app(
-    health: Callable[[], dict[str, Health]], info: Callable[[], InstanceInfo | None]
+    health: Callable[[], dict[str, Health]],
+    info: Callable[[], InstanceInfo | None],
+    stats: Callable[[], dict[str, dict[str, Any]]],
 ) -> FastAPI:
-    """`/healthz` as the REST API answers it (200 or 503 naming the services), and
-    `/info`: the instance's `InstanceInfo`."""
+    """`/healthz` as the REST API answers it (200 or 503 naming the services), `/info`:
+    the instance's `InstanceInfo`, `/stats`: its services' counters (as
+    `GET /api/v1/stats` of the http service; no auth: bind it to a private address)."""
     app = FastAPI(title="iotmesh service", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/healthz")
@@ -40,5 +44,9 @@ def create_health_app(
     async def instance_info() -> Response:
         found = info()
         return _json(found) if found is not None else _json({"status": "starting"}, 503)
+
+    @app.get("/stats")
+    async def counters() -> Response:
+        return _json(stats())
 
     return app

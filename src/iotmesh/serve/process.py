@@ -92,7 +92,7 @@ class ServedProcess:
             http = self.settings.http.model_copy(
                 update={"port": self.settings.serve.health_port, "tls_port": None}
             )
-            app = create_health_app(build.health, lambda: self.info)
+            app = create_health_app(build.health, lambda: self.info, build.stats)
             self.listener = await build.serve_asgi(app, http)
         self.info = InstanceInfo(self.role, self.instance_id, self._addresses())
         await self._stack.enter_async_context(self._registrar(self.info))
