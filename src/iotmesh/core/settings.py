@@ -295,7 +295,7 @@ class PipelineSettings(_Section):
         0.0,
         ge=0,
         le=1_000_000,
-        description="Artificial CPU work per message, in microseconds (benchmarks only:"
+        description="Artificial CPU work per record, in microseconds (benchmarks only:"
         " makes the pipeline the bottleneck, as heavy rules would).",
     )
 
