@@ -6,13 +6,18 @@ on 127.0.0.1:6379, as scripts/test starts them; `--help` for the knobs). Prints 
 and writes bench/results/scaleout.json.
 
 (a) pipeline workers: state, writer, N pipeline workers, 1 mqtt and 1 http as separate
-    processes on `--backend`; every pipeline message costs `--cpu-work-us` of CPU
+    processes on `--backend`; every record costs `--cpu-work-us` of CPU in the pipeline
     (`pipeline.cpu_work_us`, standing in for heavy rules), so the pipeline, not the
-    store or the transport, is the bottleneck. QoS 1 publishers keep `--window`
-    messages unacknowledged per device; after `--warmup-s` the writer's committed
-    records are counted for `--measure-s` (its /stats).
-(b) transports: the same with N mqtt transports, 2 pipeline workers and no extra CPU
-    work; the figure is the PUBACK rate (a PUBACK = the engine stored the message).
+    store or the transport, is the bottleneck. Every device first publishes
+    `--backlog` QoS 1 messages (at most `--window` unacknowledged), faster than the
+    workers take them, so the engine holds a backlog; then, with the load generator
+    idle (on 2 cores it would take the workers' CPU), the writer's committed records
+    are counted for `--measure-s` after `--warmup-s` (its /stats). Pipeline batches
+    are `--pipeline-batch` messages, so one batch of CPU-heavy work does not hold a
+    worker for seconds.
+(b) transports: the same with N mqtt transports, 2 pipeline workers, no extra CPU
+    work and no rate limit (closed loop); the figure is the PUBACK rate (a PUBACK =
+    the engine stored the message).
 (c) bus hop: one process publishes one message at a time (every `--hop-interval-ms`)
     and a group member of the same process consumes it; the time from the publish
     call to the handler, for the in-process, NATS and Redis buses.
@@ -38,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 from rich.console import Console
 from rich.table import Table
 
@@ -63,12 +69,17 @@ def _stats(instance: cluster.Instance) -> dict[str, Any]:
 
 
 async def _publish_while(
-    loads: list[cluster.DeviceLoad], window: int, measure: Callable[[], Awaitable[None]]
+    loads: list[cluster.DeviceLoad],
+    window: int,
+    interval_s: float,
+    measure: Callable[[], Awaitable[None]],
 ) -> None:
     """Keep every device publishing while `measure` runs."""
     stop = asyncio.Event()
     tasks = [
-        asyncio.create_task(cluster.publish(load, 10**9, window, stop), name=f"load-{i}")
+        asyncio.create_task(
+            cluster.publish(load, 10**9, window, stop, interval_s), name=f"load-{i}"
+        )
         for i, load in enumerate(loads)
     ]
     try:
@@ -78,15 +89,30 @@ async def _publish_while(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def _preload(loads: list[cluster.DeviceLoad], messages: int, window: int) -> None:
+    """Every device publishes `messages` messages (the engine stores what the workers
+    have not taken yet)."""
+    stop = asyncio.Event()
+    await asyncio.gather(*(cluster.publish(load, messages, window, stop) for load in loads))
+
+
 def throughput(
-    args: argparse.Namespace, pipelines: int, transports: int, cpu_us: float
+    args: argparse.Namespace, pipelines: int, transports: int, cpu_us: float, backlog: int
 ) -> dict[str, Any]:
-    """Committed records/s and PUBACKs/s of one layout, measured at steady state."""
+    """Committed records/s and PUBACKs/s of one layout. `backlog` > 0: every device
+    first publishes that many messages, then the committed rate is measured while the
+    engine feeds the workers from the backlog (no load generator running); 0: the
+    devices publish (closed loop) while it is measured."""
     env = cluster.bus_env(
         args.backend,
         IOTMESH_PIPELINE__CPU_WORK_US=str(cpu_us),
+        IOTMESH_BUS__MAX_BATCH=str(args.pipeline_batch if cpu_us else 512),
+        IOTMESH_BUS__PARTITION_QUEUE=str(max(1024, backlog * args.devices // 4)),
         IOTMESH_STORAGE__SQLITE__SYNCHRONOUS="NORMAL",
         IOTMESH_LOG_LEVEL="warning",
+        # Members rebalance partitions every ack_wait_s / 3: 1 s, so that a second
+        # worker has its share well within the warm-up (30 s default: up to 20 s).
+        IOTMESH_BUS__ACK_WAIT_S="3",
     )
     with tempfile.TemporaryDirectory(prefix="scaleout-") as tmp:
         data_dir, logs = Path(tmp) / "data", Path(tmp) / "logs"
@@ -106,23 +132,41 @@ def throughput(
             ]
             figures: dict[str, Any] = {}
 
+            workers = [psutil.Process(i.pid) for i in instances if i.role == "pipeline"]
+
+            def cpu_s() -> list[float]:
+                return [sum(p.cpu_times()[:2]) for p in workers]
+
             async def measure() -> None:
                 await asyncio.sleep(args.warmup_s)
                 records0 = _stats(writer)["writer"]["records"]
                 acked0 = sum(len(x.acked) for x in loads)
+                cpu0, machine0 = cpu_s(), psutil.cpu_times()
                 t0 = time.perf_counter()
                 await asyncio.sleep(args.measure_s)
                 elapsed = time.perf_counter() - t0
                 records1 = _stats(writer)["writer"]["records"]
                 acked1 = sum(len(x.acked) for x in loads)
+                cpu1, machine1 = cpu_s(), psutil.cpu_times()
                 figures["committed_per_s"] = (records1 - records0) / elapsed
                 figures["acked_per_s"] = (acked1 - acked0) / elapsed
+                figures["worker_cpu_pct"] = [
+                    round(100 * (b - a) / elapsed, 1) for a, b in zip(cpu0, cpu1, strict=True)
+                ]
+                busy = (machine1.user + machine1.system) - (machine0.user + machine0.system)
+                idle = machine1.idle - machine0.idle
+                figures["machine_busy_pct"] = round(100 * busy / (busy + idle), 1)
 
-            asyncio.run(_publish_while(loads, args.window, measure))
+            if backlog:
+                asyncio.run(_preload(loads, backlog, args.window))
+                asyncio.run(measure())
+            else:
+                asyncio.run(_publish_while(loads, args.window, 0.0, measure))
             return {
                 "pipelines": pipelines,
                 "transports": transports,
                 "cpu_work_us": cpu_us,
+                "backlog_per_device": backlog or None,
                 **figures,
             }
         finally:
@@ -191,6 +235,8 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=200)
     parser.add_argument("--window", type=int, default=8, help="unacked messages per device")
     parser.add_argument("--cpu-work-us", type=float, default=1000.0)
+    parser.add_argument("--backlog", type=int, default=150, help="(a): messages per device")
+    parser.add_argument("--pipeline-batch", type=int, default=32)
     parser.add_argument("--warmup-s", type=float, default=4.0)
     parser.add_argument("--measure-s", type=float, default=10.0)
     parser.add_argument("--hop-messages", type=int, default=1000)
@@ -202,17 +248,21 @@ def main() -> None:
     results: dict[str, Any] = {"machine": machine(), "args": vars(args)}
 
     if "pipeline" in only:
-        runs = [throughput(args, n, 1, args.cpu_work_us) for n in (1, 2)]
+        runs = [throughput(args, n, 1, args.cpu_work_us, args.backlog) for n in (1, 2)]
         results["pipeline"] = runs
         for r in runs:
             console.print(
-                f"pipeline workers {r['pipelines']}: {r['committed_per_s']:,.0f} committed/s"
+                f"pipeline workers {r['pipelines']}: {r['committed_per_s']:,.0f} committed/s,"
+                f" worker CPU {r['worker_cpu_pct']} %, machine busy {r['machine_busy_pct']} %"
             )
     if "transport" in only:
-        runs = [throughput(args, 2, n, 0.0) for n in (1, 2)]
+        runs = [throughput(args, 2, n, 0.0, 0) for n in (1, 2)]
         results["transport"] = runs
         for r in runs:
-            console.print(f"mqtt transports {r['transports']}: {r['acked_per_s']:,.0f} PUBACKs/s")
+            console.print(
+                f"mqtt transports {r['transports']}: {r['acked_per_s']:,.0f} PUBACKs/s,"
+                f" machine busy {r['machine_busy_pct']} %"
+            )
     if "hop" in only:
         results["hop"] = [asyncio.run(hop_latency(b, args)) for b in ("memory", "nats", "redis")]
 

@@ -184,8 +184,15 @@ class DeviceLoad:
     breaks: list[str] = field(default_factory=list)
 
 
-async def publish(load: DeviceLoad, max_messages: int, window: int, stop: asyncio.Event) -> None:
-    """Publish `max_messages` QoS 1 messages with `window` unacknowledged at most.
+async def publish(
+    load: DeviceLoad,
+    max_messages: int,
+    window: int,
+    stop: asyncio.Event,
+    interval_s: float = 0.0,
+) -> None:
+    """Publish `max_messages` QoS 1 messages with `window` unacknowledged at most, and
+    at least `interval_s` apart (0: as fast as the acks allow).
 
     When its transport's connection breaks (the server was killed), the device notes
     what was acknowledged and connects to the next port in `load.ports`; messages in
@@ -201,7 +208,7 @@ async def publish(load: DeviceLoad, max_messages: int, window: int, stop: asynci
             port_index += 1
             continue
         try:
-            await _session(reader, writer, load, max_messages, window, stop)
+            await _session(reader, writer, load, max_messages, window, stop, interval_s)
         except (OSError, asyncio.IncompleteReadError, EOFError) as exc:
             port_index += 1
             load.reconnects += 1
@@ -219,6 +226,7 @@ async def _session(
     max_messages: int,
     window: int,
     stop: asyncio.Event,
+    interval_s: float,
 ) -> None:
     writer.write(connect_packet(f"c-{uuid.uuid4().hex[:8]}", username=load.token))
     head = await reader.readexactly(4)
@@ -261,6 +269,8 @@ async def _session(
                 publish_packet("v1/devices/me/telemetry", message(n), qos=1, packet_id=packet_id)
             )
             await writer.drain()
+            if interval_s:
+                await asyncio.sleep(interval_s)
         waiter = asyncio.create_task(drained.wait(), name="drained")
         try:
             async with asyncio.timeout(30):  # the acks still owed

@@ -6,6 +6,8 @@ only if the writer gives up (it is stopping) are the messages nacked for redeliv
 A batch the store refuses as data (`PayloadError`, e.g. a timestamp InfluxDB cannot
 hold) is written again message by message, so that only the refused messages are
 terminated (with the store's reason) and the others are stored.
+A sink that is full (`Overloaded`, e.g. the store hop's engine) is treated like a failed
+store: the batch is nacked and comes back after a pause.
 A message is acked only after its transaction committed (or, with a `BusSink`, after
 the engine stored it on its way to the writer).
 
@@ -15,13 +17,15 @@ as group `writer`, without processors, into a `WriterSink` (see `sink.py`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from iotmesh.bus import subjects
 from iotmesh.bus.interface import BusError, Delivery, Subscriber, Subscription
-from iotmesh.core.errors import PayloadError, StorageError
+from iotmesh.core.errors import Overloaded, PayloadError, StorageError
 from iotmesh.core.lifecycle import Service
 from iotmesh.core.types import TelemetryMessage
 from iotmesh.pipeline.latest import LatestValues
@@ -32,6 +36,7 @@ from iotmesh.storage.writer import BatchWriter
 log = logging.getLogger(__name__)
 
 GROUP = "pipeline"
+YIELD_AFTER_S = 0.01  # longest stretch of processing without giving the loop a turn
 
 
 class Pipeline(Service):
@@ -80,6 +85,7 @@ class Pipeline(Service):
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
         """Process one batch from the bus; every delivery is settled on return."""
         accepted: list[tuple[Delivery, TelemetryMessage]] = []
+        yield_at = time.perf_counter() + YIELD_AFTER_S
         for delivery in deliveries:
             try:
                 accepted.append((delivery, self._process(delivery)))
@@ -87,6 +93,11 @@ class Pipeline(Service):
                 self.dropped += 1
                 log.warning("dropped message %s: %s", delivery.msg_id, drop.reason)
                 delivery.term(drop.reason)
+            if time.perf_counter() > yield_at:
+                # CPU-heavy processors: let the loop answer the engine (acks of
+                # publishes, lease renewals) and the other partitions' batches.
+                await asyncio.sleep(0)
+                yield_at = time.perf_counter() + YIELD_AFTER_S
         if not accepted:
             return
         try:
@@ -94,7 +105,7 @@ class Pipeline(Service):
         except PayloadError:
             await self._write_each(accepted)
             return
-        except (StorageError, BusError) as exc:
+        except (StorageError, BusError, Overloaded) as exc:
             log.warning("store failed, %d messages will be redelivered: %s", len(accepted), exc)
             for delivery, _ in accepted:
                 delivery.nack(delay=1.0)
@@ -113,7 +124,7 @@ class Pipeline(Service):
                 log.warning("store refused message %s: %s", delivery.msg_id, exc)
                 delivery.term(str(exc))
                 continue
-            except (StorageError, BusError) as exc:
+            except (StorageError, BusError, Overloaded) as exc:
                 log.warning(
                     "store failed, %d messages will be redelivered: %s", len(accepted) - i, exc
                 )
