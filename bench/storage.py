@@ -2,10 +2,12 @@
 aggregate queries, the same workload on each backend in one run.
 
 Run: `.venv/bin/python bench/storage.py` (a few minutes; `--help` for the knobs).
-Prints a table and writes bench/results/storage.json. `--backends sqlite,influxdb`
-(default both): SQLite in a temp dir; InfluxDB 1.x as a temporary `influxd` (the
+Prints a table and writes bench/results/storage.json. `--backends sqlite,influxdb,postgres`
+(default all three): SQLite in a temp dir; InfluxDB 1.x as a temporary `influxd` (the
 Debian package, started like the tests start it: free port, data in a temp dir, WAL
-fsynced on every write) unless `--influx-url` names a running one.
+fsynced on every write) unless `--influx-url` names a running one; PostgreSQL in a
+database of its own, created on the server of `--postgres-url` (default: the local one,
+user postgres) and dropped at the end.
 
 1. Ingest: `--devices` devices send messages of 3 keys (temperature and humidity as
    doubles, count as a long). `--tasks` submitter tasks, like pipeline consumers, each
@@ -17,6 +19,13 @@ fsynced on every write) unless `--influx-url` names a running one.
 2. Query: AVG per minute over the whole range (every bucket: limit 100k), on 1M points
    of one series (1 Hz, ~11.6 days) and on 1000 series of 1000 points each (one query
    per series; total and median), after compaction (SQLite) has settled.
+3. Rollups: one 1 Hz series over `--days` days (30: 2,592,000 points), AVG per minute
+   and per hour over the whole range (43,200 and 720 buckets), on SQLite with the
+   default rollup levels (1 min, 1 h) and without rollups, and on InfluxDB (which
+   aggregates raw points itself). Also: how long the rollups took to build.
+
+SQLite stores get the default rollup levels (1 min, 1 h) unless `--rollup-levels none`,
+so the ingest figure includes rollup upkeep (background steps of the writer process).
 """
 
 from __future__ import annotations
@@ -29,15 +38,23 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from rich.console import Console
 from rich.table import Table
 
-from iotmesh.core.settings import InfluxSettings, SqliteSettings, WriterSettings
+from iotmesh.core.settings import (
+    InfluxSettings,
+    PostgresSettings,
+    SqliteSettings,
+    WriterSettings,
+)
 from iotmesh.core.types import Aggregation, Order, TsRecord
 from iotmesh.storage.influx import InfluxClient, InfluxTimeSeriesStore
+from iotmesh.storage.postgres import PostgresTimeSeriesStore
 from iotmesh.storage.sqlite.tsdb import SqliteTimeSeriesStore
 from iotmesh.storage.timeseries import Query, SeriesWrite, TimeSeriesStore
 from iotmesh.storage.writer import BatchWriter
@@ -45,6 +62,8 @@ from iotmesh.storage.writer import BatchWriter
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from tests.influxd import InfluxServer
+from tests.postgres import DEFAULT_URL as PG_DEFAULT_URL
+from tests.postgres import with_database
 
 from _measure import machine
 
@@ -85,11 +104,16 @@ class Backend:
         self.data_dir = data_dir
         self.args = args
         self.influx_url: str = args.influx_url or ""
+        self.postgres_url = ""
 
-    def store(self, name: str) -> TimeSeriesStore:
+    def store(self, name: str, levels: list[int] | None = None) -> TimeSeriesStore:
         if self.name == "sqlite":
             settings = SqliteSettings(synchronous=self.args.sync)
-            return SqliteTimeSeriesStore(self.data_dir / f"{name}.db", settings)
+            levels = self.args.levels if levels is None else levels
+            return SqliteTimeSeriesStore(self.data_dir / f"{name}.db", settings, levels)
+        if self.name == "postgres":
+            pg = PostgresSettings(url=self.postgres_url, schema_name=f"bench_{name}")
+            return PostgresTimeSeriesStore(pg)
         database = f"bench_{name}_{time.time_ns()}"
         return InfluxTimeSeriesStore(InfluxSettings(url=self.influx_url, database=database))
 
@@ -211,8 +235,47 @@ async def queries(backend: Backend, args: argparse.Namespace) -> dict[str, Any]:
         await store.close()
 
 
+def per(entity: str, start: int, end: int, interval: int) -> Query:
+    return Query(entity, ("v",), start, end, Aggregation.AVG, interval, 100_000, Order.ASC)
+
+
+async def rollup_queries(backend: Backend, args: argparse.Namespace) -> dict[str, Any]:
+    """The 30-day series: AVG per minute / hour with rollups and without (SQLite)."""
+    variants = (
+        {"rollups": [60_000, 3_600_000], "raw": []} if backend.name == "sqlite" else {"raw": []}
+    )
+    n = args.days * 86_400
+    out: dict[str, Any] = {"points": n}
+    for name, levels in variants.items():
+        store = backend.store(f"days-{name}", levels)
+        await store.open()
+        try:
+            started = time.perf_counter()
+            for lo in range(0, n, 10_000):
+                records = [
+                    TsRecord(T0 + i * 1000, {"v": float(i % 1000)})
+                    for i in range(lo, min(n, lo + 10_000))
+                ]
+                await store.write([SeriesWrite("month", records)])
+            write_s = time.perf_counter() - started
+            settle_s = await backend.settle(store)
+            end = T0 + n * 1000 - 1
+            row: dict[str, Any] = {"write_s": write_s, "settle_s": settle_s}
+            for label, interval in (("minute", 60_000), ("hour", 3_600_000)):
+                runs = [
+                    await timed(store, per("month", T0, end, interval)) for _ in range(args.repeat)
+                ]
+                row[f"{label}_buckets"] = runs[0][1]
+                row[f"{label}_ms_median"] = statistics.median(t for t, _ in runs) * 1000
+                row[f"{label}_ms_min"] = min(t for t, _ in runs) * 1000
+            out[name] = row
+        finally:
+            await store.close()
+    return out
+
+
 def report(results: dict[str, Any]) -> None:
-    names = [n for n in ("sqlite", "influxdb") if n in results["backends"]]
+    names = [n for n in ("sqlite", "influxdb", "postgres") if n in results["backends"]]
     runs = [results["backends"][n] for n in names]
     first = runs[0]
     ing, q = first["ingest"], first["query"]
@@ -245,14 +308,45 @@ def report(results: dict[str, Any]) -> None:
     row(f"AVG/minute, {multi}: all queries", lambda _, r: f"{r['multi_total_ms']:.0f} ms")
     row("  one query, median", lambda _, r: f"{r['multi_median_ms']:.2f} ms")
     Console(width=160).print(table)
+    days = Table(title="30 days of a 1 Hz series: AVG over the whole range")
+    days.add_column("backend")
+    for column in ("per minute", "per hour", "write", "settle (compaction, rollups)"):
+        days.add_column(column, justify="right")
+    for name in names:
+        r = results["backends"][name].get("rollup_query")
+        for variant in ("rollups", "raw"):
+            if r is None or variant not in r:
+                continue
+            v = r[variant]
+            days.add_row(
+                f"{name}, {variant} ({r['points']:,} points)",
+                f"{v['minute_ms_median']:.1f} ms ({v['minute_buckets']:,})",
+                f"{v['hour_ms_median']:.1f} ms ({v['hour_buckets']:,})",
+                f"{v['write_s']:.1f} s",
+                f"{v['settle_s']:.1f} s",
+            )
+    Console(width=160).print(days)
     m = results["machine"]
     print(f"{m['cpu_model']}, {m['cpu_count']} CPUs, Python {m['python']}, {m['platform']}")
     if "influxdb_version" in results:
         print(f"InfluxDB {results['influxdb_version']}")
+    if "postgres_version" in results:
+        print(f"PostgreSQL {results['postgres_version']}")
     print(
         f"host speed: {m['python_loop_ns_before']:.1f} / {m['python_loop_ns_after']:.1f} ns per"
         " Python loop iteration (before / after; lower is faster)"
     )
+
+
+async def _pg_admin(url: str, statement: str) -> str:
+    """Run a statement on the server of `url`; return the server's version."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(statement)
+        version: str = await conn.fetchval("SHOW server_version")
+        return version
+    finally:
+        await conn.close()
 
 
 async def main() -> None:
@@ -267,16 +361,36 @@ async def main() -> None:
     parser.add_argument("--sync", choices=["FULL", "NORMAL"], default="FULL")
     parser.add_argument("--skip-ingest", action="store_true")
     parser.add_argument("--skip-query", action="store_true")
+    parser.add_argument("--skip-rollup-query", action="store_true")
+    parser.add_argument("--days", type=int, default=30, help="days of the 1 Hz rollup series")
     parser.add_argument(
-        "--backends", default="sqlite,influxdb", help="comma-separated: sqlite, influxdb"
+        "--rollup-levels",
+        default="60000,3600000",
+        help="SQLite rollup levels (ms, comma-separated) of the ingest and query stores;"
+        " 'none' for none",
+    )
+    parser.add_argument(
+        "--backends",
+        default="sqlite,influxdb,postgres",
+        help="comma-separated: sqlite, influxdb, postgres",
+    )
+    parser.add_argument(
+        "--postgres-url",
+        default=PG_DEFAULT_URL,
+        help="a PostgreSQL server (its database is only used to create and drop the"
+        " benchmark's own)",
     )
     parser.add_argument(
         "--influx-url", default=None, help="a running InfluxDB 1.x (default: start influxd)"
     )
     args = parser.parse_args()
+    args.levels = (
+        [] if args.rollup_levels == "none" else [int(x) for x in args.rollup_levels.split(",")]
+    )
     names = [n.strip() for n in args.backends.split(",") if n.strip()]
     data_dir = Path(tempfile.mkdtemp(prefix="iotmesh-bench-"))
     influxd: InfluxServer | None = None
+    pg_database: str | None = None
     try:
         results: dict[str, Any] = {"machine": machine(), "args": vars(args), "backends": {}}
         results["machine"]["python_loop_ns_before"] = python_loop_ns()
@@ -288,14 +402,25 @@ async def main() -> None:
             if name == "influxdb":
                 async with InfluxClient(InfluxSettings(url=backend.influx_url)) as client:
                     results["influxdb_version"] = (await client.ping()).version
+            if name == "postgres":
+                pg_database = f"iotmesh_bench_{uuid.uuid4().hex[:12]}"
+                results["postgres_version"] = await _pg_admin(
+                    args.postgres_url, f'CREATE DATABASE "{pg_database}"'
+                )
+                backend.postgres_url = with_database(args.postgres_url, pg_database)
             results["backends"][name] = {
                 "ingest": None if args.skip_ingest else await ingest(backend, args),
                 "query": None if args.skip_query else await queries(backend, args),
+                "rollup_query": None
+                if args.skip_rollup_query
+                else await rollup_queries(backend, args),
             }
         results["machine"]["python_loop_ns_after"] = python_loop_ns()
     finally:
         if influxd is not None:
             influxd.stop()
+        if pg_database is not None:
+            await _pg_admin(args.postgres_url, f'DROP DATABASE "{pg_database}" WITH (FORCE)')
         shutil.rmtree(data_dir, ignore_errors=True)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")

@@ -7,6 +7,9 @@ from collections.abc import Iterator
 import pytest
 
 from tests.influxd import InfluxServer
+from tests.postgres import PgServer
+
+pytest_plugins = ["tests.redis_hot"]  # the `redis_hot` fixture
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +20,13 @@ def influxd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PgServer]:
+    """A database of this session on the local PostgreSQL server, dropped at the end."""
+    server = PgServer.create()
+    try:
+        yield server
+    finally:
+        server.drop()

@@ -15,19 +15,31 @@ import contextlib
 import logging
 import os
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from iotmesh import __version__
+from iotmesh.core.ids import instance_id
 from iotmesh.core.lifecycle import Health
 from iotmesh.core.settings import Settings
 from iotmesh.datadir import DataDir
-from iotmesh.pipeline import LatestValues
+from iotmesh.transports.coap import CoapServer
 from iotmesh.transports.mqtt import MqttServer
-from iotmesh.wiring import AnyHttpServer, Builder, timeseries_store
+from iotmesh.wiring import (
+    AnyHttpServer,
+    Builder,
+    coap_info,
+    devices_of_types,
+    state_store,
+    timeseries_store,
+    uses_redis,
+)
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Platform", "timeseries_store"]
+__all__ = ["Platform", "devices_of_types", "state_store", "timeseries_store", "uses_redis"]
 
 
 class Platform:
@@ -36,18 +48,27 @@ class Platform:
     Usage:
         async with Platform(settings) as platform:
             await platform.wait_closed()   # until `shutdown()` or a service fails
+
+    `tracer_provider`: with `tracing.enabled`, spans go to this provider instead of
+    the one the settings describe (tests read them with an in-memory exporter);
+    `tracing.sample_ratio` still applies.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, *, tracer_provider: TracerProvider | None = None
+    ) -> None:
         self.settings = settings
         self.data_dir = DataDir(settings.data_dir)
         self.admin_token = ""
         self.admin_token_generated = False
         self._stack = contextlib.AsyncExitStack()
-        self._builder = Builder(settings, self.data_dir.path, self._stack)
+        self._builder = Builder(
+            settings, self.data_dir.path, self._stack, tracer_provider=tracer_provider
+        )
         self._shutdown = asyncio.Event()
         self.http: AnyHttpServer | None = None
         self.mqtt: MqttServer | None = None
+        self.coap: CoapServer | None = None
 
     async def __aenter__(self) -> Self:
         self.data_dir.acquire()
@@ -65,6 +86,7 @@ class Platform:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._builder.stopping = True  # /readyz says so while the services stop
         async with asyncio.timeout(self.settings.shutdown_timeout_s):
             await self._stack.aclose()
 
@@ -74,24 +96,34 @@ class Platform:
             self.admin_token = settings.admin_token.get_secret_value()
         else:
             self.admin_token, self.admin_token_generated = self.data_dir.admin_token()
-        # In dependency order (the builder enters each as it is built): state, the
-        # store and its writer, the bus and the pipeline, then device traffic.
+        # In dependency order (the builder enters each as it is built): tracing (its
+        # provider flushes last), state, the store, its writer and retention job, the
+        # bus and the pipeline, then device traffic.
         build = self._builder
+        build.tracing()
         await build.registry()
         await build.attributes()
         await build.rpc()
         await build.connectivity()
         writer = await build.writer()
-        latest = LatestValues()
+        await build.retention()
+        latest = await build.latest()
         await build.pipeline(writer, latest)
         self.mqtt = await build.mqtt()
+        if self.settings.coap.enabled:
+            self.coap = await build.coap()
         ctx = await build.api_context(self.admin_token, latest)
         self.http = await build.http(ctx)
         self.data_dir.write_run_info(self.run_info())
+        build.started = True
 
     def health(self) -> dict[str, Health]:
         """Each started service's health, by name."""
         return self._builder.health()
+
+    def not_ready(self) -> list[str]:
+        """Why this process should not be sent traffic now (`/readyz`); empty: ready."""
+        return self._builder.not_ready()
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Each service's counters, by service name (those that have any)."""
@@ -116,14 +148,17 @@ class Platform:
             http["tls_url"] = f"https://{shown}:{self.http.tls_port}"
         return {
             "pid": os.getpid(),
+            "instance_id": instance_id(),
             "version": __version__,
             "data_dir": str(self.data_dir.path),
             "http": http,
             "mqtt": mqtt,
+            **({"coap": coap_info(host, self.coap)} if self.coap else {}),
         }
 
     def shutdown(self) -> None:
         """Ask `wait_closed` to return (signal handlers call this)."""
+        self._builder.stopping = True  # /readyz: no new traffic from now on
         self._shutdown.set()
 
     async def wait_closed(self) -> None:

@@ -11,31 +11,47 @@ backend, HTTP server software).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from iotmesh import __version__
 from iotmesh.api import ApiContext, create_asgi_app
 from iotmesh.bus import Bus, make_bus
 from iotmesh.bus.memory import MemoryBus
 from iotmesh.commands import RpcService
+from iotmesh.core.ids import SERVICE_NAME, instance_id
 from iotmesh.core.lifecycle import Health, Service
 from iotmesh.core.settings import HttpSettings, Settings
+from iotmesh.core.tracing import INSTRUMENTATION, Tracer, Tracing, make_provider
+from iotmesh.core.tracing import shutdown as shutdown_tracing
 from iotmesh.devicestate import AttributeService, ConnectivityService
-from iotmesh.pipeline import LatestValues, Pipeline
+from iotmesh.pipeline import LatestCache, LatestValues, Pipeline
 from iotmesh.pipeline.ingest import TelemetryIngest
 from iotmesh.pipeline.sink import Sink
 from iotmesh.pipeline.stages import Processor, make_cpu_work, make_validator
 from iotmesh.registry import DeviceRegistry
+from iotmesh.storage.retention import DevicesOfTypes, RetentionJob
 from iotmesh.storage.sqlite.sessions import FILE_NAME as SESSIONS_FILE
 from iotmesh.storage.sqlite.sessions import SqliteSessionStore
 from iotmesh.storage.sqlite.state import SqliteStateStore
 from iotmesh.storage.sqlite.tsdb import SqliteTimeSeriesStore
+from iotmesh.storage.state import StateStore
 from iotmesh.storage.timeseries import TimeSeriesStore
 from iotmesh.storage.writer import BatchWriter
+from iotmesh.transports.coap import CoapServer
 from iotmesh.transports.http import HttpServer
 from iotmesh.transports.http_granian import GranianHttpServer
 from iotmesh.transports.mqtt import MqttServer
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+    from opentelemetry.trace import TracerProvider
+
+    from iotmesh.storage.redis import HotState
+
+log = logging.getLogger(__name__)
 
 S = TypeVar("S", bound=Service)
 AnyHttpServer = HttpServer | GranianHttpServer
@@ -48,7 +64,56 @@ def timeseries_store(settings: Settings, data_dir: Path) -> TimeSeriesStore:
         from iotmesh.storage.influx import InfluxTimeSeriesStore
 
         return InfluxTimeSeriesStore(settings.storage.influxdb)
-    return SqliteTimeSeriesStore(data_dir / "timeseries.db", settings.storage.sqlite)
+    if settings.storage.timeseries == "postgres":
+        from iotmesh.storage.postgres import PostgresTimeSeriesStore
+
+        return PostgresTimeSeriesStore(settings.storage.postgres)
+    levels = [level.interval_ms for level in settings.storage.retention.rollups]
+    return SqliteTimeSeriesStore(data_dir / "timeseries.db", settings.storage.sqlite, levels)
+
+
+def devices_of_types(registry: DeviceRegistry) -> DevicesOfTypes:
+    """The retention job's view of the registry: device ids by type."""
+
+    async def lookup(types: Collection[str]) -> dict[str, list[str]]:
+        wanted = set(types)
+        out: dict[str, list[str]] = {t: [] for t in wanted}
+        page = 0
+        while True:
+            listing = await registry.list(page, 1000)
+            for device in listing.data:
+                if device.type in wanted:
+                    out[device.type].append(device.id)
+            if not listing.has_next:
+                return out
+            page += 1
+
+    return lookup
+
+
+def state_store(settings: Settings, data_dir: Path) -> StateStore:
+    """The state store `storage.state` names (unopened)."""
+    if settings.storage.state == "postgres":
+        from iotmesh.storage.postgres import PostgresStateStore
+
+        return PostgresStateStore(settings.storage.postgres)
+    return SqliteStateStore(data_dir / "state.db", settings.storage.sqlite.synchronous)
+
+
+def uses_redis(settings: Settings) -> bool:
+    """Whether any hot state is configured to live in Redis (`storage.redis`)."""
+    r = settings.storage.redis
+    return (
+        settings.storage.latest == "redis" or r.connectivity or r.attribute_cache or r.rpc_wakeups
+    )
+
+
+def coap_info(host: str, coap: CoapServer) -> dict[str, Any]:
+    """Where a CoAP server listens, as run.json (and serve's run-info file) shows it."""
+    info: dict[str, Any] = {"host": host, "port": coap.port}
+    if coap.dtls_port is not None:
+        info["dtls_port"] = coap.dtls_port
+    return info
 
 
 class _StoreService(Service):
@@ -98,6 +163,9 @@ class Builder:
         stack: where each started service is entered (closing it stops them all).
         instance_dir: where files private to this process go (MQTT sessions); the data
             dir itself for `iotmesh run`, `instances/<service>-<id>/` for `serve`.
+        service: the service name in spans (`iotmesh`, or `iotmesh-<role>` for serve).
+        tracer_provider: with `tracing.enabled`, spans go to this provider instead of
+            the one the settings describe (tests read them with an in-memory exporter).
     """
 
     def __init__(
@@ -106,11 +174,18 @@ class Builder:
         data_dir: Path,
         stack: contextlib.AsyncExitStack,
         instance_dir: Path | None = None,
+        *,
+        service: str = SERVICE_NAME,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.settings = settings
         self.data_dir = data_dir
         self.instance_dir = instance_dir if instance_dir is not None else data_dir
+        self.service = service
         self.services: list[Service] = []
+        self.started = False
+        self.stopping = False
+        self._tracer_provider = tracer_provider
         self._stack = stack
         self._built: dict[str, Any] = {}
 
@@ -128,41 +203,125 @@ class Builder:
         """Each service's counters, by service name (those that have any)."""
         return {s.name: stats for s in self.services if (stats := s.stats())}
 
+    def not_ready(self) -> list[str]:
+        """Why this process should not be sent traffic now; empty when it is ready:
+        every service started (`started`) and healthy, and not `stopping` (`/readyz`)."""
+        if self.stopping:
+            return ["shutting down"]
+        if not self.started:
+            return ["starting"]
+        return [f"{name}: {h.detail or 'not ok'}" for name, h in self.health().items() if not h.ok]
+
+    # -- observability ----------------------------------------------------------------------
+
+    def tracing(self) -> Tracing | None:
+        """The tracer of every service, None when tracing is off (see core/tracing.py).
+
+        Build it first: its provider is shut down (sending the spans still batched)
+        when the stack closes, which must be after every service stopped."""
+        if "tracing" not in self._built:
+            self._built["tracing"] = self._make_tracing()
+        tracing: Tracing | None = self._built["tracing"]
+        return tracing
+
+    def tracer(self) -> Tracer | None:
+        tracing = self.tracing()
+        return None if tracing is None else tracing.tracer
+
+    def _make_tracing(self) -> Tracing | None:
+        if not self.settings.tracing.enabled:
+            return None
+        provider = self._tracer_provider
+        if provider is None:
+            built = make_provider(
+                self.settings.tracing,
+                service=self.service,
+                version=__version__,
+                instance=instance_id(),
+            )
+            self._stack.push_async_callback(self._stop_tracing, built)
+            provider = built
+        tracer = provider.get_tracer(INSTRUMENTATION, __version__)
+        return Tracing(tracer, self.settings.tracing.sample_ratio)
+
+    async def _stop_tracing(self, provider: SdkTracerProvider) -> None:
+        if not await shutdown_tracing(provider, self.settings.tracing.export_timeout_s):
+            log.warning("tracing: the collector did not take the last spans; dropped")
+
     # -- state ----------------------------------------------------------------------------
+
+    async def hot(self) -> HotState | None:
+        """The Redis hot state, when `storage.redis` puts anything there (`uses_redis`)."""
+        if "hot" not in self._built:
+            hot = None
+            if uses_redis(self.settings):
+                # Imported only when chosen, like the other engines.
+                from iotmesh.storage.redis import HotState
+
+                hot = await self.enter(HotState(self.settings.storage.redis))
+            self._built["hot"] = hot
+        hot_: HotState | None = self._built["hot"]
+        return hot_
 
     async def registry(self) -> DeviceRegistry:
         """The device registry; starting it opens (and migrates) the state store."""
         if "registry" not in self._built:
-            sync = self.settings.storage.sqlite.synchronous
-            state = SqliteStateStore(self.data_dir / "state.db", sync)
+            await self.hot()  # before the state: it stops after them
+            state = state_store(self.settings, self.data_dir)
             self._built["state"] = state
             self._built["registry"] = await self.enter(DeviceRegistry(state))
         registry: DeviceRegistry = self._built["registry"]
         return registry
 
-    async def _state(self) -> SqliteStateStore:
+    async def _state(self) -> StateStore:
         await self.registry()
-        state: SqliteStateStore = self._built["state"]
+        state: StateStore = self._built["state"]
         return state
 
     async def attributes(self) -> AttributeService:
         if "attributes" not in self._built:
-            service = AttributeService(await self._state())
-            self._built["attributes"] = await self.enter(service)
+            state = await self._state()
+            hot = await self.hot()
+            cache = None
+            if hot is not None and self.settings.storage.redis.attribute_cache:
+                from iotmesh.storage.redis import RedisAttributeCache
+
+                cache = RedisAttributeCache(hot)
+            self._built["attributes"] = await self.enter(AttributeService(state, cache))
         attributes: AttributeService = self._built["attributes"]
         return attributes
 
     async def rpc(self) -> RpcService:
         if "rpc" not in self._built:
-            service = RpcService(await self._state(), self.settings.devices)
+            state = await self._state()
+            hot = await self.hot()
+            notifier = None
+            if hot is not None and self.settings.storage.redis.rpc_wakeups:
+                from iotmesh.commands.wakeups import CLAIM_TTL_S
+                from iotmesh.storage.redis import RedisRpcNotifier
+
+                notifier = RedisRpcNotifier(hot, CLAIM_TTL_S)
+            service = RpcService(state, self.settings.devices, notifier=notifier)
             self._built["rpc"] = await self.enter(service)
         rpc: RpcService = self._built["rpc"]
         return rpc
 
     async def connectivity(self) -> ConnectivityService:
         if "connectivity" not in self._built:
-            timeout = self.settings.devices.inactivity_timeout_s
-            service = ConnectivityService(timeout, store=await self._state())
+            state = await self._state()
+            hot = await self.hot()
+            redis = self.settings.storage.redis
+            mirror = None
+            if hot is not None and redis.connectivity:
+                from iotmesh.storage.redis import RedisConnectivityMirror
+
+                mirror = RedisConnectivityMirror(hot)
+            service = ConnectivityService(
+                self.settings.devices.inactivity_timeout_s,
+                store=state,
+                mirror=mirror,
+                mirror_interval_s=redis.connectivity_flush_s,
+            )
             self._built["connectivity"] = await self.enter(service)
         connectivity: ConnectivityService = self._built["connectivity"]
         return connectivity
@@ -179,10 +338,36 @@ class Builder:
 
     async def writer(self) -> BatchWriter:
         if "writer" not in self._built:
-            writer = BatchWriter(await self.timeseries(), self.settings.writer)
+            writer = BatchWriter(await self.timeseries(), self.settings.writer, self.tracer())
             self._built["writer"] = await self.enter(writer)
         writer_: BatchWriter = self._built["writer"]
         return writer_
+
+    async def retention(self) -> RetentionJob:
+        """The retention and rollup job over the time-series store (`storage.retention`).
+
+        One per store: `iotmesh run`, or the `writer` service of `iotmesh serve`."""
+        if "retention" not in self._built:
+            job = RetentionJob(
+                await self.timeseries(),
+                self.settings.storage.retention,
+                devices_of_types(await self.registry()),
+            )
+            self._built["retention"] = await self.enter(job)
+        retention: RetentionJob = self._built["retention"]
+        return retention
+
+    async def latest(self, cache: bool = True) -> LatestCache:
+        """Latest values: in Redis when `storage.latest = "redis"` (shared by every
+        process), else an in-process cache; `cache=False` (serve, where another process
+        commits and this one would never see it) keeps nothing, so reads go to the store."""
+        if self.settings.storage.latest == "redis":
+            hot = await self.hot()
+            if hot is not None:
+                from iotmesh.storage.redis import RedisLatestValues
+
+                return RedisLatestValues(hot)
+        return LatestValues() if cache else LatestValues(max_devices=0)
 
     async def bus(self) -> Bus:
         """The bus `bus.backend` names, started."""
@@ -203,13 +388,14 @@ class Builder:
     async def pipeline(
         self,
         sink: BatchWriter | Sink,
-        latest: LatestValues,
+        latest: LatestCache,
         processors: list[Processor] | None = None,
         **consume: str,
     ) -> Pipeline:
         """A pipeline consuming the bus into `sink` (`consume`: pattern, group)."""
         stages = self.processors() if processors is None else processors
-        return await self.enter(Pipeline(await self.bus(), sink, latest, stages, **consume))
+        bus = await self.bus()
+        return await self.enter(Pipeline(bus, sink, latest, stages, self.tracer(), **consume))
 
     # -- device-facing --------------------------------------------------------------------
 
@@ -221,7 +407,7 @@ class Builder:
             self.settings.host,
             self.settings.mqtt,
             await self.registry(),
-            TelemetryIngest(await self.bus(), None),
+            TelemetryIngest(await self.bus(), None, self.tracing()),
             await self.attributes(),
             await self.rpc(),
             sessions=SqliteSessionStore(self.instance_dir / SESSIONS_FILE, sync),
@@ -229,14 +415,28 @@ class Builder:
         )
         return await self.enter(server)
 
+    async def coap(self) -> CoapServer:
+        """The CoAP server (UDP, and DTLS with PSK when configured)."""
+        server = CoapServer(
+            self.settings.host,
+            self.settings.coap,
+            await self.registry(),
+            TelemetryIngest(await self.bus(), self.settings.coap.enqueue_timeout_s),
+            await self.attributes(),
+            await self.rpc(),
+            await self.connectivity(),
+        )
+        return await self.enter(server)
+
     async def api_context(
         self,
         admin_token: str,
-        latest: LatestValues,
+        latest: LatestCache,
         health: Callable[[], dict[str, Health]] | None = None,
         stats: Callable[[], dict[str, dict[str, Any]]] | None = None,
     ) -> ApiContext:
         """What the REST and device HTTP API need, built from the services."""
+        bus = await self.bus()
         return ApiContext(
             settings=self.settings,
             admin_token=admin_token,
@@ -246,9 +446,11 @@ class Builder:
             connectivity=await self.connectivity(),
             timeseries=await self.timeseries(),
             latest=latest,
-            ingest=TelemetryIngest(await self.bus(), self.settings.http.enqueue_timeout_s),
+            ingest=TelemetryIngest(bus, self.settings.http.enqueue_timeout_s, self.tracing()),
             health=health or self.health,
             stats=stats or self.stats,
+            ready=self.not_ready,
+            services=self.services,  # the list itself: it will hold the HTTP server too
         )
 
     async def http(self, ctx: ApiContext) -> AnyHttpServer:

@@ -1,4 +1,5 @@
-"""The `store` fixture: one TimeSeriesStore per backend, fresh for each test.
+"""The `store` fixture: one TimeSeriesStore per backend, fresh for each test; the
+`state` fixture: one StateStore per backend, likewise.
 
 To add a backend, append a `Backend` to `BACKENDS`: a name (the pytest id), a factory
 building an unopened store from a tmp dir, and `settle`, which waits until background
@@ -21,9 +22,13 @@ import pytest
 
 from iotmesh.core.settings import InfluxSettings, SqliteSettings
 from iotmesh.storage.influx import InfluxTimeSeriesStore
+from iotmesh.storage.postgres import PostgresStateStore, PostgresTimeSeriesStore
+from iotmesh.storage.sqlite.state import SqliteStateStore
 from iotmesh.storage.sqlite.tsdb import SqliteTimeSeriesStore
+from iotmesh.storage.state import StateStore
 from iotmesh.storage.timeseries import TimeSeriesStore
 from tests.influxd import InfluxServer
+from tests.postgres import PgServer
 
 
 @dataclass(frozen=True)
@@ -47,8 +52,9 @@ async def _sqlite_settle(store: TimeSeriesStore) -> None:
 
 def _sqlite(tmp_path: Path) -> TimeSeriesStore:
     # Small chunks and an early compaction, so a test's few points exercise both.
+    # Rollup levels that the suite's intervals (10, 25, a minute, random) read.
     settings = SqliteSettings(chunk_max_points=16, compact_min_chunks=3)
-    return SqliteTimeSeriesStore(tmp_path / "timeseries.db", settings)
+    return SqliteTimeSeriesStore(tmp_path / "timeseries.db", settings, (5, 10, 60_000))
 
 
 def _influxdb(server: InfluxServer, tmp_path: Path) -> TimeSeriesStore:
@@ -57,9 +63,16 @@ def _influxdb(server: InfluxServer, tmp_path: Path) -> TimeSeriesStore:
     return InfluxTimeSeriesStore(InfluxSettings(url=server.url, database=database))
 
 
+def _postgres(server: PgServer, tmp_path: Path) -> TimeSeriesStore:
+    # A schema per test, named after its tmp dir: the same on a reopen in one test.
+    # Daily partitions, so the tests' timestamps (1970 and 2023) span a few of them.
+    return PostgresTimeSeriesStore(server.settings(str(tmp_path), partition_interval_s=86400))
+
+
 BACKENDS = [
     Backend("sqlite", _sqlite, _sqlite_settle),
     Backend("influxdb", _influxdb, no_background_work, server="influxd"),
+    Backend("postgres", _postgres, no_background_work, server="postgres"),
 ]
 
 
@@ -77,6 +90,53 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 async def store(backend: Backend, tmp_path: Path) -> AsyncIterator[TimeSeriesStore]:
     """An opened, empty store; closed after the test."""
     s = backend.make(tmp_path)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+# -- the state store -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StateBackend:
+    """How the state-store contract suite builds one backend (see `Backend`)."""
+
+    name: str
+    make: Callable[..., StateStore]
+    server: str | None = None
+
+
+def _sqlite_state(tmp_path: Path) -> StateStore:
+    return SqliteStateStore(tmp_path / "state.db", synchronous="OFF")
+
+
+def _postgres_state(server: PgServer, tmp_path: Path) -> StateStore:
+    return PostgresStateStore(server.settings(str(tmp_path)))
+
+
+STATE_BACKENDS = [
+    StateBackend("sqlite", _sqlite_state),
+    StateBackend("postgres", _postgres_state, server="postgres"),
+]
+
+
+@pytest.fixture(params=STATE_BACKENDS, ids=lambda b: b.name)
+def state_backend(request: pytest.FixtureRequest) -> StateBackend:
+    """The state-store backend under test."""
+    b: StateBackend = request.param
+    if b.server is not None:
+        server: Any = request.getfixturevalue(b.server)
+        b = dataclasses.replace(b, make=functools.partial(b.make, server))
+    return b
+
+
+@pytest.fixture
+async def state(state_backend: StateBackend, tmp_path: Path) -> AsyncIterator[StateStore]:
+    """An opened, empty state store; closed after the test."""
+    s = state_backend.make(tmp_path)
     await s.open()
     try:
         yield s

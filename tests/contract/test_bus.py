@@ -19,6 +19,7 @@ and then checks each side of the difference explicitly:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -567,3 +568,42 @@ async def test_the_pipeline_stores_what_ingest_publishes(
     finally:
         await pipeline.stop()
         await writer.stop()
+
+
+async def test_a_traced_message_keeps_its_trace_across_the_bus(
+    make_harness: Callable[..., BusHarness],
+) -> None:
+    """The traceparent rides in the message, so every bus carries it; on an engine the
+    consumer is another connection, as another process would be."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from iotmesh.core.tracing import SpanKind, Tracing, context_of
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider.get_tracer("test"))
+    h = make_harness()
+    consumer_bus = await h.bus()
+    store = RecordingStore()
+    writer = BatchWriter(store, WriterSettings(), tracing.tracer)
+    await writer.start()
+    pipeline = Pipeline(consumer_bus, writer, LatestValues(), tracer=tracing.tracer)
+    await pipeline.start()
+    try:
+        ingest = TelemetryIngest(await h.bus(), 5.0, tracing)
+        root = tracing.start_root("transport", SpanKind.SERVER, {})
+        await ingest.submit("dev-1", [TsRecord(1000, {"t": 1})], context_of(root))
+        root.end()
+        names = ["transport", "bus.publish", "pipeline.handle", "storage.commit"]
+        await eventually(lambda: len(exporter.get_finished_spans()) == len(names))
+    finally:
+        await pipeline.stop()
+        await writer.stop()
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    assert len({span.get_span_context().trace_id for span in spans.values()}) == 1
+    for parent, child in itertools.pairwise(names):
+        assert spans[child].parent is not None
+        assert spans[child].parent.span_id == spans[parent].get_span_context().span_id

@@ -33,6 +33,7 @@ class RunningServer:
         self.tls_url: str | None = info["http"].get("tls_url")
         self.mqtt_port: int = info["mqtt"]["port"]
         self.mqtt_tls_port: int | None = info["mqtt"].get("tls_port")
+        self.coap_port: int | None = info.get("coap", {}).get("port")
         self.admin_token = (data_dir / "admin_token").read_text().strip()
 
     @property

@@ -2,7 +2,9 @@
 
 - proto/ is sans-IO: no asyncio, socket, ssl or selectors.
 - core/ is the bottom layer: of iotmesh it imports only iotmesh.core.
-- bus/ and storage/ sit below the edges: no iotmesh.api, cli, transports or app.
+- bus/, storage/, cluster/ and engines/ sit below the edges: no iotmesh.api, cli,
+  transports or app.
+- engines/ (engine helpers shared by bus/ and cluster/) imports only iotmesh.core.
 
 Every import counts, including ones inside functions or `if TYPE_CHECKING:`.
 """
@@ -89,7 +91,7 @@ def test_core_imports_nothing_else_of_iotmesh() -> None:
     assert found == []
 
 
-@pytest.mark.parametrize("layer", ["bus", "storage"])
+@pytest.mark.parametrize("layer", ["bus", "storage", "cluster", "engines"])
 def test_inner_layers_do_not_import_the_edges(layer: str) -> None:
     edges = [
         "iotmesh.api",
@@ -100,6 +102,15 @@ def test_inner_layers_do_not_import_the_edges(layer: str) -> None:
         "iotmesh.serve",
     ]
     assert violations(layer, edges) == []
+
+
+def test_engine_helpers_import_only_core() -> None:
+    found = [
+        v
+        for v in violations("engines", ["iotmesh"], allowed=["iotmesh.core", "iotmesh.engines"])
+        if not v.endswith("imports iotmesh")
+    ]
+    assert found == []
 
 
 def test_checker_sees_every_kind_of_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

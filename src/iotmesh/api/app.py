@@ -13,6 +13,7 @@ from iotmesh.api import (
     device_state,
     devices,
     health,
+    metrics,
     problems,
     rpc,
     stats,
@@ -35,6 +36,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.state.ctx = ctx
     problems.install(app)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(stats.router)
     app.include_router(devices.router)
     app.include_router(credentials.router)

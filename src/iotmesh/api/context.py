@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -11,11 +11,11 @@ from fastapi import Request, Response
 
 from iotmesh.api.polls import LongPolls
 from iotmesh.commands.rpc import RpcService
-from iotmesh.core.lifecycle import Health
+from iotmesh.core.lifecycle import Health, Service
 from iotmesh.core.settings import Settings
 from iotmesh.devicestate import AttributeService, ConnectivityService
 from iotmesh.pipeline.ingest import TelemetryIngest
-from iotmesh.pipeline.latest import LatestValues
+from iotmesh.pipeline.latest import LatestCache
 from iotmesh.registry.service import DeviceRegistry
 from iotmesh.storage.timeseries import TimeSeriesStore
 
@@ -31,11 +31,15 @@ class ApiContext:
     rpc: RpcService
     connectivity: ConnectivityService
     timeseries: TimeSeriesStore
-    latest: LatestValues
+    latest: LatestCache
     ingest: TelemetryIngest
     health: Callable[[], dict[str, Health]]
     stats: Callable[[], dict[str, dict[str, Any]]]
     long_polls: LongPolls = dataclasses.field(default_factory=LongPolls)
+    ready: Callable[[], list[str]] = dataclasses.field(default=lambda: [])
+    """Why the process should get no traffic now (empty: ready); see `/readyz`."""
+    services: Sequence[Service] = ()
+    """The started services, read at each scrape of `/metrics`."""
 
 
 async def context(request: Request) -> ApiContext:

@@ -14,6 +14,9 @@ Every request counts as activity of the device (`ctx.connectivity`, transport "h
 Errors (problem+json, mapped in api/problems.py): 400 malformed payload, 401 unknown
 token, 413 over `http.max_payload_bytes`, 503 (with Retry-After) when the pipeline has
 no room within `http.enqueue_timeout_s`.
+
+Tracing: when on, an upload is an `http.telemetry` span, the root of the message's
+trace, or a child of the request's W3C `traceparent` header when it has one.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from iotmesh.api.context import ApiContext, MsgspecResponse, context
 from iotmesh.commands.client_rpc import answer_client_rpc
 from iotmesh.core.clock import now_ms
 from iotmesh.core.errors import PayloadError
+from iotmesh.core.tracing import Context, SpanKind, context_of, parent_from, use_span
 from iotmesh.core.types import AttributeScope, Device
 from iotmesh.proto.thingsboard import (
     attributes_from_json,
@@ -103,13 +107,42 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 )
 async def post_telemetry(access_token: str, request: Request, ctx: Ctx) -> Response:
     """Upload telemetry in any ThingsBoard JSON form; 200 means it is stored durably."""
-    # Served by the ASGI fast path in front of FastAPI (api/fastpath.py), which takes the
-    # same steps; this route documents it in OpenAPI and is the reference for it.
+    # With tracing off the ASGI fast path in front of FastAPI (api/fastpath.py) serves
+    # this, taking the same steps; this route documents it and is the reference for it.
+    tracing = ctx.ingest.tracing
+    if tracing is None:
+        await _store_telemetry(access_token, request, ctx)
+        return Response(status_code=200)
+    attributes = {"http.request.method": "POST", "http.route": TELEMETRY_ROUTE}
+    header = request.headers.get("traceparent")
+    if header:  # the caller's trace: its sampled flag decides
+        span = tracing.tracer.start_span(
+            "http.telemetry", parent_from(header), SpanKind.SERVER, attributes
+        )
+    elif tracing.sampled():
+        span = tracing.start_root("http.telemetry", SpanKind.SERVER, attributes)
+    else:
+        await _store_telemetry(access_token, request, ctx)
+        return Response(status_code=200)
+    with use_span(span, end_on_exit=True):  # current too: log lines show the trace id
+        device_id = await _store_telemetry(access_token, request, ctx, context_of(span))
+        span.set_attribute("iotmesh.device_id", device_id)
+        span.set_attribute("http.response.status_code", 200)
+    return Response(status_code=200)
+
+
+TELEMETRY_ROUTE = "/api/v1/{access_token}/telemetry"
+
+
+async def _store_telemetry(
+    access_token: str, request: Request, ctx: ApiContext, trace: Context | None = None
+) -> str:
+    """Read, authenticate, parse and submit one upload; return the device id."""
     body = await read_body(request, ctx.settings.http.max_payload_bytes)
     device = await authenticate(ctx, access_token)
     records = parse_telemetry(body, now_ms())
-    await ctx.ingest.submit(device.id, records)
-    return Response(status_code=200)
+    await ctx.ingest.submit(device.id, records, trace)
+    return device.id
 
 
 @router.post(
@@ -204,4 +237,5 @@ async def rpc_reply(access_token: str, request_id: str, request: Request, ctx: C
     except PayloadError:
         payload = body.decode("utf-8", "replace")
     ctx.rpc.reply(device.id, int(request_id), payload)
+    await ctx.rpc.flushed()  # 200 once the reply is stored
     return Response(status_code=200)

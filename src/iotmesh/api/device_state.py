@@ -59,4 +59,4 @@ async def get_twin(device_id: str, ctx: Ctx) -> MsgspecResponse:
 async def get_connectivity(device_id: str, ctx: Ctx) -> MsgspecResponse:
     """Whether the device is online, over which transport, and when it was last heard."""
     device = await ctx.registry.get(device_id)
-    return MsgspecResponse(ctx.connectivity.state(device.id))
+    return MsgspecResponse(await ctx.connectivity.read(device.id))

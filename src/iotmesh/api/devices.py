@@ -119,7 +119,7 @@ async def get_device(device_id: str, ctx: Ctx) -> MsgspecResponse:
     """One device, with its connectivity (online, transport, last activity)."""
     device = await ctx.registry.get(device_id)
     body = msgspec.structs.asdict(device)
-    body["connectivity"] = ctx.connectivity.state(device.id)
+    body["connectivity"] = await ctx.connectivity.read(device.id)
     return MsgspecResponse(body)
 
 
@@ -137,8 +137,8 @@ async def delete_device(device_id: str, ctx: Ctx) -> None:
     """Delete a device, its token, telemetry and RPC requests."""
     await ctx.registry.delete(device_id)
     ctx.rpc.forget(device_id)
-    ctx.connectivity.forget(device_id)
-    ctx.latest.invalidate(device_id)
+    await ctx.connectivity.forget_shared(device_id)
+    await ctx.latest.invalidate(device_id)
     await ctx.timeseries.delete_entity(device_id)
 
 

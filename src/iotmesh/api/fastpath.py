@@ -71,10 +71,11 @@ class TelemetryFastPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         token = telemetry_token(scope)
-        if token is None:
+        ctx = self._ctx
+        if token is None or ctx.ingest.tracing is not None:
+            # With tracing on, the FastAPI route makes the upload's span.
             await self.app(scope, receive, send)
             return
-        ctx = self._ctx
         try:
             body = await receive_body(receive, _content_length(scope), self._limit)
             device = await authenticate(ctx, token)

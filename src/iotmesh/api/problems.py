@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 
 from iotmesh.api.body import ClientGone
 from iotmesh.bus.interface import DeadLettered
+from iotmesh.cluster.errors import CallFailed, ClusterError, StaleToken
 from iotmesh.core import errors
 
 log = logging.getLogger(__name__)
@@ -30,10 +31,13 @@ _STATUS: tuple[tuple[type[errors.IotmeshError], int], ...] = (
     (errors.AuthError, 401),
     (errors.NotFound, 404),
     (errors.Conflict, 409),
-    (errors.Overloaded, 503),
+    (StaleToken, 409),
+    (errors.Overloaded, 503),  # cluster.NoInstance too: no instance to call, retry later
     (errors.StorageError, 503),
     (errors.DeviceTimeout, 504),
     (errors.DeviceGone, 502),
+    (CallFailed, 502),
+    (ClusterError, 503),  # the cluster engine failed: a local fault, like storage
     (DeadLettered, 422),
 )
 

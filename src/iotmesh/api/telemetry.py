@@ -66,10 +66,10 @@ async def query_telemetry(
 async def latest_telemetry(device_id: str, ctx: Ctx, keys: KeysParam = None) -> MsgspecResponse:
     """The newest point of each key, in the same shape as a query (one point per key)."""
     device = await ctx.registry.get(device_id)
-    values = ctx.latest.get(device.id)
+    values = await ctx.latest.get(device.id)
     if values is None:
         values = await ctx.timeseries.latest(device.id)
-        ctx.latest.fill(device.id, values)
+        await ctx.latest.fill(device.id, values)
     wanted = query_keys(keys)
     chosen = values if wanted is None else {k: values[k] for k in wanted if k in values}
     return MsgspecResponse({key: [point] for key, point in sorted(chosen.items())})
@@ -103,5 +103,5 @@ async def delete_telemetry(
     end = MAX_TS if end_ts is None else end_ts
     wanted = query_keys(keys) or await ctx.timeseries.keys(device.id)
     deleted = await ctx.timeseries.delete(device.id, wanted, start_ts, end) if wanted else 0
-    ctx.latest.invalidate(device.id)
+    await ctx.latest.invalidate(device.id)
     return MsgspecResponse({"deleted": deleted})

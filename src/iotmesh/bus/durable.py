@@ -52,7 +52,7 @@ from iotmesh.core.settings import BusSettings
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def split_pattern(pattern: str) -> tuple[str, str]:
@@ -63,14 +63,14 @@ def split_pattern(pattern: str) -> tuple[str, str]:
             keeps one stream per subject space, so a pattern must name one).
     """
     space, _, rest = pattern.partition(".")
-    if not _NAME.match(space):
+    if not _NAME.fullmatch(space):
         raise BusError(f"pattern {pattern!r}: the first token must name one subject space")
     return space, rest
 
 
 def check_name(kind: str, name: str) -> str:
     """`name` if the engines accept it in stream, consumer and key names."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise BusError(f"{kind} {name!r}: use letters, digits, '-' and '_' only")
     return name
 

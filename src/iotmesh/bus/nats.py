@@ -64,6 +64,7 @@ from iotmesh.bus.durable import (
 from iotmesh.bus.interface import BatchHandler, Bus, BusError, Subscription
 from iotmesh.core.errors import Overloaded
 from iotmesh.core.settings import BusSettings
+from iotmesh.engines.nats import KvLeases, open_bucket
 
 KEY_HEADER = "Iotmesh-Key"
 MSG_ID_HEADER = "Iotmesh-Msg-Id"  # set on dead letters, whose Nats-Msg-Id names the group
@@ -160,15 +161,14 @@ class NatsBus(Bus, Engine):
         except (OSError, nats.errors.Error) as exc:
             raise BusError(f"cannot connect to NATS at {self.settings.nats_url}: {exc}") from exc
         self._js = self._nc.jetstream(timeout=timeout)
-        bucket = f"{self._ns}_bus_leases"
         try:
-            self._kv = await self._js.create_key_value(
-                bucket=bucket, ttl=self.settings.ack_wait_s, history=1
+            # Made earlier by a process with another ack wait: used as it is.
+            self._kv = await open_bucket(
+                self._js, f"{self._ns}_bus_leases", self.settings.ack_wait_s
             )
         except nats.js.errors.BadRequestError as exc:
-            if exc.err_code != 10058:  # made by a process with another ack wait: use it
-                raise BusError(f"cannot create the lease bucket: {exc.description}") from exc
-            self._kv = await self._js.key_value(bucket)
+            raise BusError(f"cannot create the lease bucket: {exc.description}") from exc
+        self._leases = KvLeases(self._kv)
 
     async def stop(self) -> None:
         groups, self._groups = self._groups, []
@@ -313,30 +313,13 @@ class NatsBus(Bus, Engine):
         return self._kv
 
     async def acquire(self, lease: str, member: str) -> bool:
-        try:
-            await self.kv.create(f"lease.{lease}", member.encode())
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return False
-        return True
+        return await self._leases.acquire(f"lease.{lease}", member.encode()) is not None
 
     async def renew(self, lease: str, member: str) -> bool:
-        try:
-            entry = await self.kv.get(f"lease.{lease}")
-        except nats.js.errors.NotFoundError:
-            return False
-        if entry.value != member.encode() or entry.revision is None:
-            return False
-        try:
-            await self.kv.update(f"lease.{lease}", member.encode(), last=entry.revision)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return False
-        return True
+        return await self._leases.renew(f"lease.{lease}", member.encode()) is not None
 
     async def release(self, lease: str, member: str) -> None:
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            entry = await self.kv.get(f"lease.{lease}")
-            if entry.value == member.encode():
-                await self.kv.delete(f"lease.{lease}", last=entry.revision)
+        await self._leases.release(f"lease.{lease}", member.encode())
 
     async def heartbeat(self, gid: str, member: str) -> int:
         await self.kv.put(f"member.{gid}.{member}", b"1")

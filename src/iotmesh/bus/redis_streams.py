@@ -48,6 +48,7 @@ from iotmesh.bus.durable import (
 from iotmesh.bus.interface import BatchHandler, Bus, BusError, Subscription
 from iotmesh.core.errors import Overloaded
 from iotmesh.core.settings import BusSettings
+from iotmesh.engines.redis import RedisLeases
 
 POOL_SIZE = 128  # connections to Redis per bus (blocking reads of held partitions count)
 
@@ -95,16 +96,6 @@ repeat
   cursor = r[1]
 until cursor == '0-0'
 return 1
-"""
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
 """
 
 _HEARTBEAT = """
@@ -228,8 +219,7 @@ class RedisBus(Bus, Engine):
         self._redis = r
         self._publish = r.register_script(_PUBLISH)
         self._trim = r.register_script(_TRIM)
-        self._renew = r.register_script(_RENEW)
-        self._release = r.register_script(_RELEASE)
+        self._leases = RedisLeases(r)
         self._heartbeat = r.register_script(_HEARTBEAT)
         self._claim_all = r.register_script(_CLAIM_ALL)
 
@@ -331,15 +321,13 @@ class RedisBus(Bus, Engine):
     # -- leases -------------------------------------------------------------------
 
     async def acquire(self, lease: str, member: str) -> bool:
-        key = f"{self._ns}:lease:{lease}"
-        return bool(await self.redis.set(key, member, nx=True, px=self._ttl_ms))
+        return await self._leases.acquire(f"{self._ns}:lease:{lease}", member, self._ttl_ms)
 
     async def renew(self, lease: str, member: str) -> bool:
-        key = f"{self._ns}:lease:{lease}"
-        return bool(await self._renew(keys=[key], args=[member, self._ttl_ms]))
+        return await self._leases.renew(f"{self._ns}:lease:{lease}", member, self._ttl_ms)
 
     async def release(self, lease: str, member: str) -> None:
-        await self._release(keys=[f"{self._ns}:lease:{lease}"], args=[member])
+        await self._leases.release(f"{self._ns}:lease:{lease}", member)
 
     async def heartbeat(self, gid: str, member: str) -> int:
         key = f"{self._ns}:members:{gid}"

@@ -15,8 +15,10 @@ from iotmesh import __version__
 from iotmesh.cli.client import ApiClient, ClientError
 from iotmesh.cli.config import config_app
 from iotmesh.cli.doctor import doctor
+from iotmesh.cli.export import export
 from iotmesh.cli.run import run
 from iotmesh.cli.serve import serve
+from iotmesh.cli.services import services
 from iotmesh.core.errors import ConfigError
 from iotmesh.core.settings import load_settings
 
@@ -33,6 +35,8 @@ app.add_typer(config_app, name="config")
 app.command()(run)
 app.command()(serve)
 app.command()(doctor)
+app.command()(services)
+app.command()(export)
 
 out = Console()
 if not out.is_terminal:
@@ -338,6 +342,22 @@ def _print_points(result: dict[str, list[dict[str, Any]]], as_json: bool) -> Non
         for point in points:
             table.add_row(key, str(point["ts"]), json.dumps(point["value"]))
     out.print(table)
+
+
+@app.command("asyncapi")
+def asyncapi(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this file, not stdout.")
+    ] = None,
+) -> None:
+    """Print the AsyncAPI 3.0 document of the device MQTT topics and the bus (JSON)."""
+    from iotmesh.asyncapi import render  # imports the transports: only when asked
+
+    text = render()
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text, encoding="utf-8")
 
 
 def main() -> None:

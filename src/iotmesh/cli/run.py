@@ -20,22 +20,15 @@ from iotmesh.cli.storage_options import (
     InfluxUrlOpt,
     InfluxUserOpt,
     InfluxVersionOpt,
+    PostgresSchemaOpt,
+    PostgresUrlOpt,
+    StateOpt,
     StorageOpt,
     storage_overrides,
 )
 from iotmesh.core.errors import IotmeshError
+from iotmesh.core.logs import configure_logging, json_log_identity
 from iotmesh.core.settings import Settings, load_settings
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # hypercorn logs every lifespan/connection detail at INFO; keep ours readable.
-    logging.getLogger("hypercorn.error").setLevel(max(logging.WARNING, logging.root.level))
-
 
 GC_YOUNG = 10_000
 
@@ -66,11 +59,25 @@ async def _serve(settings: Settings) -> None:
         print(f"  MQTT (ThingsBoard device API) {mqtt['host']}:{mqtt['port']}")
         if "tls_port" in mqtt:
             print(f"  MQTT over TLS                 {mqtt['host']}:{mqtt['tls_port']}")
+        if "coap" in info:
+            coap = info["coap"]
+            print(f"  CoAP (ThingsBoard device API) udp {coap['host']}:{coap['port']}")
+            if "dtls_port" in coap:
+                print(f"  CoAP over DTLS (PSK)          udp {coap['host']}:{coap['dtls_port']}")
         print(f"  data dir                      {platform.data_dir.path}")
         if settings.storage.timeseries == "influxdb":
             influx = settings.storage.influxdb
             where = influx.database if influx.version == 1 else f"bucket {influx.bucket}"
             print(f"  telemetry                     InfluxDB {influx.url} ({where})")
+        if "postgres" in (settings.storage.timeseries, settings.storage.state):
+            from iotmesh.storage.postgres.connection import where as pg_at
+
+            postgres = settings.storage.postgres
+            pg_where = f"{pg_at(postgres)} (schema {postgres.schema_name})"
+            if settings.storage.timeseries == "postgres":
+                print(f"  telemetry                     PostgreSQL {pg_where}")
+            if settings.storage.state == "postgres":
+                print(f"  devices and state             PostgreSQL {pg_where}")
         if platform.admin_token_generated:
             print(f"  admin token (shown once)      {platform.admin_token}")
             print(f"    saved in {platform.data_dir.path / 'admin_token'}")
@@ -88,6 +95,9 @@ def run(
     coap_port: Annotated[int | None, typer.Option(help="CoAP port (0 = any free).")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML settings file.")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
+    log_format: Annotated[
+        str | None, typer.Option(help="text, or json (one JSON object per line).")
+    ] = None,
     storage: StorageOpt = None,
     influx_url: InfluxUrlOpt = None,
     influx_version: InfluxVersionOpt = None,
@@ -95,10 +105,15 @@ def run(
     influx_username: InfluxUserOpt = None,
     influx_org: InfluxOrgOpt = None,
     influx_bucket: InfluxBucketOpt = None,
+    state: StateOpt = None,
+    postgres_url: PostgresUrlOpt = None,
+    postgres_schema: PostgresSchemaOpt = None,
 ) -> None:
     """Run the whole platform in this process, on embedded defaults (SQLite, in-process bus).
 
-    `--storage influxdb --influx-url URL` keeps telemetry in InfluxDB instead.
+    `--storage influxdb --influx-url URL` keeps telemetry in InfluxDB instead;
+    `--storage postgres --state postgres --postgres-url URL` keeps telemetry and state
+    in PostgreSQL.
     """
     try:
         settings = load_settings(
@@ -110,6 +125,7 @@ def run(
                 "mqtt.port": mqtt_port,
                 "coap.port": coap_port,
                 "log_level": log_level,
+                "log_format": log_format,
                 **storage_overrides(
                     storage,
                     influx_url,
@@ -118,13 +134,19 @@ def run(
                     influx_username,
                     influx_org,
                     influx_bucket,
+                    state,
+                    postgres_url,
+                    postgres_schema,
                 ),
             },
         )
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
         asyncio.run(_serve(settings))
     except IotmeshError as exc:
-        print(f"iotmesh: cannot start: {exc}", file=sys.stderr)
+        if json_log_identity() is not None:  # stderr is read as JSON lines: stay one
+            logging.getLogger("iotmesh.cli").error("cannot start: %s", exc)
+        else:
+            print(f"iotmesh: cannot start: {exc}", file=sys.stderr)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None

@@ -12,8 +12,10 @@ from typing import Annotated
 import typer
 
 from iotmesh import __version__
-from iotmesh.cli.run import GC_YOUNG, configure_logging
+from iotmesh.cli.run import GC_YOUNG
 from iotmesh.core.errors import IotmeshError
+from iotmesh.core.ids import SERVICE_NAME
+from iotmesh.core.logs import configure_logging
 from iotmesh.core.settings import Settings, load_settings
 
 
@@ -92,7 +94,8 @@ def serve(
                 "log_level": log_level,
             },
         )
-        configure_logging(settings.log_level)
+        # JSON lines name the role: `iotmesh-pipeline`, as the registry and spans do.
+        configure_logging(settings.log_level, settings.log_format, f"{SERVICE_NAME}-{service}")
         asyncio.run(_serve(settings, service))
     except IotmeshError as exc:
         print(f"iotmesh: cannot serve {service}: {exc}", file=sys.stderr)

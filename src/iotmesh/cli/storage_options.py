@@ -1,7 +1,8 @@
 """The storage flags `iotmesh run` and `iotmesh doctor` share (CLI flags > env > file).
 
-Secrets (the 1.x password, the 2.x token) have no flag, as a command line is visible to
-every user of the machine: set them in the TOML file or as IOTMESH_STORAGE__INFLUXDB__*.
+Secrets (the InfluxDB 1.x password, the 2.x token, the PostgreSQL password) have no
+flag, as a command line is visible to every user of the machine: set them in the TOML
+file or as IOTMESH_STORAGE__INFLUXDB__* / IOTMESH_STORAGE__POSTGRES__PASSWORD.
 """
 
 from __future__ import annotations
@@ -12,7 +13,25 @@ import typer
 
 StorageOpt = Annotated[
     str | None,
-    typer.Option("--storage", help="Time-series backend: sqlite or influxdb.", show_default=False),
+    typer.Option(
+        "--storage", help="Time-series backend: sqlite, influxdb or postgres.", show_default=False
+    ),
+]
+StateOpt = Annotated[
+    str | None,
+    typer.Option("--state", help="State backend: sqlite or postgres.", show_default=False),
+]
+PostgresUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--postgres-url",
+        help="PostgreSQL URL (postgresql://user@host:5432/database).",
+        show_default=False,
+    ),
+]
+PostgresSchemaOpt = Annotated[
+    str | None,
+    typer.Option("--postgres-schema", help="PostgreSQL schema of the tables.", show_default=False),
 ]
 InfluxUrlOpt = Annotated[
     str | None,
@@ -47,10 +66,16 @@ def storage_overrides(
     influx_username: str | None,
     influx_org: str | None,
     influx_bucket: str | None,
+    state: str | None = None,
+    postgres_url: str | None = None,
+    postgres_schema: str | None = None,
 ) -> dict[str, Any]:
     """The settings overrides (dotted keys) of the storage flags; None: flag not given."""
     prefix = "storage.influxdb."
     return {
+        "storage.state": state,
+        "storage.postgres.url": postgres_url,
+        "storage.postgres.schema_name": postgres_schema,
         "storage.timeseries": storage,
         prefix + "url": influx_url,
         prefix + "version": influx_version,

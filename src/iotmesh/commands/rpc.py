@@ -29,6 +29,12 @@ Ids are integers, unique per device for good (the store counts them), as ThingsB
 devices expect (`.../rpc/request/{id}`). Status changes are written behind, in
 batches (`RpcJournal`); `flushed()` waits for them (the MQTT PUBACK of a reply does).
 
+Several processes (an `RpcNotifier`, see `wakeups.py`): a persistent request stored
+where the device has no session is handed off — not held here, a wake-up published —
+and the process holding the device's session loads it from the store (so does any
+process where a session attaches). Each open request is held by the one process that
+claimed it. Without a notifier (`iotmesh run`) none of this happens.
+
 Error handling: no delivery or no reply in time → `DeviceTimeout` (HTTP 504) for a
 waiting caller; a sink that fails with anything but `DeviceGone` → FAILED and
 `DeviceGone` (502). Too many open requests for one device → `Overloaded` (503). A reply
@@ -43,14 +49,23 @@ import asyncio
 import collections
 import heapq
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 import msgspec
 
 from iotmesh.commands.rpc_store import MemoryRpcStore, RpcJournal, RpcStore
+from iotmesh.commands.wakeups import RENEW_EVERY_S, RpcNotifier
 from iotmesh.core.clock import now_ms
-from iotmesh.core.errors import DeviceGone, DeviceTimeout, NotFound, Overloaded, PayloadError
+from iotmesh.core.errors import (
+    DeviceGone,
+    DeviceTimeout,
+    IotmeshError,
+    NotFound,
+    Overloaded,
+    PayloadError,
+)
 from iotmesh.core.lifecycle import Service
 from iotmesh.core.settings import DeviceSettings
 from iotmesh.core.types import Device, RpcPage, RpcRecord, RpcStatus
@@ -64,8 +79,10 @@ RETRY_S = 1.0  # after every attached sink refused a request, try again this muc
 EXPIRY_INTERVAL_S = 0.2  # how often due deadlines are looked for (a heap peek)
 PURGE_INTERVAL_MS = 3600 * 1000
 PURGE_BATCH = 1000
+LOAD_CONCURRENCY = 8  # store reads of devices' requests at once (several processes)
 
 QUEUED, SENT, DELIVERED = RpcStatus.QUEUED, RpcStatus.SENT, RpcStatus.DELIVERED
+OPEN = (QUEUED, SENT, DELIVERED)
 
 
 def _gateway_key(gateway_id: str) -> str:
@@ -119,6 +136,9 @@ class RpcService(Service):
     """Stores RPC requests, routes them to devices' live sessions, replies back."""
 
     name = "rpc"
+    stats_counters = frozenset(
+        {"stray_replies", *(f"finished_{s.lower()}" for s in RpcStatus if not s.open)}
+    )
 
     def __init__(
         self,
@@ -126,8 +146,11 @@ class RpcService(Service):
         settings: DeviceSettings | None = None,
         *,
         clock: Callable[[], int] = now_ms,
+        notifier: RpcNotifier | None = None,
     ) -> None:
-        """`state`: where requests are kept (the state store); None keeps them in memory."""
+        """`state`: where requests are kept (the state store); None keeps them in memory.
+        `notifier`: wake-ups and claims shared with other processes (none: this process
+        sees every session)."""
         self._store: RpcStore = state if state is not None else MemoryRpcStore()
         self._settings = settings if settings is not None else DeviceSettings()
         self._clock = clock
@@ -139,6 +162,12 @@ class RpcService(Service):
         self._retries: dict[str, asyncio.TimerHandle] = {}
         self._expiry: asyncio.Task[None] | None = None
         self._next_purge = 0
+        self._notifier = notifier
+        self._reloads: dict[str, bool] = {}  # device id → another pass asked for
+        self._load_slots = asyncio.Semaphore(LOAD_CONCURRENCY)
+        self._gateway_sinks = 0
+        self._next_renew = 0.0
+        self._stopping = False
         self.stray_replies = 0
         self.finished: collections.Counter[str] = collections.Counter()
 
@@ -147,6 +176,13 @@ class RpcService(Service):
     async def start(self) -> None:
         """Start the journal; load unfinished requests (see the module docstring)."""
         self._journal.start()
+        if self._notifier is not None:
+            # Other processes hold open requests; a device's are loaded (and claimed)
+            # when its session attaches here.
+            self._stopping = False
+            await self._notifier.start(self._on_wake)
+            self._expiry = asyncio.create_task(self._expiry_loop(), name="rpc.expiry")
+            return
         devices: dict[str, Device | None] = {}
         now = self._clock()
         for record in await self._store.open_rpcs():
@@ -169,6 +205,7 @@ class RpcService(Service):
         self._expiry = asyncio.create_task(self._expiry_loop(), name="rpc.expiry")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._expiry is not None:
             self._expiry.cancel()
         for handle in self._retries.values():
@@ -178,6 +215,7 @@ class RpcService(Service):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        held = [(q.device.id, e.record.id) for q in self._queues.values() for e in q.open.values()]
         for queue in list(self._queues.values()):
             for entry in list(queue.open.values()):
                 if not entry.record.persistent:
@@ -190,6 +228,9 @@ class RpcService(Service):
             await asyncio.gather(self._expiry, return_exceptions=True)
             self._expiry = None
         await self._journal.close()
+        if self._notifier is not None:
+            await self._release(held, wake=True)
+            await self._notifier.stop()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -205,6 +246,8 @@ class RpcService(Service):
         returns the function that removes it."""
         detach = self._attach(device_id, sink)
         self._kick(device_id)
+        if self._notifier is not None:
+            self._reload_soon(device_id)
         return detach
 
     def attach_gateway(self, gateway_id: str, sink: RpcSink) -> Callable[[], None]:
@@ -217,13 +260,18 @@ class RpcService(Service):
 
     def _attach(self, key: str, sink: RpcSink) -> Callable[[], None]:
         self._sinks[key].append(sink)
+        gateway = key.startswith("gateway:")
+        self._gateway_sinks += gateway
 
         def detach() -> None:
             sinks = self._sinks.get(key)
             if sinks and sink in sinks:
                 sinks.remove(sink)
+                self._gateway_sinks -= gateway
                 if not sinks:
                     del self._sinks[key]
+                    if self._notifier is not None:
+                        self._hand_back_soon(key)
 
         return detach
 
@@ -335,6 +383,8 @@ class RpcService(Service):
             expiration_ts=expiration_ts,
         )
         entry = _Open(await self._store.create_rpc(draft), future)
+        if self._notifier is not None and not await self._hold(device, entry):
+            return entry
         self._add(device, entry)
         self._kick(device.id)
         return entry
@@ -502,6 +552,8 @@ class RpcService(Service):
             queue.task = None
             if not queue.open and self._queues.get(queue.device.id) is queue:
                 del self._queues[queue.device.id]
+            elif self._notifier is not None and self._sink_for(queue.device, ()) is None:
+                self._hand_back_soon(queue.device.id)
 
     def _still_open(self, entry: _Open) -> bool:
         queue = self._queues.get(entry.record.device_id)
@@ -538,6 +590,149 @@ class RpcService(Service):
             return True
         return False
 
+    # -- several processes (a notifier; see the module docstring) ------------------------
+
+    async def _hold(self, device: Device, entry: _Open) -> bool:
+        """Whether this process holds a new request (claimed), or handed it off: a
+        persistent request for a device without a session here (then others are woken)."""
+        assert self._notifier is not None
+        record = entry.record
+        try:
+            if record.persistent and self._sink_for(device, ()) is None:
+                await self._notifier.wake(device.id)
+                return False
+            await self._notifier.claim(device.id, [record.id])
+        except IotmeshError as exc:
+            # Stored either way: a session attaching anywhere loads it.
+            log.warning("RPC %s of device %s: no wake-up/claim: %s", record.id, device.id, exc)
+            return not record.persistent or self._sink_for(device, ()) is not None
+        return True
+
+    def _on_wake(self, device_id: str | None) -> None:
+        if self._stopping:
+            return
+        if device_id is None:  # wake-ups may have been missed: re-check every session
+            for key in list(self._sinks):
+                if not key.startswith("gateway:"):
+                    self._reload_soon(key)
+        elif device_id in self._sinks or self._gateway_sinks:
+            self._reload_soon(device_id)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._dispatched)
+
+    def _reload_soon(self, device_id: str) -> None:
+        """Load the device's open requests (once more if a load is under way)."""
+        if self._stopping:
+            return
+        if device_id in self._reloads:
+            self._reloads[device_id] = True
+            return
+        self._reloads[device_id] = False
+        self._spawn(self._reload(device_id), f"rpc.reload-{device_id}")
+
+    async def _reload(self, device_id: str) -> None:
+        try:
+            while True:
+                try:
+                    async with self._load_slots:
+                        await self._load(device_id)
+                except IotmeshError as exc:
+                    log.warning("loading RPC requests of device %s failed: %s", device_id, exc)
+                if not self._reloads.get(device_id):
+                    return
+                self._reloads[device_id] = False
+        finally:
+            self._reloads.pop(device_id, None)
+
+    async def _load(self, device_id: str) -> None:
+        """Take over the open requests of a device with a session here that no process
+        holds (claims decide); a SENT one is QUEUED again, as after a restart."""
+        assert self._notifier is not None
+        device = await self._store.get_device(device_id)
+        if device is None or self._sink_for(device, ()) is None:
+            return
+        await self._journal.flushed()  # what this process finished is not open any more
+        records, _ = await self._store.list_rpcs(device_id, OPEN, 0, self._settings.rpc_max_open)
+        queue = self._queues.get(device_id)
+        new = [r for r in records if queue is None or r.id not in queue.open]
+        if not new:
+            return
+        claimed = await self._notifier.claim(device_id, [r.id for r in new])
+        now = self._clock()
+        for record in sorted(new, key=lambda r: r.id):
+            queue = self._queues.get(device_id)
+            if record.id not in claimed or (queue is not None and record.id in queue.open):
+                continue
+            if not record.persistent:
+                # Its caller waited in a process that is gone (the claim lapsed).
+                error = "the process that stored the request went away"
+                failed = msgspec.structs.replace(
+                    record, status=RpcStatus.FAILED, finished_ts=now, error=error
+                )
+                self._journal.write(failed)
+                self.finished[RpcStatus.FAILED] += 1
+                continue
+            if record.status is SENT:
+                record = msgspec.structs.replace(record, status=QUEUED, sent_ts=None)
+                self._journal.write(record)
+            self._add(device, _Open(record, None))
+        self._kick(device_id)
+
+    def _hand_back_soon(self, key: str) -> None:
+        if self._stopping:
+            return
+        if key.startswith("gateway:"):
+            gateway_id = key.removeprefix("gateway:")
+            ids = [q.device.id for q in self._queues.values() if q.device.gateway_id == gateway_id]
+        else:
+            ids = [key]
+        for device_id in ids:
+            self._spawn(self._hand_back(device_id), f"rpc.hand-back-{device_id}")
+
+    async def _hand_back(self, device_id: str) -> None:
+        """The device has no session here any more: its QUEUED persistent requests go
+        back to the store (not held, claims released) and the other processes are woken."""
+        queue = self._queues.get(device_id)
+        if queue is None or queue.task is not None or self._sink_for(queue.device, ()) is not None:
+            return
+        given = [
+            e for e in queue.open.values() if e.record.persistent and e.record.status is QUEUED
+        ]
+        if not given:
+            return
+        for entry in given:
+            del queue.open[entry.record.id]
+        if not queue.open and self._queues.get(device_id) is queue:
+            del self._queues[device_id]
+        await self._journal.flushed()
+        await self._release([(device_id, e.record.id) for e in given], wake=True)
+
+    async def _release(self, held: Sequence[tuple[str, int]], *, wake: bool) -> None:
+        assert self._notifier is not None
+        by_device: dict[str, list[int]] = collections.defaultdict(list)
+        for device_id, rpc_id in held:
+            by_device[device_id].append(rpc_id)
+        try:
+            for device_id, ids in by_device.items():
+                await self._notifier.release(device_id, ids)
+                if wake:
+                    await self._notifier.wake(device_id)
+        except IotmeshError as exc:
+            log.warning("releasing RPC claims failed (they lapse by themselves): %s", exc)
+
+    async def _renew_claims(self) -> None:
+        assert self._notifier is not None
+        now = time.monotonic()
+        if now < self._next_renew:
+            return
+        self._next_renew = now + RENEW_EVERY_S
+        held = [(q.device.id, rpc_id) for q in self._queues.values() for rpc_id in q.open]
+        if held:
+            await self._notifier.renew(held)
+
     # -- expiry ---------------------------------------------------------------------------
 
     def expire_due(self) -> int:
@@ -565,6 +760,8 @@ class RpcService(Service):
         while True:
             try:
                 self.expire_due()
+                if self._notifier is not None:
+                    await self._renew_claims()
                 if self._clock() >= self._next_purge and await self.purge() < PURGE_BATCH:
                     self._next_purge = self._clock() + PURGE_INTERVAL_MS
             except Exception:

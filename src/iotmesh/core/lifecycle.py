@@ -10,8 +10,9 @@ and cancels or drains in `stop`.
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import msgspec
 
@@ -27,6 +28,14 @@ class Service(abc.ABC):
     """Base class of every long-lived part of the platform."""
 
     name: str = "service"
+
+    stats_counters: ClassVar[frozenset[str]] = frozenset()
+    """Keys of `stats()` whose values only ever grow: Prometheus counters on `/metrics`
+    (with a `_total` suffix). The other keys are gauges."""
+
+    stats_labels: ClassVar[Mapping[str, str]] = {}
+    """For a `stats()` value that is a list or dict: the label its index or key becomes
+    on `/metrics` (e.g. `{"messages_in": "qos"}`)."""
 
     @abc.abstractmethod
     async def start(self) -> None:

@@ -11,11 +11,12 @@ Every key is documented in docs/configuration.md (a test keeps the two in step).
 from __future__ import annotations
 
 import contextvars
+import itertools
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -79,6 +80,11 @@ class HttpSettings(_Section):
         300.0,
         gt=0,
         description="Longest wait a device long-poll may ask for; longer `timeout`s are cut.",
+    )
+    metrics_auth: bool = Field(
+        False,
+        description="Require the admin bearer token on /metrics (off: Prometheus scrapes it"
+        " without credentials; it shows counters only, no device ids or secrets).",
     )
 
 
@@ -147,13 +153,44 @@ class MqttSettings(_Section):
 
 
 class CoapSettings(_Section):
-    """The CoAP server (device API over CoAP/UDP)."""
+    """The CoAP server (ThingsBoard device API over CoAP/UDP, served with aiocoap)."""
 
-    port: int = Field(
-        5683,
+    enabled: bool = Field(True, description="Serve CoAP at all.")
+    port: int = Field(5683, ge=0, le=65535, description="UDP port; 0 picks a free one.")
+    max_payload_bytes: int = Field(
+        64 * 1024,
+        ge=64,
+        description="Largest request body, whole or reassembled from Block1 blocks;"
+        " larger gets 4.13 with Size1.",
+    )
+    enqueue_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="How long an upload may wait for room in the pipeline before 5.03"
+        " (with Max-Age).",
+    )
+    max_observations: int = Field(
+        10_000, ge=1, description="Observations (attributes and RPC) held at once, in total."
+    )
+    max_observations_per_device: int = Field(
+        4, ge=1, description="Observations one device may hold at once; more get 4.29."
+    )
+    dtls_port: int | None = Field(
+        None,
         ge=0,
         le=65535,
-        description="UDP port (0 picks a free one); reserved: the CoAP server is not built yet.",
+        description="UDP port of CoAP over DTLS (coaps; 5684 is usual; 0 picks a free one)"
+        " with pre-shared keys: identity = device id, key = its access token. Unset: no"
+        " DTLS. Needs the DTLSSocket package and a specific `host` (not 0.0.0.0).",
+    )
+    max_dtls_sessions: int = Field(
+        1000, ge=1, description="DTLS sessions kept at once; the oldest is closed beyond."
+    )
+    max_blockwise_uploads: int = Field(
+        1000,
+        ge=1,
+        description="Block1 uploads being reassembled at once (each up to max_payload_bytes);"
+        " a new one beyond gets 5.03 with Max-Age.",
     )
 
 
@@ -254,6 +291,83 @@ class BusSettings(_Section):
     )
 
 
+class ClusterSettings(_Section):
+    """Several instances: service registry, failure detection, leader election."""
+
+    backend: Literal["redis", "nats"] = Field(
+        "redis",
+        description="Engine holding the registry, leader leases and fences: Redis or NATS"
+        " JetStream KV.",
+    )
+    redis_url: str | None = Field(None, description="Redis server; unset: `bus.redis_url`.")
+    nats_url: str | None = Field(None, description="NATS server; unset: `bus.nats_url`.")
+    namespace: str = Field(
+        "iotmesh",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Prefix of the keys and buckets the cluster makes in the engine.",
+    )
+    heartbeat_interval_s: float = Field(
+        1.0, gt=0, description="How often an instance rewrites its registry entry."
+    )
+    ttl_s: float = Field(
+        10.0,
+        gt=0,
+        description="An entry not rewritten for this long is deleted by the engine (the"
+        " failure detector drops a silent instance from rotation sooner).",
+    )
+    phi_threshold: float = Field(
+        8.0,
+        gt=0,
+        description="Phi (-log10 of the chance that a heartbeat is merely late) from which"
+        " an instance counts as failed.",
+    )
+    phi_window: int = Field(
+        100, ge=2, description="Heartbeat intervals the failure detector remembers."
+    )
+    phi_min_std_dev_s: float = Field(
+        0.2,
+        gt=0,
+        description="Smallest standard deviation of heartbeat intervals the detector"
+        " assumes (very regular heartbeats would otherwise make it jumpy).",
+    )
+    acceptable_pause_s: float = Field(
+        1.0,
+        ge=0,
+        description="Extra silence tolerated before suspicion grows (GC pauses, a busy loop).",
+    )
+    lease_s: float = Field(
+        10.0,
+        gt=0,
+        description="Leader lease: a leader that stops renewing loses leadership after it;"
+        " renewed every third of it.",
+    )
+    call_timeout_s: float = Field(
+        5.0, gt=0, description="Service-to-service call: longest wait for one attempt."
+    )
+    call_retries: int = Field(
+        2, ge=0, description="Service-to-service call: further attempts, each on another instance."
+    )
+    retry_backoff_s: float = Field(
+        0.05,
+        ge=0,
+        description="Base of the jittered exponential pause before a retry.",
+    )
+    breaker_failures: int = Field(
+        5, ge=1, description="Consecutive failed calls that open an instance's circuit breaker."
+    )
+    breaker_reset_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long an open breaker refuses calls before letting one trial through.",
+    )
+
+    @model_validator(mode="after")
+    def _ttl_covers_heartbeats(self) -> ClusterSettings:
+        if self.ttl_s <= self.heartbeat_interval_s:
+            raise ValueError("cluster.ttl_s must be longer than cluster.heartbeat_interval_s")
+        return self
+
+
 class SqliteSettings(_Section):
     """SQLite files in the data directory."""
 
@@ -342,15 +456,183 @@ class InfluxSettings(_Section):
     timeout_s: float = Field(10.0, gt=0, description="Timeout of one HTTP request to InfluxDB.")
 
 
+class PostgresSettings(_Section):
+    """A PostgreSQL server holding telemetry and/or state (`storage.timeseries` or
+    `storage.state` = "postgres")."""
+
+    url: str = Field(
+        "postgresql://postgres@127.0.0.1:5432/iotmesh",
+        description="libpq connection URL (postgresql://user@host:port/database); the"
+        " database must exist.",
+    )
+    password: SecretStr | None = Field(
+        None, description="Password, when not in the URL (keeps it off the command line)."
+    )
+    schema_name: str = Field(
+        "iotmesh",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="Schema holding iotmesh's tables (created if missing).",
+    )
+    pool_size: int = Field(
+        8, ge=1, le=1000, description="Most connections each store opens (two stores: twice)."
+    )
+    partition_interval_s: int = Field(
+        7 * 86400,
+        ge=3600,
+        description="Time span of one partition (or TimescaleDB chunk) of the points table;"
+        " read when the schema is created, later changes are ignored.",
+    )
+    timescaledb: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: make the points table a TimescaleDB hypertable when the extension"
+        " is available at schema creation; off: always plain range partitions.",
+    )
+    timeout_s: float = Field(10.0, gt=0, description="Timeout of connecting and of one statement.")
+
+
+class RollupLevel(_Section):
+    """One rollup level: per-bucket min, max, sum and count of every series."""
+
+    interval_ms: int = Field(
+        gt=0,
+        description="Bucket width; a query whose interval_ms is a multiple of it reads this level.",
+    )
+    ttl_s: float = Field(0.0, ge=0, description="How long its buckets are kept; 0: forever.")
+
+
+class RetentionSettings(_Section):
+    """How long telemetry is kept, and the rollups that outlive raw points."""
+
+    raw_ttl_s: float = Field(0.0, ge=0, description="How long raw points are kept; 0: forever.")
+    keys: dict[str, float] = Field(
+        {},
+        description="Raw TTL (s) per telemetry key, overriding raw_ttl_s (0: forever). When"
+        " a key rule and a device-type rule both match, the longer TTL applies.",
+    )
+    device_types: dict[str, float] = Field(
+        {},
+        description="Raw TTL (s) per device type, overriding raw_ttl_s (0: forever).",
+    )
+    rollups: list[RollupLevel] = Field(
+        default_factory=lambda: [
+            RollupLevel(interval_ms=60_000),
+            RollupLevel(interval_ms=3_600_000),
+        ],
+        description="Rollup levels (`[[storage.retention.rollups]]` tables), finest first;"
+        " each interval a multiple of the one before. Default: 1 minute and 1 hour, kept"
+        " forever. An empty list: no rollups.",
+    )
+    interval_s: float = Field(
+        3600.0, gt=0, description="How often expired raw points and rollup buckets are deleted."
+    )
+
+    @model_validator(mode="after")
+    def _levels_nest(self) -> RetentionSettings:
+        sizes = [level.interval_ms for level in self.rollups]
+        for finer, coarser in itertools.pairwise(sizes):
+            if coarser <= finer or coarser % finer:
+                raise ValueError(
+                    f"rollup interval {coarser} ms is not a larger multiple of {finer} ms"
+                )
+        return self
+
+
+class RedisSettings(_Section):
+    """Redis for hot state shared by several processes (docs/storage.md): latest values
+    (`storage.latest` = "redis"), connectivity, an attribute cache, RPC wake-ups, rate
+    limits. A cache and a messenger only: what is durable stays in the stores."""
+
+    url: str = Field("redis://127.0.0.1:6379/0", description="Redis server for hot state.")
+    namespace: str = Field(
+        "iotmesh",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="Prefix of every key and channel, so several platforms can share a server.",
+    )
+    timeout_s: float = Field(
+        1.0,
+        gt=0,
+        description="Longest wait for one Redis answer; past it the cache is skipped (reads"
+        " go to the store) and the failure is counted.",
+    )
+    latest_ttl_s: float = Field(
+        0.0,
+        ge=0,
+        description="Latest values of a device not updated for this long are dropped from"
+        " Redis (read again from the store); 0 keeps them.",
+    )
+    connectivity: bool = Field(
+        False,
+        description="Mirror connectivity (sessions, last activity) to Redis so every process"
+        " shows one truth.",
+    )
+    connectivity_flush_s: float = Field(
+        1.0, gt=0, description="How often connectivity changes are written to Redis (batched)."
+    )
+    attribute_cache: bool = Field(
+        False, description="Serve attribute reads from a Redis cache, written through on save."
+    )
+    attribute_cache_ttl_s: float = Field(
+        3600.0, gt=0, description="How long a cached attribute set lives unless invalidated."
+    )
+    rpc_wakeups: bool = Field(
+        False,
+        description="Publish a wake-up when a persistent RPC request is stored for a device"
+        " with no session in this process; the process holding its session delivers it.",
+    )
+
+
 class StorageSettings(_Section):
     """Which storage backends hold data."""
 
-    timeseries: Literal["sqlite", "influxdb"] = Field(
+    timeseries: Literal["sqlite", "influxdb", "postgres"] = Field(
         "sqlite", description="Time-series store backend."
     )
-    state: Literal["sqlite"] = Field("sqlite", description="State store (devices, tokens).")
+    state: Literal["sqlite", "postgres"] = Field(
+        "sqlite", description="State store (devices, credentials, attributes, RPC)."
+    )
+    latest: Literal["memory", "redis"] = Field(
+        "memory",
+        description="Where the latest value of each device and key is cached: this process's"
+        " memory, or Redis (shared by several processes; `storage.redis`).",
+    )
     sqlite: SqliteSettings = SqliteSettings()
+    redis: RedisSettings = RedisSettings()
     influxdb: InfluxSettings = InfluxSettings()
+    postgres: PostgresSettings = PostgresSettings()
+    retention: RetentionSettings = RetentionSettings()
+
+
+class TracingSettings(_Section):
+    """OpenTelemetry tracing of device messages (transport → bus → pipeline → writer)."""
+
+    enabled: bool = Field(
+        False,
+        description="Make spans and carry W3C trace context across the bus. Off: no span"
+        " is made and a message costs nothing more.",
+    )
+    sample_ratio: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="Share of device messages traced (a message carrying a sampled"
+        " `traceparent`, e.g. an HTTP upload, is always traced).",
+    )
+    exporter: Literal["otlp", "console", "none"] = Field(
+        "otlp",
+        description="Where spans go: an OTLP/HTTP collector (needs `iotmesh[otel]`), stderr"
+        " (console), or nowhere (none: trace ids still appear in the logs).",
+    )
+    endpoint: str = Field(
+        "http://127.0.0.1:4318/v1/traces",
+        description="OTLP/HTTP traces endpoint of the collector (exporter otlp).",
+    )
+    export_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Longest one export to the collector may take, retries included; spans"
+        " it could not send are dropped (never the device data). A stop waits at most this"
+        " long for the spans still batched.",
+    )
 
 
 def _default_data_dir() -> Path:
@@ -378,6 +660,11 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Lowest level of log lines printed."
     )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines as text, or as JSON objects one per line (ts, level, logger,"
+        " message, service, instance, trace_id/span_id, exc).",
+    )
     shutdown_timeout_s: float = Field(
         10.0, gt=0, description="How long a clean shutdown may take to flush pending writes."
     )
@@ -386,10 +673,12 @@ class Settings(BaseSettings):
     coap: CoapSettings = CoapSettings()
     devices: DeviceSettings = DeviceSettings()
     bus: BusSettings = BusSettings()
+    cluster: ClusterSettings = ClusterSettings()
     storage: StorageSettings = StorageSettings()
     writer: WriterSettings = WriterSettings()
     pipeline: PipelineSettings = PipelineSettings()
     serve: ServeSettings = ServeSettings()
+    tracing: TracingSettings = TracingSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -41,16 +41,20 @@ class TsRecord(msgspec.Struct, array_like=True, gc=False):
     values: dict[str, Value]
 
 
-class TelemetryMessage(msgspec.Struct, gc=False):
+class TelemetryMessage(msgspec.Struct, gc=False, omit_defaults=True):
     """One device message on the bus: the decoded records of one upload.
 
     `msg_id` is unique per message so that an at-least-once bus can be made idempotent.
+    `trace` is the W3C `traceparent` of the message's `bus.publish` span when the
+    message is traced (see core/tracing.py); None (and absent from the encoding, so it
+    costs no bytes) otherwise.
     """
 
     msg_id: str
     device_id: str
     received_ts: int
     records: list[TsRecord]
+    trace: str | None = None
 
 
 class TsPoint(msgspec.Struct, gc=False):

@@ -11,19 +11,28 @@ The twin (`twin`) is the same data seen as desired and reported state: desired =
 (what users want the device to take), reported = CLIENT (what the device says it has).
 Each key carries its own version, which grows by one per change; a deleted key that is
 set again starts over at 1.
+
+With an `AttributeCache` (Redis, `storage.redis.attribute_cache`), reads are served
+from the whole scope of a device cached there, filled from the store on a miss and
+invalidated after every save or delete is committed; a fill that raced with an
+invalidation is refused (the cache's `token`), so no process caches what was replaced.
+Error handling: a cache that fails is bypassed (reads go to the store); a device whose
+invalidation failed is read from the store here until one gets through (other
+processes may see the old value for up to `attribute_cache_ttl_s`).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
 from iotmesh.core.clock import now_ms
-from iotmesh.core.errors import PayloadError
+from iotmesh.core.errors import IotmeshError, PayloadError
 from iotmesh.core.lifecycle import Service
 from iotmesh.core.types import Attribute, AttributeScope
 from iotmesh.proto.thingsboard import MAX_KEY_LENGTH
@@ -35,6 +44,28 @@ SharedListener = Callable[[dict[str, Any], list[str]], Awaitable[None]]
 """Called with (changed shared values, deleted shared keys) of one device."""
 
 MAX_ATTRIBUTES_PER_WRITE = 1000
+MAX_UNINVALIDATED = 10_000
+
+
+class AttributeCache(Protocol):
+    """All attributes of one scope of a device, cached for several processes.
+
+    Error handling: every method raises an `IotmeshError` when the cache is down."""
+
+    async def read(
+        self, device_id: str, scope: AttributeScope
+    ) -> tuple[list[Attribute] | None, bytes]:
+        """The cached attributes (None: a miss) and a token for `fill`."""
+        ...
+
+    async def fill(
+        self, device_id: str, scope: AttributeScope, attributes: list[Attribute], token: bytes
+    ) -> None:
+        """Cache attributes read from the store after a miss, unless the scope was
+        invalidated since `read` gave `token`."""
+        ...
+
+    async def invalidate(self, device_id: str, scope: AttributeScope) -> None: ...
 
 
 def _check(values: dict[str, Any]) -> dict[str, Any]:
@@ -77,8 +108,10 @@ class AttributeService(Service):
 
     name = "attributes"
 
-    def __init__(self, state: StateStore) -> None:
+    def __init__(self, state: StateStore, cache: AttributeCache | None = None) -> None:
         self._state = state
+        self._cache = cache
+        self._uninvalidated: set[tuple[str, AttributeScope]] = set()
         self._listeners: dict[str, list[SharedListener]] = collections.defaultdict(list)
 
     async def start(self) -> None:
@@ -104,7 +137,45 @@ class AttributeService(Service):
         self, device_id: str, scope: AttributeScope, keys: Sequence[str] | None = None
     ) -> list[Attribute]:
         """Attributes of one scope (all keys when None), sorted by key."""
-        return await self._state.get_attributes(device_id, scope, keys)
+        if self._cache is None:
+            return await self._state.get_attributes(device_id, scope, keys)
+        every = await self._cached(self._cache, device_id, scope)
+        if keys is None:
+            return every
+        wanted = set(keys)
+        return [a for a in every if a.key in wanted]
+
+    async def _cached(
+        self, cache: AttributeCache, device_id: str, scope: AttributeScope
+    ) -> list[Attribute]:
+        """Every attribute of the scope: from the cache, or the store (then cached)."""
+        stale = (device_id, scope) in self._uninvalidated
+        if stale and not await self._invalidate(cache, device_id, scope):
+            return await self._state.get_attributes(device_id, scope, None)
+        try:
+            cached, token = await cache.read(device_id, scope)
+        except IotmeshError:
+            return await self._state.get_attributes(device_id, scope, None)
+        if cached is not None:
+            return cached
+        every = await self._state.get_attributes(device_id, scope, None)
+        with contextlib.suppress(IotmeshError):  # then the next read is a miss again
+            await cache.fill(device_id, scope, every, token)
+        return every
+
+    async def _invalidate(
+        self, cache: AttributeCache, device_id: str, scope: AttributeScope
+    ) -> bool:
+        """Invalidate after a change (or retry one that failed); False if it failed."""
+        try:
+            await cache.invalidate(device_id, scope)
+        except IotmeshError as exc:
+            log.debug("invalidating attributes of %s failed: %s", device_id, exc)
+            if len(self._uninvalidated) < MAX_UNINVALIDATED:
+                self._uninvalidated.add((device_id, scope))
+            return False
+        self._uninvalidated.discard((device_id, scope))
+        return True
 
     async def values(
         self, device_id: str, scope: AttributeScope, keys: Sequence[str] | None = None
@@ -127,6 +198,8 @@ class AttributeService(Service):
             PayloadError: empty, null values, bad keys, too many.
         """
         saved = await self._state.save_attributes(device_id, scope, _check(values), now_ms())
+        if self._cache is not None:
+            await self._invalidate(self._cache, device_id, scope)
         if scope is AttributeScope.SHARED:
             await self._notify(device_id, {a.key: a.value for a in saved}, [])
         return saved
@@ -136,6 +209,8 @@ class AttributeService(Service):
         if not keys:
             raise PayloadError("name at least one attribute key to delete")
         count = await self._state.delete_attributes(device_id, scope, keys)
+        if self._cache is not None and count:
+            await self._invalidate(self._cache, device_id, scope)
         if scope is AttributeScope.SHARED and count:
             await self._notify(device_id, {}, list(keys))
         return count
@@ -146,3 +221,21 @@ class AttributeService(Service):
                 await listener(changed, deleted)
             except Exception:
                 log.exception("pushing shared attributes to device %s failed", device_id)
+
+
+async def requested_values(
+    attributes: AttributeService,
+    device_id: str,
+    client_keys: list[str] | None,
+    shared_keys: list[str] | None,
+) -> dict[str, Any]:
+    """A device's attribute request (`clientKeys`, `sharedKeys`), answered in the
+    ThingsBoard form `{"client": {...}, "shared": {...}}`: both scopes in full when no
+    keys are named, else only the scopes whose keys are named."""
+    everything = client_keys is None and shared_keys is None
+    answer: dict[str, Any] = {}
+    if everything or client_keys:
+        answer["client"] = await attributes.values(device_id, AttributeScope.CLIENT, client_keys)
+    if everything or shared_keys:
+        answer["shared"] = await attributes.values(device_id, AttributeScope.SHARED, shared_keys)
+    return answer

@@ -1,7 +1,7 @@
 """The pipeline between bus and storage: decode → validate → store → latest values."""
 
-from iotmesh.pipeline.latest import LatestValues
+from iotmesh.pipeline.latest import LatestCache, LatestValues
 from iotmesh.pipeline.service import Pipeline
 from iotmesh.pipeline.stages import Drop
 
-__all__ = ["Drop", "LatestValues", "Pipeline"]
+__all__ = ["Drop", "LatestCache", "LatestValues", "Pipeline"]

@@ -13,6 +13,11 @@ the engine stored it on its way to the writer).
 
 The same class is the `writer` service of `iotmesh serve`: it then consumes `store.>`
 as group `writer`, without processors, into a `WriterSink` (see `sink.py`).
+
+Tracing: with a tracer, each message that carries a `traceparent` gets a
+`pipeline.handle` span (its child), ended when the message is settled, and the sink
+is handed those spans' contexts (the writer hangs its `storage.commit` spans under
+them). Without a tracer the batch costs one `is None` test more.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from iotmesh.bus import subjects
 from iotmesh.bus.interface import BusError, Delivery, Subscriber, Subscription
 from iotmesh.core.errors import Overloaded, PayloadError, StorageError
 from iotmesh.core.lifecycle import Service
+from iotmesh.core.tracing import Span, SpanKind, Tracer, context_of, end, parent_from
 from iotmesh.core.types import TelemetryMessage
-from iotmesh.pipeline.latest import LatestValues
+from iotmesh.pipeline.latest import LatestCache
 from iotmesh.pipeline.sink import Sink, WriterSink
 from iotmesh.pipeline.stages import Drop, Processor, decode, make_validator
 from iotmesh.storage.writer import BatchWriter
@@ -43,13 +49,15 @@ class Pipeline(Service):
     """decode → validate → store (group commit) → latest values."""
 
     name = "pipeline"
+    stats_counters = frozenset({"dropped"})
 
     def __init__(
         self,
         bus: Subscriber,
         writer: BatchWriter | Sink,
-        latest: LatestValues,
+        latest: LatestCache,
         processors: Sequence[Processor] | None = None,
+        tracer: Tracer | None = None,
         *,
         pattern: str = f"{subjects.TELEMETRY}.>",
         group: str = GROUP,
@@ -60,6 +68,7 @@ class Pipeline(Service):
         self._sink: Sink = WriterSink(writer) if isinstance(writer, BatchWriter) else writer
         self._pattern = pattern
         self._group = group
+        self._tracer = tracer
         self._latest = latest
         self._processors = list(processors) if processors is not None else [make_validator()]
         self._subscription: Subscription | None = None
@@ -100,8 +109,19 @@ class Pipeline(Service):
                 yield_at = time.perf_counter() + YIELD_AFTER_S
         if not accepted:
             return
+        if self._tracer is not None:
+            await self._handle_traced(self._tracer, accepted, len(deliveries))
+        else:
+            await self._store(accepted, None)
+
+    async def _store(
+        self, accepted: list[tuple[Delivery, TelemetryMessage]], spans: list[Span] | None
+    ) -> None:
         try:
-            await self._sink.put([message for _, message in accepted])
+            await self._sink.put(
+                [message for _, message in accepted],
+                traces=None if spans is None else [context_of(s) for s in spans],
+            )
         except PayloadError:
             await self._write_each(accepted)
             return
@@ -110,9 +130,37 @@ class Pipeline(Service):
             for delivery, _ in accepted:
                 delivery.nack(delay=1.0)
             return
-        self._latest.update(message for _, message in accepted)
+        await self._latest.update(message for _, message in accepted)
         for delivery, _ in accepted:
             delivery.ack()
+
+    async def _handle_traced(
+        self, tracer: Tracer, accepted: list[tuple[Delivery, TelemetryMessage]], size: int
+    ) -> None:
+        spans = [
+            tracer.start_span(
+                "pipeline.handle",
+                context=parent_from(message.trace),
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    "messaging.message.id": message.msg_id,
+                    "messaging.batch.message_count": size,
+                    "iotmesh.device_id": message.device_id,
+                    "iotmesh.delivery.attempt": delivery.attempt,
+                },
+            )
+            for delivery, message in accepted
+            if message.trace is not None
+        ]
+        error: BaseException | None = None
+        try:
+            await self._store(accepted, spans or None)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            for span in spans:
+                end(span, error)
 
     async def _write_each(self, accepted: list[tuple[Delivery, TelemetryMessage]]) -> None:
         """Write messages one by one (in order): terminate those the store refuses."""
@@ -131,5 +179,5 @@ class Pipeline(Service):
                 for later, _ in accepted[i:]:
                     later.nack(delay=1.0)
                 return
-            self._latest.update([message])
+            await self._latest.update([message])
             delivery.ack()

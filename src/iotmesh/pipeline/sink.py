@@ -12,6 +12,10 @@ would be taken for a duplicate of the telemetry message itself). So when a worke
 after publishing but before acking the telemetry, its successor's re-publish is dropped
 by the engine's duplicate window; past that window the write is still idempotent (the
 store keeps one point per (device, key, ts): the same point again overwrites itself).
+Tracing: `traces` are the contexts of the pipeline's `pipeline.handle` spans; the writer
+hangs its `storage.commit` spans under them. On the store hop a message keeps the
+`traceparent` it came with, so the writer service's `pipeline.handle` span is a sibling
+of the worker's, both children of the transport's `bus.publish`.
 Per-device order: both hops are partitioned by device id and each partition has one
 holder at a time; `BusSink` publishes the messages of one device one after the other.
 """
@@ -24,6 +28,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from iotmesh.bus.interface import Publisher
+from iotmesh.core.tracing import Context
 from iotmesh.core.types import TelemetryMessage
 from iotmesh.pipeline.stages import encode_message
 from iotmesh.storage.timeseries import SeriesWrite
@@ -45,7 +50,9 @@ class Sink(Protocol):
         StorageError | BusError: failed for now; the pipeline has them redelivered.
     """
 
-    async def put(self, messages: Sequence[TelemetryMessage]) -> None: ...
+    async def put(
+        self, messages: Sequence[TelemetryMessage], traces: Sequence[Context] | None = None
+    ) -> None: ...
 
 
 class WriterSink:
@@ -54,8 +61,11 @@ class WriterSink:
     def __init__(self, writer: BatchWriter) -> None:
         self.writer = writer
 
-    async def put(self, messages: Sequence[TelemetryMessage]) -> None:
-        await self.writer.write([SeriesWrite(m.device_id, m.records) for m in messages])
+    async def put(
+        self, messages: Sequence[TelemetryMessage], traces: Sequence[Context] | None = None
+    ) -> None:
+        batch = [SeriesWrite(m.device_id, m.records) for m in messages]
+        await self.writer.write(batch, traces=traces)
 
 
 class BusSink:
@@ -69,7 +79,9 @@ class BusSink:
         self._bus = bus
         self._room = asyncio.Semaphore(concurrency)
 
-    async def put(self, messages: Sequence[TelemetryMessage]) -> None:
+    async def put(
+        self, messages: Sequence[TelemetryMessage], traces: Sequence[Context] | None = None
+    ) -> None:
         by_device: dict[str, list[TelemetryMessage]] = collections.defaultdict(list)
         for message in messages:
             by_device[message.device_id].append(message)

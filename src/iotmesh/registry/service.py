@@ -196,6 +196,14 @@ class DeviceRegistry(Service):
         self._forget(device)
         return device
 
+    def cached(self, access_token: str) -> Device | None:
+        """The device of a token if the login cache holds it, without any I/O (None:
+        not cached, call `authenticate`). For hot paths that answer from memory."""
+        device = self._by_token.get(access_token)
+        if device is not None:
+            self._by_token.move_to_end(access_token)
+        return device
+
     async def authenticate(self, access_token: str) -> Device:
         """The device that owns this token.
 

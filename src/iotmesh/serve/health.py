@@ -1,7 +1,8 @@
-"""The small HTTP app of a served process without the REST API: /healthz, /info, /stats.
+"""The small HTTP app of a served process without the REST API: /healthz, /readyz,
+/livez, /info, /stats.
 
-One app per process, so that the observability work adds /readyz and /metrics to it
-(and to the REST API of the `http` service) in one place.
+The probes answer as the REST API's do (api/health.py), so one Kubernetes probe
+definition fits every role. `/metrics` is on the REST API only (the `http` role) so far.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ def create_health_app(
     health: Callable[[], dict[str, Health]],
     info: Callable[[], InstanceInfo | None],
     stats: Callable[[], dict[str, dict[str, Any]]],
+    not_ready: Callable[[], list[str]] = lambda: [],
 ) -> FastAPI:
-    """`/healthz` as the REST API answers it (200 or 503 naming the services), `/info`:
-    the instance's `InstanceInfo`, `/stats`: its services' counters (as
-    `GET /api/v1/stats` of the http service; no auth: bind it to a private address)."""
+    """`/healthz` as the REST API answers it (200 or 503 naming the services), `/readyz`
+    (200, or 503 with `not_ready`'s reasons), `/livez`, `/info`: the instance's
+    `InstanceInfo`, `/stats`: its services' counters (as `GET /api/v1/stats` of the
+    http service; no auth: bind it to a private address)."""
     app = FastAPI(title="iotmesh service", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/healthz")
@@ -39,6 +42,17 @@ def create_health_app(
             "services": {name: {"ok": h.ok, "detail": h.detail} for name, h in services.items()},
         }
         return _json(body, 200 if ok else 503)
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        reasons = not_ready()
+        if reasons:
+            return _json({"status": "not ready", "reasons": reasons}, 503)
+        return _json({"status": "ready"})
+
+    @app.get("/livez")
+    async def livez() -> Response:
+        return _json({"status": "alive"})
 
     @app.get("/info")
     async def instance_info() -> Response:

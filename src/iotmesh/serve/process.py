@@ -5,12 +5,14 @@ Usage:
         await process.wait_closed()   # until `shutdown()` or its listener dies
 
 Error handling: `serve` refuses the in-process bus (`ConfigError`): separate processes
-share nothing through it. A service that fails to start stops those already started
-(reverse order) and the error propagates to the CLI, which exits with status 2.
+share nothing through it.
+A service that fails to start stops those already started (reverse order) and the
+error propagates to the CLI, which exits with status 2.
 Resource handling: the services are entered into one `AsyncExitStack` as they are built
 (`iotmesh.wiring.Builder`), then the health listener, then the registrar; they leave
-in reverse order: deregister, stop listening, stop consuming (in-flight batches settle),
-flush the writer, close the stores. The instance's lock and run-info file go last.
+in reverse order: deregister, stop listening, stop consuming (in-flight batches
+settle), flush the writer, close the stores, flush the spans. The instance's lock and
+run-info file go last.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from iotmesh.core.errors import ConfigError
+from iotmesh.core.ids import SERVICE_NAME
 from iotmesh.core.settings import Settings
 from iotmesh.datadir import DataDir
 from iotmesh.serve.health import create_health_app
@@ -54,7 +57,13 @@ class ServedProcess:
         self.listener: AnyHttpServer | None = None
         self._registrar = registrar
         self._stack = contextlib.AsyncExitStack()
-        self._builder = Builder(settings, self.data_dir.path, self._stack, self.data_dir.own_dir)
+        self._builder = Builder(
+            settings,
+            self.data_dir.path,
+            self._stack,
+            self.data_dir.own_dir,
+            service=f"{SERVICE_NAME}-{role}",
+        )
         self._shutdown = asyncio.Event()
 
     async def __aenter__(self) -> Self:
@@ -73,6 +82,7 @@ class ServedProcess:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._builder.stopping = True  # /readyz says so while the services stop
         async with asyncio.timeout(self.settings.shutdown_timeout_s):
             await self._stack.aclose()
 
@@ -92,11 +102,12 @@ class ServedProcess:
             http = self.settings.http.model_copy(
                 update={"port": self.settings.serve.health_port, "tls_port": None}
             )
-            app = create_health_app(build.health, lambda: self.info, build.stats)
+            app = create_health_app(build.health, lambda: self.info, build.stats, build.not_ready)
             self.listener = await build.serve_asgi(app, http)
         self.info = InstanceInfo(self.role, self.instance_id, self._addresses())
         await self._stack.enter_async_context(self._registrar(self.info))
         self.data_dir.write_run_info(self.run_info())
+        build.started = True
 
     def _addresses(self) -> dict[str, str]:
         assert self.listener is not None
@@ -133,6 +144,7 @@ class ServedProcess:
 
     def shutdown(self) -> None:
         """Ask `wait_closed` to return (signal handlers call this)."""
+        self._builder.stopping = True
         self._shutdown.set()
 
     async def wait_closed(self) -> None:

@@ -4,7 +4,7 @@
     mqtt      -                   MQTT device API -> telemetry.*    MQTT sessions (own file)
     http      -                   REST + device HTTP API -> telemetry.*   reads the stores
     pipeline  telemetry.> (group pipeline)   decode, validate, rules -> store.*   -
-    writer    store.> (group writer)         group commit            time series
+    writer    store.> (group writer)         group commit, retention/rollups   time series
     state     -                   owns the state store's schema; singleton jobs (seam)
 
 A device is acknowledged by its transport once the engine stored its message (NATS
@@ -37,29 +37,36 @@ class Endpoints:
 
 
 def _no_cache() -> LatestValues:
-    # Another process commits: a cache here would never see those commits, so every
-    # read goes to the store (the store keeps latest values in the commit's transaction).
+    # Not committed yet (pipeline workers): nothing may be told to readers from here.
     return LatestValues(max_devices=0)
 
 
 async def start_role(role: str, build: Builder, admin_token: Callable[[], str]) -> Endpoints:
     """Start the services of `role` in dependency order; the builder's stack stops them.
 
-    `admin_token` is called only by the role that serves the REST API.
+    `admin_token` is called only by the role that serves the REST API. Latest values:
+    with `storage.latest = "redis"` the writer updates them there after each commit
+    and `http` reads them; otherwise nothing is cached (another process commits, so a
+    cache here would never see it) and reads go to the store, which keeps latest values
+    in the commit's transaction.
     """
+    build.tracing()  # first: its provider flushes after every service stopped
     if role == "mqtt":
         return Endpoints(mqtt=await build.mqtt())
     if role == "http":
-        ctx = await build.api_context(admin_token(), _no_cache())
+        ctx = await build.api_context(admin_token(), await build.latest(cache=False))
         return Endpoints(http=await build.http(ctx))
     if role == "pipeline":
         await build.pipeline(BusSink(await build.bus()), _no_cache())
         return Endpoints()
     if role == "writer":
         writer = await build.writer()
+        # One retention job per store, next to its single writer.
+        await build.retention()
         # Processing happened in the pipeline workers: the writer decodes and commits.
+        latest = await build.latest(cache=False)
         await build.pipeline(
-            writer, _no_cache(), processors=[], pattern=f"{STORE}.>", group=WRITER_GROUP
+            writer, latest, processors=[], pattern=f"{STORE}.>", group=WRITER_GROUP
         )
         return Endpoints()
     if role == "state":

@@ -1,7 +1,8 @@
 """The state store interface: devices, their credentials, attributes, RPC requests and
 when each device was last heard from.
 
-Implementations: SQLite (`storage/sqlite/state.py`), PostgreSQL later. Unique names,
+Implementations: SQLite (`storage/sqlite/state.py`) and PostgreSQL
+(`storage/postgres/state.py`); both pass tests/contract/test_state.py. Unique names,
 tokens, certificates and MQTT Basic logins are enforced by the store, which raises
 `Conflict` naming the field.
 """

@@ -16,11 +16,14 @@ The contract every backend must pass is tests/contract/test_timeseries.py.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
 from iotmesh.core.types import Aggregation, Order, TsPoint, TsRecord
+
+if TYPE_CHECKING:
+    from iotmesh.storage.rollup import RetentionPolicy
 
 
 class SeriesWrite(msgspec.Struct, gc=False):
@@ -86,3 +89,11 @@ class TimeSeriesStore(Protocol):
 
     async def delete_entity(self, entity_id: str) -> None:
         """Delete every series of the entity (the device was deleted)."""
+
+    async def apply_retention(self, policy: RetentionPolicy) -> None:
+        """Delete raw points (and rollup buckets) that `policy` says have expired.
+
+        May return before the deletes are done (SQLite runs them in the background).
+        Rollups, where the backend keeps them, are brought up to date before the raw
+        points they summarize go, so aggregates keep answering for the expired range.
+        """

@@ -16,6 +16,10 @@ the disk is full or the server is down) is retried with exponential back-off, up
 the queue fills and senders wait: the platform slows down instead of losing
 acknowledged data. On stop, pending batches are
 flushed once more; any that still fail are failed back to their senders, unacknowledged.
+
+Tracing: a sender may hand the span contexts of the traced messages in its batch
+(`traces`); after the commit that holds them, each gets a `storage.commit` child span
+with the commit's times and sequence number (core/tracing.py says why one per message).
 """
 
 from __future__ import annotations
@@ -25,14 +29,18 @@ import collections
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from iotmesh.core.errors import Overloaded, PayloadError, StorageError
 from iotmesh.core.lifecycle import Health, Service
 from iotmesh.core.settings import WriterSettings
+from iotmesh.core.tracing import Tracer
 from iotmesh.storage.timeseries import SeriesWrite, TimeSeriesStore
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +57,32 @@ class WriterStats(msgspec.Struct):
 
 
 class _Pending:
-    __slots__ = ("batch", "future", "records")
+    __slots__ = ("batch", "future", "records", "traces")
 
-    def __init__(self, batch: Sequence[SeriesWrite], future: asyncio.Future[None]) -> None:
+    def __init__(
+        self,
+        batch: Sequence[SeriesWrite],
+        future: asyncio.Future[None],
+        traces: Sequence[Context] | None,
+    ) -> None:
         self.batch = batch
         self.future = future
         self.records = sum(len(s.records) for s in batch)
+        self.traces = traces
 
 
 class BatchWriter(Service):
     """The single writer of a time-series store."""
 
     name = "writer"
+    stats_counters = frozenset({"commits", "records", "failed_commits", "commit_ms_total"})
 
-    def __init__(self, store: TimeSeriesStore, settings: WriterSettings) -> None:
+    def __init__(
+        self, store: TimeSeriesStore, settings: WriterSettings, tracer: Tracer | None = None
+    ) -> None:
         self._store = store
         self._settings = settings
+        self._tracer = tracer
         self._queue: collections.deque[_Pending] = collections.deque()
         self._pending_records = 0
         self._room = asyncio.Condition()
@@ -103,12 +121,19 @@ class BatchWriter(Service):
         """Records waiting for commit (the queue depth)."""
         return self._pending_records
 
-    async def write(self, batch: Sequence[SeriesWrite], timeout: float | None = None) -> None:
+    async def write(
+        self,
+        batch: Sequence[SeriesWrite],
+        timeout: float | None = None,
+        traces: Sequence[Context] | None = None,
+    ) -> None:
         """Queue `batch` and return when it is committed.
 
         Args:
             batch: the records to store; empty batches return at once.
             timeout: longest wait for room in the queue; None waits as long as needed.
+            traces: span contexts of traced messages in the batch; each gets a
+                `storage.commit` span (only with a tracer).
 
         Must be called between `start` and `stop`: before `start` nothing commits.
 
@@ -116,7 +141,7 @@ class BatchWriter(Service):
             Overloaded: no room within `timeout` (the batch was not queued).
             StorageError: the writer stopped before the batch could be committed.
         """
-        pending = _Pending(batch, asyncio.get_running_loop().create_future())
+        pending = _Pending(batch, asyncio.get_running_loop().create_future(), traces)
         if pending.records == 0:
             return
         if self._stopping:
@@ -180,6 +205,7 @@ class BatchWriter(Service):
             if self._settings.delay_ms:
                 await asyncio.sleep(self._settings.delay_ms / 1000)
             started = time.perf_counter()
+            started_ns = time.time_ns() if self._tracer is not None else 0
             try:
                 await self._store.write(batch)
             except PayloadError as exc:
@@ -205,11 +231,29 @@ class BatchWriter(Service):
             self.counters.last_commit_ms = elapsed_ms
             self.counters.max_commit_ms = max(self.counters.max_commit_ms, elapsed_ms)
             self.counters.commit_ms_total += elapsed_ms
+            if self._tracer is not None:
+                self._trace_commit(self._tracer, taken, started_ns)
             for item in taken:
                 self.counters.records += item.records
                 if not item.future.done():
                     item.future.set_result(None)
             return
+
+    def _trace_commit(self, tracer: Tracer, taken: list[_Pending], started_ns: int) -> None:
+        traces = [ctx for item in taken if item.traces for ctx in item.traces]
+        if not traces:
+            return
+        ended_ns = time.time_ns()
+        attributes = {
+            "iotmesh.commit.seq": self.counters.commits,
+            "iotmesh.commit.records": sum(item.records for item in taken),
+            "iotmesh.commit.batches": len(taken),
+        }
+        for ctx in traces:
+            span = tracer.start_span(
+                "storage.commit", context=ctx, attributes=attributes, start_time=started_ns
+            )
+            span.end(end_time=ended_ns)
 
     async def _isolate_bad(self, taken: list[_Pending], exc: PayloadError) -> None:
         if len(taken) == 1:

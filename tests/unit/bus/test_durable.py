@@ -62,6 +62,8 @@ def test_group_ids_differ_by_pattern_and_refuse_odd_names() -> None:
     assert group_id("pipeline", "telemetry.>").startswith("pipeline-")
     with pytest.raises(BusError, match="group"):
         group_id("pipe.line", "telemetry.>")
+    with pytest.raises(BusError, match="group"):
+        group_id("pipeline\n", "telemetry.>")  # `$` alone would let a newline through
 
 
 def test_dead_letter_subject_names_group_and_subject() -> None:

@@ -150,12 +150,12 @@ async def test_storage_error_from_the_writer_nacks_for_redelivery() -> None:
 async def test_cached_latest_values_follow_the_commit() -> None:
     store = RecordingStore()
     latest = LatestValues()
-    latest.fill("dev-1", {"t": TsPoint(1, 10)})
+    await latest.fill("dev-1", {"t": TsPoint(1, 10)})
 
     async with pipeline_with(store, latest) as (pipeline, _):
         await pipeline.handle([message("m1", "dev-1", TsRecord(5, {"t": 11, "h": 40}))])
 
-    assert latest.get("dev-1") == {"t": TsPoint(5, 11), "h": TsPoint(5, 40)}
+    assert await latest.get("dev-1") == {"t": TsPoint(5, 11), "h": TsPoint(5, 40)}
 
 
 async def test_every_delivery_is_settled_when_handle_returns() -> None:

@@ -52,7 +52,7 @@ from iotmesh.core.errors import StorageError
 from iotmesh.core.settings import InfluxSettings
 from iotmesh.core.types import Aggregation, Order, TsPoint
 from iotmesh.storage import aggregate
-from iotmesh.storage.influx import aggregates
+from iotmesh.storage.influx import aggregates, retention
 from iotmesh.storage.influx.client import DatabaseNotFound, InfluxClient, Series, literal
 from iotmesh.storage.influx.lineproto import (
     MAX_TS_MS,
@@ -65,6 +65,7 @@ from iotmesh.storage.influx.lineproto import (
     encode_tag,
 )
 from iotmesh.storage.points import Kind, Points
+from iotmesh.storage.rollup import RetentionPolicy
 from iotmesh.storage.timeseries import Query, SeriesWrite
 
 log = logging.getLogger(__name__)
@@ -296,6 +297,21 @@ class InfluxTimeSeriesStore:
                 predicate = f"{_v2_tag('entity', entity_id)} AND {_v2_tag('key', key)}"
                 await self.client.delete_v2(predicate, start, end)
         return count
+
+    async def apply_retention(self, policy: RetentionPolicy) -> None:
+        """Delete raw points past their TTL (`retention.py`); no rollups on InfluxDB."""
+        if self.settings.version != 1:
+            # /api/v2/delete predicates have no `!=`, which the per-key and per-device
+            # exceptions need: InfluxDB 2.x/3.x expire data by the bucket's retention.
+            if policy.raw_ttl_ms or policy.keys or policy.entities:
+                log.warning(
+                    "storage.retention raw TTLs are not applied on InfluxDB %d.x;"
+                    " set the bucket's retention period instead",
+                    self.settings.version,
+                )
+            return
+        for statement in retention.statements(policy):
+            await self.client.query([statement])
 
     async def delete_entity(self, entity_id: str) -> None:
         if self.settings.version == 1:

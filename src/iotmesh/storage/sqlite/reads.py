@@ -18,7 +18,7 @@ from iotmesh.core.types import Aggregation, Order, TsPoint
 from iotmesh.storage import aggregate as agg
 from iotmesh.storage.points import Points, merge
 from iotmesh.storage.sqlite import chunks as chunking
-from iotmesh.storage.sqlite import schema
+from iotmesh.storage.sqlite import rollup_reads, schema
 from iotmesh.storage.sqlite.batches import BatchBlock
 from iotmesh.storage.timeseries import Query
 
@@ -26,8 +26,8 @@ from iotmesh.storage.timeseries import Query
 Meta = tuple[int, int, int, int]
 
 
-def query(db: sqlite3.Connection, q: Query) -> dict[str, list[TsPoint]]:
-    """Answer a (validated) query."""
+def query(db: sqlite3.Connection, q: Query, levels: Sequence[int] = ()) -> dict[str, list[TsPoint]]:
+    """Answer a (validated) query; aggregations from rollups of `levels` where they can."""
     db.execute("BEGIN")  # one snapshot for every statement below
     try:
         out: dict[str, list[TsPoint]] = {}
@@ -41,7 +41,13 @@ def query(db: sqlite3.Connection, q: Query) -> dict[str, list[TsPoint]]:
                 for row in db.execute(schema.SERIES_BATCHES, (sid, q.start_ts, q.end_ts))
                 if (p := BatchBlock(*row).series(sid)) is not None
             ]
-            points = _series(db, sid, q, recent)
+            points = None
+            if q.agg is not Aggregation.NONE and levels:
+                buckets = rollup_reads.answer(db, sid, q, recent, levels)
+                if buckets is not None:
+                    points = agg.to_ts_points(buckets, q.order, q.limit)
+            if points is None:
+                points = _series(db, sid, q, recent)
             if points:
                 out[key] = points
         return out

@@ -68,7 +68,42 @@ MIGRATIONS: tuple[str, ...] = (
         value
     );
     """,
+    """
+    -- Rollup buckets of one series and level (its width in ms): `buckets` holds the
+    -- `storage.rollup.ROLLUP` records of buckets block * 256 .. block * 256 + 255.
+    CREATE TABLE ts_rollup (
+        id         INTEGER PRIMARY KEY,
+        series_id  INTEGER NOT NULL,
+        level      INTEGER NOT NULL,
+        block      INTEGER NOT NULL,
+        buckets    BLOB NOT NULL,
+        UNIQUE (series_id, level, block)
+    );
+    -- Every bucket of the level that starts before `lo` is rolled up from the series'
+    -- chunks; buckets from `lo` on are not (yet). No row: nothing is rolled up.
+    CREATE TABLE ts_rollup_state (
+        series_id  INTEGER NOT NULL,
+        level      INTEGER NOT NULL,
+        lo         INTEGER NOT NULL,
+        PRIMARY KEY (series_id, level)
+    ) WITHOUT ROWID;
+    -- Buckets of the level before `expired_before` were deleted by its TTL: a reader
+    -- must not take their absence for "no data" (raw points may outlive them).
+    CREATE TABLE ts_rollup_level (
+        level           INTEGER PRIMARY KEY,
+        expired_before  INTEGER NOT NULL
+    );
+    -- Raw points of the series before `before` were expired by retention: rollups
+    -- there can no longer be recomputed, so nothing moves a watermark below it.
+    CREATE TABLE ts_expired (
+        series_id  INTEGER PRIMARY KEY,
+        before     INTEGER NOT NULL
+    );
+    """,
 )
+
+# Buckets per `ts_rollup` row.
+ROLLUP_BLOCK = 256
 
 INSERT_BATCH = """
     INSERT INTO ts_batch (
@@ -106,6 +141,18 @@ UPSERT_LATEST_JSON = """
     ON CONFLICT (series_id) DO UPDATE
     SET ts = excluded.ts, kind = excluded.kind, value = excluded.value
     WHERE excluded.ts >= ts_latest.ts
+"""
+ROLLUP_LO = "SELECT lo FROM ts_rollup_state WHERE series_id = ? AND level = ?"
+# The range of a level's buckets a reader may use: [expired_before, lo).
+ROLLUP_RANGE = """
+    SELECT coalesce(
+        (SELECT expired_before FROM ts_rollup_level WHERE level = ?2), -9223372036854775808
+    ), lo
+    FROM ts_rollup_state WHERE series_id = ?1 AND level = ?2
+"""
+ROLLUP_BLOCKS = """
+    SELECT buckets FROM ts_rollup
+    WHERE series_id = ? AND level = ? AND block BETWEEN ? AND ? ORDER BY block
 """
 SERIES_ID = """
     SELECT s.id FROM ts_series s JOIN ts_key k ON k.id = s.key_id

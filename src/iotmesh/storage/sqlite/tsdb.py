@@ -10,6 +10,8 @@ Schema (`schema.py`):
     ts_chunk   (id, series_id, min_ts, max_ts, n, kind, ts BLOB, vals BLOB)
                index (series_id, max_ts, min_ts, n)
     ts_latest  (series_id, ts, kind, value)        the newest point of each series
+    ts_rollup, ts_rollup_state, ts_rollup_level, ts_expired
+                                                   rollups and retention: `rollups.py`
 
 Why it is fast. SQLite costs per row and per b-tree page touched, hardly per byte, so
 points are stored many to a row, as packed arrays numpy reads without copying:
@@ -52,6 +54,10 @@ again, and a series is looked at again once it gets new chunks; nothing is lost,
 merged later. A delete first compacts every batch row (in its own transaction), then
 edits chunks in place, keeping their ids.
 
+Rollups (`rollups.py`, upkeep as background steps of the writer process, like
+compaction; `rollup_reads.py`, how an aggregation reads them) and retention
+(`apply_retention`) are described in docs/storage.md, "Retention and rollups".
+
 Latest values: `ts_latest` is updated in the write's transaction, only where the new
 ts is >= the stored one, so `latest` and `keys` are one indexed join. A delete
 recomputes it from the remaining chunk with the greatest `max_ts` (newest id on ties).
@@ -88,6 +94,7 @@ from iotmesh.core.settings import SqliteSettings
 from iotmesh.core.types import TsPoint, TsRecord
 from iotmesh.storage import aggregate as agg
 from iotmesh.storage.points import classify
+from iotmesh.storage.rollup import RetentionPolicy
 from iotmesh.storage.sqlite import reads, schema
 from iotmesh.storage.sqlite.writer_process import WriterClient, connect
 from iotmesh.storage.timeseries import Query, SeriesWrite
@@ -139,9 +146,12 @@ class SqliteTimeSeriesStore:
     already durable in batch rows or chunks).
     """
 
-    def __init__(self, path: Path, settings: SqliteSettings) -> None:
+    def __init__(
+        self, path: Path, settings: SqliteSettings, rollup_levels: Sequence[int] = ()
+    ) -> None:
         self._path = path
         self._settings = settings
+        self._levels = tuple(sorted(rollup_levels))
         self._reader_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._writer: WriterClient | None = None
         self._local = threading.local()
@@ -157,7 +167,7 @@ class SqliteTimeSeriesStore:
         self._reader_pool = concurrent.futures.ThreadPoolExecutor(
             _READERS, thread_name_prefix="tsdb-read"
         )
-        self._writer = WriterClient(self._path, self._settings)
+        self._writer = WriterClient(self._path, self._settings, self._levels)
         try:
             await self._writer.start()
         except BaseException:
@@ -238,7 +248,9 @@ class SqliteTimeSeriesStore:
         agg.validate(query.start_ts, query.end_ts, query.agg, query.interval_ms, query.limit)
         if not query.keys:
             return {}
-        return await self._on(self._reader_pool, lambda: reads.query(self._reader(), query))
+        return await self._on(
+            self._reader_pool, lambda: reads.query(self._reader(), query, self._levels)
+        )
 
     async def latest(self, entity_id: str, keys: Sequence[str] | None = None) -> dict[str, TsPoint]:
         """Return the newest point of each key; all keys when None."""
@@ -271,6 +283,14 @@ class SqliteTimeSeriesStore:
         await self._call("delete_entity", entity_id)
 
     # -- beyond the interface --------------------------------------------------------
+
+    async def apply_retention(self, policy: RetentionPolicy) -> None:
+        """Start deleting what `policy` says has expired (see `rollups.py`).
+
+        Returns once the pass is planned; the deletes run as background steps of the
+        writer process, between writes (`compact` waits for them).
+        """
+        await self._call("retention", msgspec.msgpack.encode(policy))
 
     async def compact(self) -> int:
         """Run all compaction that is due now, to the end; return the merges done.

@@ -40,13 +40,15 @@ import struct
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from iotmesh.core.errors import PayloadError, StorageError
+from iotmesh.core.logs import JsonFormatter, json_log_identity
+from iotmesh.storage.rollup import RetentionPolicy
 from iotmesh.storage.sqlite import schema
 from iotmesh.storage.sqlite.writes import SeriesWriter
 from iotmesh.storage.timeseries import SeriesWrite
@@ -71,6 +73,7 @@ class FileOptions(msgspec.Struct, frozen=True):
     synchronous: str
     chunk_max_points: int
     compact_min_chunks: int
+    rollup_levels: list[int] = []
 
 
 def connect(path: Path, synchronous: str) -> sqlite3.Connection:
@@ -124,9 +127,12 @@ class WriterClient:
     """Starts the writer process and calls it, from the event loop (no thread: a reply
     is read when epoll reports it, so no GIL hand-off sits between commit and ack)."""
 
-    def __init__(self, path: Path, settings: SqliteSettings) -> None:
+    def __init__(
+        self, path: Path, settings: SqliteSettings, rollup_levels: Sequence[int] = ()
+    ) -> None:
         self._path = path
         self._settings = settings
+        self._rollup_levels = rollup_levels
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()  # one request at a time, in call order
 
@@ -146,10 +152,13 @@ class WriterClient:
         )
         level = logging.getLogger("iotmesh").getEffectiveLevel()
         s = self._settings
-        options = FileOptions(s.synchronous, s.chunk_max_points, s.compact_min_chunks)
+        options = FileOptions(
+            s.synchronous, s.chunk_max_points, s.compact_min_chunks, list(self._rollup_levels)
+        )
         settings = msgspec.json.encode(options).decode()
+        json_logs = json_log_identity()  # the child logs as the parent does
         try:
-            await self._request(["open", str(self._path), settings, level])
+            await self._request(["open", str(self._path), settings, level, json_logs])
         except BaseException:
             await self._stop(kill=True)
             raise
@@ -236,7 +245,9 @@ class _Child:
             # each freed page again; FAST zeroes only what costs no extra I/O.
             conn.execute("PRAGMA secure_delete = FAST")
             schema.migrate(conn)
-            self.writer = SeriesWriter(conn, settings, self._steps.append, self._committed)
+            self.writer = SeriesWriter(
+                conn, settings, self._steps.append, self._committed, settings.rollup_levels
+            )
         except BaseException:
             conn.close()
             raise
@@ -253,6 +264,9 @@ class _Child:
             return None
         if op == "compact":
             return writer.compact_all()
+        if op == "retention":
+            writer.start_retention(msgspec.msgpack.decode(args[0], type=RetentionPolicy))
+            return None
         raise ValueError(f"unknown writer operation {op!r}")
 
     def run_steps(self, request_waiting: Callable[[], bool]) -> None:
@@ -309,12 +323,17 @@ def _reply(fd: int, work: Callable[..., Any], *args: Any) -> None:
 def serve(requests: int, replies: int) -> None:
     """Answer requests until end of file (see the module docstring).
 
-    The first request is `["open", path, settings_json, log_level]`."""
+    The first request is `["open", path, settings_json, log_level, json_logs]`, where
+    `json_logs` is None (text) or the parent's [service, instance] for JSON lines."""
     frame = _read_frame(requests)
     if frame is None or frame[0] != "open":
         return
-    path, settings, level = frame[1:]
+    path, settings, level, json_logs = frame[1:]
     logging.getLogger("iotmesh").setLevel(level)
+    if json_logs is not None:
+        service, instance = json_logs
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter(service, instance))
     opened: list[_Child] = []
 
     def open_file() -> None:

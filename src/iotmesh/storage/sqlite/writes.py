@@ -20,10 +20,12 @@ import numpy as np
 
 from iotmesh.core.errors import PayloadError
 from iotmesh.storage.points import Kind, merge
+from iotmesh.storage.rollup import RetentionPolicy
 from iotmesh.storage.sqlite import chunks as chunking
 from iotmesh.storage.sqlite import schema
 from iotmesh.storage.sqlite.batches import GROUP_SHIFT, LatestRow, encode_batch, to_chunks
 from iotmesh.storage.sqlite.compaction import ChunkMeta, plan
+from iotmesh.storage.sqlite.rollups import RollupKeeper
 from iotmesh.storage.timeseries import SeriesWrite
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class SeriesWriter:
         settings: chunk size and compaction threshold.
         submit: queues a callable on the writer thread (behind pending writes).
         committed: called after each commit (the store then checkpoints the WAL).
+        rollup_levels: bucket widths (ms) of the rollups to keep (`rollups.py`).
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class SeriesWriter:
         settings: ChunkLimits,
         submit: Callable[[Callable[[], None]], object],
         committed: Callable[[], None],
+        rollup_levels: Sequence[int] = (),
     ) -> None:
         self._db = conn
         self._settings = settings
@@ -90,6 +94,8 @@ class SeriesWriter:
         self._pass_upto = 0
         self._step_queued = False
         self.closing = False
+        self._rollups = RollupKeeper(conn, rollup_levels, self._delete_series)
+        self._transaction(self._rollups.start)
         if self._has_unaligned_rows():
             # Rows written before parts were cut at group boundaries: moved all at once.
             self._transaction(self._flush_all)
@@ -124,6 +130,9 @@ class SeriesWriter:
                 db.execute("ROLLBACK")
                 # The body may have counted batch rows as moved that now are not.
                 self._batches = self._pending_batches()
+                rollups: RollupKeeper | None = getattr(self, "_rollups", None)
+                if rollups is not None:
+                    rollups.rolled_back()
             raise
         return result
 
@@ -269,7 +278,10 @@ class SeriesWriter:
         for key in dict.fromkeys(keys):
             row = self._db.execute(schema.SERIES_ID, (entity_id, key)).fetchone()
             if row is not None:
-                deleted += self._delete_series(int(row[0]), start_ts, end_ts)
+                sid = int(row[0])
+                gone = self._delete_series(sid, start_ts, end_ts)
+                self._rollups.lowered(sid, start_ts, end_ts, raw_deleted=gone > 0)
+                deleted += gone
         return deleted
 
     def _delete_series(self, sid: int, start_ts: int, end_ts: int) -> int:
@@ -330,13 +342,20 @@ class SeriesWriter:
         db.executemany("DELETE FROM ts_chunk WHERE series_id = ?", [(s,) for s in sids])
         db.executemany("DELETE FROM ts_latest WHERE series_id = ?", [(s,) for s in sids])
         db.execute("DELETE FROM ts_series WHERE entity_id = ?", (entity_id,))
+        self._rollups.forget(sids)
         return sids
 
     # -- compaction ------------------------------------------------------------------
 
     def _schedule(self) -> None:
         """Queue a compaction step behind pending writes, if there is work and none is."""
-        due = self._batches >= self._flush_rows or self._pass or self._to_merge
+        due = (
+            self._batches >= self._flush_rows
+            or self._pass
+            or self._to_merge
+            or self._rollups.due
+            or self._rollups.retention_pending
+        )
         if due and not self._step_queued and not self.closing:
             self._step_queued = True
             self._submit(self._step)
@@ -354,6 +373,15 @@ class SeriesWriter:
                 self._transaction(self._flush_groups)
             while self._to_merge and time.perf_counter() < deadline:
                 self._merge_some()
+            # Rollups and retention after compaction, in what is left of the budget:
+            # under sustained load they wait for a quieter moment (queries read raw
+            # points where rollups lag, so nothing is wrong meanwhile, only slower).
+            rollups = self._rollups
+            while time.perf_counter() < deadline and (rollups.retention_pending or rollups.due):
+                if rollups.retention_pending:
+                    self._transaction(rollups.retention_step)
+                else:
+                    self._transaction(lambda: rollups.roll_next(force=False, deadline=deadline))
         except sqlite3.Error as exc:
             # Nothing is lost: the rows stay as they were; the next write queues a retry.
             log.warning("time-series compaction failed: %s", exc)
@@ -370,7 +398,23 @@ class SeriesWriter:
         merged = 0
         while self._to_merge:
             merged += self._merge_some()
+        rollups = self._rollups
+        while rollups.retention_pending:
+            self._transaction(rollups.retention_step)
+        self._transaction(rollups.start)  # every series: those waiting for closed buckets too
+        while rollups.due:
+            self._transaction(lambda: rollups.roll_next(force=True))
         return merged
+
+    def start_retention(self, policy: RetentionPolicy) -> None:
+        """Begin a retention pass; it runs as background steps (`compact_all` finishes it)."""
+
+        def start() -> None:
+            self._flush_all()  # points still in batch rows expire in this pass too
+            self._rollups.start_retention(policy)
+
+        self._transaction(start)
+        self._schedule()
 
     def _flush_all(self) -> None:
         """Move every batch row into chunks (before a delete, or when asked to)."""
@@ -435,6 +479,11 @@ class SeriesWriter:
             [(None, s, c.min_ts, c.max_ts, c.n, c.kind, c.ts, c.vals) for s, c in made],
         )
         self._count_chunks([s for s, _ in made])
+        spans: dict[int, tuple[int, int]] = {}
+        for sid, c in made:
+            lo, hi = spans.get(sid, (c.min_ts, c.max_ts))
+            spans[sid] = (min(lo, c.min_ts), max(hi, c.max_ts))
+        self._rollups.moved((sid, lo, hi) for sid, (lo, hi) in spans.items())
 
     def _count_chunks(self, sids: list[int]) -> None:
         threshold = self._settings.compact_min_chunks

@@ -22,6 +22,12 @@ per socket read). Devices behind a gateway are online ("gateway") from the first
 message the gateway sends for them until `v1/gateway/disconnect` or the end of the
 gateway's connection (`gateway.py`).
 
+Tracing (core/tracing.py), when on: the telemetry of one device in one read is an
+`mqtt.publish` span, the root of its trace, sampled by `tracing.sample_ratio`; or, when
+an MQTT 5 PUBLISH of that read carries a `traceparent` user property (W3C trace
+context), a child of it, traced if its sampled flag says so (the first such PUBLISH
+of the read counts).
+
 Errors: a payload that is not valid gets PUBACK/PUBREC 0x99 (payload format invalid)
 in v5; v3.1.1 has no negative acknowledgement, so the connection is closed, as
 ThingsBoard does. Either way nothing of that message is stored.
@@ -31,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -41,8 +47,17 @@ from iotmesh.commands.client_rpc import answer_client_rpc
 from iotmesh.commands.rpc import RpcRequest, RpcService
 from iotmesh.core.clock import now_ms
 from iotmesh.core.errors import AuthError, DeviceGone, IotmeshError, PayloadError
+from iotmesh.core.tracing import (
+    AttributeValue,
+    SpanKind,
+    Tracing,
+    context_of,
+    end,
+    parent_from,
+)
 from iotmesh.core.types import AttributeScope, Device, TsRecord
 from iotmesh.devicestate import AttributeService, ConnectivityService
+from iotmesh.devicestate.attributes import requested_values
 from iotmesh.pipeline.ingest import TelemetryIngest
 from iotmesh.proto.mqtt import Publish, ReasonCode, topic_matches
 from iotmesh.proto.thingsboard import (
@@ -56,6 +71,8 @@ from iotmesh.registry.service import DeviceRegistry
 from iotmesh.transports.mqtt.auth import DEVICE_PREFIX, GATEWAY_PREFIX
 
 if TYPE_CHECKING:
+    from opentelemetry.context import Context
+
     from iotmesh.transports.mqtt.connection import AckSlot, MqttConnection
     from iotmesh.transports.mqtt.gateway import GatewayApi
 
@@ -70,6 +87,8 @@ RPC_RESPONSE = "v1/devices/me/rpc/response/"
 MQTT = "mqtt"  # the transport name connectivity shows
 
 _json = msgspec.json.Encoder()
+
+Done = Callable[[BaseException | None], None]  # told once when a submit is durable or failed
 
 
 def json_payload(value: Any) -> bytes:
@@ -96,6 +115,10 @@ class DeviceApi:
         self.attributes = attributes
         self.rpc = rpc
         self.gateway: GatewayApi | None = None
+        self._tracing = ingest.tracing
+        # traceparent of the first MQTT 5 telemetry PUBLISH of the current read that had
+        # one, by connection; taken by `flush_telemetry` (only filled when tracing).
+        self._incoming_traces: dict[MqttConnection, str] = {}
 
     @staticmethod
     def handles(topic: str) -> bool:
@@ -112,6 +135,8 @@ class DeviceApi:
             if topic == TELEMETRY:
                 records = parse_telemetry(packet.payload, now_ms())
                 conn.hold_telemetry((device.id, records, slot))
+                if self._tracing is not None and conn.version == 5:
+                    self._hold_trace(conn, packet)
                 return  # activity: once per read, in flush_telemetry
             self.connectivity.activity(device.id, MQTT)
             if topic == ATTRIBUTES:
@@ -175,14 +200,64 @@ class DeviceApi:
             entry = by_device.setdefault(device_id, ([], []))
             entry[0].extend(records)
             entry[1].append(slot)
+        tracing = self._tracing
+        incoming = None if tracing is None else self._incoming_traces.pop(conn, None)
         for device_id, (records, slots) in by_device.items():
             self.connectivity.activity(device_id, MQTT)
             conn.submit_started()
-            if self.ingest.submit_nowait(device_id, records, partial(self._submitted, conn, slots)):
+            done: Done = partial(self._submitted, conn, slots)
+            parent = None
+            if tracing is not None and (incoming is not None or tracing.sampled()):
+                done, parent = self._traced(tracing, conn, device_id, len(slots), done, incoming)
+            if self.ingest.submit_nowait(device_id, records, done, parent):
                 continue  # on the bus already: no task needed to wait for it
             conn.spawn(
-                self._submit(conn, device_id, records, slots), "telemetry", finish_after_close=True
+                self._submit(conn, device_id, records, len(slots), done, parent),
+                "telemetry",
+                finish_after_close=True,
             )
+
+    def _hold_trace(self, conn: MqttConnection, packet: Publish) -> None:
+        if conn in self._incoming_traces or not packet.properties.user_properties:
+            return
+        for key, value in packet.properties.user_properties:
+            if key == "traceparent":
+                self._incoming_traces[conn] = value
+                return
+
+    @staticmethod
+    def _traced(
+        tracing: Tracing,
+        conn: MqttConnection,
+        device_id: str,
+        messages: int,
+        done: Done,
+        incoming: str | None,
+    ) -> tuple[Done, Context | None]:
+        """An `mqtt.publish` span for one device's telemetry of one read (the root of its
+        trace, or a child of the device's `traceparent`), ended when the submit is done;
+        none when the device's traceparent says "not sampled"."""
+        attributes: dict[str, AttributeValue] = {
+            "messaging.system": "mqtt",
+            "messaging.destination.name": TELEMETRY,
+            "messaging.batch.message_count": messages,
+            "messaging.client.id": conn.session_id,
+            "iotmesh.device_id": device_id,
+        }
+        if incoming is None:
+            span = tracing.start_root("mqtt.publish", SpanKind.SERVER, attributes)
+        else:
+            span = tracing.tracer.start_span(
+                "mqtt.publish", parent_from(incoming), SpanKind.SERVER, attributes
+            )
+            if not span.is_recording():
+                return done, None
+
+        def traced_done(error: BaseException | None) -> None:
+            end(span, error)
+            done(error)
+
+        return traced_done, context_of(span)
 
     def _submitted(
         self, conn: MqttConnection, slots: list[AckSlot | None], error: BaseException | None
@@ -201,36 +276,32 @@ class DeviceApi:
         conn: MqttConnection,
         device_id: str,
         records: list[TsRecord],
-        slots: list[AckSlot | None],
+        messages: int,
+        done: Done,
+        parent: Context | None,
     ) -> None:
         """The path when the bus has no room at once: wait for it in a task."""
         try:
-            await self.ingest.submit(device_id, records)
+            await self.ingest.submit(device_id, records, parent)
         except IotmeshError as exc:
-            self._submitted(conn, slots, exc)
+            done(exc)
         except BaseException:
-            conn.submit_finished(len(slots))  # cancelled, or a bug: the task reports it
+            conn.submit_finished(messages)  # cancelled, or a bug: the task reports it
             raise
         else:
-            self._submitted(conn, slots, None)
+            done(None)
 
     async def _answer_attributes(
         self, conn: MqttConnection, device: Device, request_id: str, doc: Any
     ) -> None:
         if not isinstance(doc, dict):
             raise PayloadError("attribute request must be a JSON object")
-        client_keys = split_keys(doc.get("clientKeys"))
-        shared_keys = split_keys(doc.get("sharedKeys"))
-        everything = client_keys is None and shared_keys is None
-        answer: dict[str, Any] = {}
-        if everything or client_keys:
-            answer["client"] = await self.attributes.values(
-                device.id, AttributeScope.CLIENT, client_keys
-            )
-        if everything or shared_keys:
-            answer["shared"] = await self.attributes.values(
-                device.id, AttributeScope.SHARED, shared_keys
-            )
+        answer = await requested_values(
+            self.attributes,
+            device.id,
+            split_keys(doc.get("clientKeys")),
+            split_keys(doc.get("sharedKeys")),
+        )
         self.send(conn, ATTRIBUTES_RESPONSE + request_id, json_payload(answer))
 
     # -- messages to devices --------------------------------------------------------------
@@ -306,6 +377,7 @@ class DeviceApi:
 
     def on_disconnect(self, conn: MqttConnection) -> None:
         """A client's connection ended: stop every push to it."""
+        self._incoming_traces.pop(conn, None)
         pushes, conn.pushes = conn.pushes, {}
         for undo in pushes.values():
             undo()

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from iotmesh.commands.rpc import RpcRequest
 from iotmesh.core.clock import now_ms
 from iotmesh.core.errors import AuthError, Conflict, DeviceGone, PayloadError
+from iotmesh.core.tracing import SpanKind, context_of, end
 from iotmesh.core.types import AttributeScope, Device
 from iotmesh.proto.mqtt import Publish, ReasonCode, topic_matches
 from iotmesh.proto.thingsboard import (
@@ -122,10 +123,26 @@ class GatewayApi:
             raise PayloadError("gateway telemetry must map device names to entries")
         now = now_ms()
         parsed = [(name, telemetry_from_json(entries, now)) for name, entries in doc.items()]
+        tracing = self._api.ingest.tracing
         for name, records in parsed:
             device = await self.child(conn, name)
             self._api.connectivity.activity(device.id, GATEWAY)
-            await self._api.ingest.submit(device.id, records)
+            if tracing is None or not tracing.sampled():
+                await self._api.ingest.submit(device.id, records)
+                continue
+            attributes = {
+                "messaging.system": "mqtt",
+                "messaging.destination.name": TELEMETRY,
+                "messaging.client.id": conn.session_id,
+                "iotmesh.device_id": device.id,
+            }
+            span = tracing.start_root("mqtt.publish", SpanKind.SERVER, attributes)
+            try:
+                await self._api.ingest.submit(device.id, records, context_of(span))
+            except BaseException as exc:
+                end(span, exc)
+                raise
+            span.end()
 
     async def _attributes(self, conn: MqttConnection, doc: Any) -> None:
         if not isinstance(doc, dict) or not doc:

@@ -17,9 +17,9 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
 
@@ -317,6 +317,20 @@ class MqttServer(Service):
     """Serves MQTT on `host:port` (and TLS on `tls_port` when configured)."""
 
     name = "mqtt"
+    stats_counters = frozenset(
+        {
+            "connections_total",
+            "auth_failures",
+            "messages_in",
+            "messages_out",
+            "bytes_in",
+            "dropped_by_acl",
+            "protocol_errors",
+            "telemetry_batches",
+            "queue_dropped",
+        }
+    )
+    stats_labels: ClassVar[Mapping[str, str]] = {"messages_in": "qos"}
 
     def __init__(
         self,

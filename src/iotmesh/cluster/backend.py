@@ -1,0 +1,31 @@
+"""One connection to the cluster engine serving the registry, leases and fences."""
+
+from __future__ import annotations
+
+import abc
+
+from iotmesh.cluster.election import LeaseStore
+from iotmesh.cluster.fencing import Fence
+from iotmesh.cluster.registry import Registry
+from iotmesh.core.lifecycle import Service
+from iotmesh.core.settings import Settings
+
+
+class ClusterBackend(Registry, LeaseStore, Fence, Service):
+    """Registry, leases and fences on one engine; `start` connects, `stop` closes."""
+
+    @abc.abstractmethod
+    async def delete_everything(self) -> None:
+        """Delete every key or bucket of this namespace (tests and operators)."""
+
+
+def make_backend(settings: Settings) -> ClusterBackend:
+    """The backend `cluster.backend` names, not started; urls default to the bus's."""
+    c = settings.cluster
+    if c.backend == "nats":
+        from iotmesh.cluster.nats_backend import NatsCluster
+
+        return NatsCluster(c, c.nats_url or settings.bus.nats_url)
+    from iotmesh.cluster.redis_backend import RedisCluster
+
+    return RedisCluster(c, c.redis_url or settings.bus.redis_url)
