@@ -78,6 +78,10 @@ class Instance:
         return int(self.info["mqtt"]["port"])
 
     @property
+    def coap_port(self) -> int:
+        return int(self.info["coap"]["port"])
+
+    @property
     def url(self) -> str:
         return str(self.info["http"]["url"])
 
@@ -117,6 +121,8 @@ def launch(
         "--http-port",
         "0",
         "--mqtt-port",
+        "0",
+        "--coap-port",
         "0",
     )
     with (log_dir / "stdout").open("wb") as out, (log_dir / "stderr").open("wb") as err:

@@ -1,5 +1,6 @@
 """The platform as separate OS processes on a real NATS JetStream and Redis Streams:
-2 mqtt transports, 2 pipeline workers, 1 writer, 1 http (and the state service).
+2 mqtt transports, 2 pipeline workers, 1 writer, 1 http (and the state service); and
+the coap role on its own.
 
 QoS 1 publishers on both transports; mid-load one pipeline worker and one transport are
 killed with SIGKILL (their devices reconnect to the other transport). Afterwards, read
@@ -26,6 +27,7 @@ import pytest
 
 from tests.integration import cluster
 from tests.integration.cluster import T0, DeviceLoad, Instance
+from tests.integration.coap_helpers import libcoap, requires_libcoap
 from tests.integration.server import child_env, iotmesh_command
 
 DEVICES = 200
@@ -154,6 +156,50 @@ def test_kill_a_worker_and_a_transport_mid_load(backend: str, tmp_path: Path) ->
             out = instance.output()
             assert "dead-lettered" not in out, out
             assert "dropped message" not in out, out
+    finally:
+        for instance in reversed(instances):
+            instance.stop()
+        asyncio.run(cluster.delete_bus_data(env))
+
+
+@requires_libcoap
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_the_coap_role_takes_uploads_that_the_http_role_reads(tmp_path: Path) -> None:
+    """`serve coap` as its own process: libcoap's client uploads, the writer stores, the
+    http service reads back; the run-info file names the CoAP port."""
+    data_dir = tmp_path / "data"
+    env = cluster.bus_env("nats", IOTMESH_LOG_LEVEL="warning")
+    instances: list[Instance] = []
+    try:
+        instances += cluster.start([("state", "1")], data_dir, tmp_path / "logs", env)
+        instances += cluster.start(
+            [("writer", "1"), ("pipeline", "1"), ("coap", "1"), ("http", "1")],
+            data_dir,
+            tmp_path / "logs",
+            env,
+        )
+        coap, http = instances[3], instances[4]
+        assert coap.info["coap"]["port"] > 0
+        with cluster.admin_client(data_dir, http.url) as admin:
+            (device,) = cluster.create_devices(admin, 1, "coap")
+            url = f"coap://127.0.0.1:{coap.coap_port}/api/v1/{device['access_token']}/telemetry"
+            for n in range(3):
+                sent = libcoap("-m", "post", "-e", f'{{"ts":{T0 + n},"values":{{"n":{n}}}}}', url)
+                assert sent.returncode == 0, sent.stderr
+                assert sent.error_code is None, sent.stderr
+            # Acknowledged (2.04) means stored by the engine; visible once the writer ran.
+            deadline = time.monotonic() + SETTLE_S
+            stored: list[int] = []
+            while time.monotonic() < deadline:
+                params = {"keys": "n", "start_ts": T0, "end_ts": T0 + 10}
+                r = admin.get(f"/api/v1/devices/{device['id']}/telemetry", params=params)
+                assert r.status_code == 200, r.text
+                stored = sorted(p["value"] for p in r.json().get("n", []))
+                if stored == [0, 1, 2]:
+                    break
+                time.sleep(0.2)
+            assert stored == [0, 1, 2]
     finally:
         for instance in reversed(instances):
             instance.stop()

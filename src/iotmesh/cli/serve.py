@@ -49,7 +49,7 @@ async def _serve(settings: Settings, service: str) -> None:
 
 def serve(
     service: Annotated[
-        str, typer.Argument(help="mqtt, http, pipeline, writer or state.", show_default=False)
+        str, typer.Argument(help="mqtt, coap, http, pipeline, writer or state.", show_default=False)
     ],
     data_dir: Annotated[
         Path | None, typer.Option(help="Data directory the services share (SQLite files).")
@@ -60,6 +60,9 @@ def serve(
         int | None, typer.Option(help="http: REST + device HTTP port (0 = any free).")
     ] = None,
     mqtt_port: Annotated[int | None, typer.Option(help="mqtt: MQTT port (0 = any free).")] = None,
+    coap_port: Annotated[
+        int | None, typer.Option(help="coap: CoAP UDP port (0 = any free).")
+    ] = None,
     health_port: Annotated[
         int | None, typer.Option(help="Others: /healthz port (0 = any free).")
     ] = None,
@@ -75,7 +78,7 @@ def serve(
     """Run one service of the platform; several processes share one bus and data dir.
 
     Start `state` first (it creates the state schema), then `writer`, `pipeline`
-    workers, and the transports `mqtt` and `http`. The bus must be NATS JetStream or
+    workers, and the transports `mqtt`, `coap` and `http`. The bus must be NATS JetStream or
     Redis Streams (`--bus`, or `bus.backend` in settings). docs/operations.md has the
     commands.
     """
@@ -87,6 +90,7 @@ def serve(
                 "host": host,
                 "http.port": http_port,
                 "mqtt.port": mqtt_port,
+                "coap.port": coap_port,
                 "serve.health_port": health_port,
                 "serve.instance_id": instance_id,
                 "bus.backend": bus,

@@ -27,7 +27,8 @@ class InstanceInfo(msgspec.Struct, frozen=True):
     service: str
     instance_id: str
     addresses: dict[str, str]
-    """What it serves where: `health` (an http:// URL) always, `http`, `mqtt` (host:port)."""
+    """What it serves where: `health` (an http:// URL) always, `http`, `mqtt`, `coap`
+    (host:port)."""
     version: str = __version__
     pid: int = msgspec.field(default_factory=os.getpid)
     host: str = msgspec.field(default_factory=socket.gethostname)

@@ -30,7 +30,7 @@ from iotmesh.datadir import DataDir
 from iotmesh.serve.health import create_health_app
 from iotmesh.serve.instance import InstanceInfo, Registrar, default_instance_id, no_registry
 from iotmesh.serve.roles import ROLES, Endpoints, start_role
-from iotmesh.wiring import AnyHttpServer, Builder
+from iotmesh.wiring import AnyHttpServer, Builder, coap_info
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,8 @@ class ServedProcess:
             addresses["http"] = url
         if self.endpoints.mqtt is not None:
             addresses["mqtt"] = f"{shown}:{self.endpoints.mqtt.port}"
+        if self.endpoints.coap is not None:
+            addresses["coap"] = f"{shown}:{self.endpoints.coap.port}"
         return addresses
 
     def run_info(self) -> dict[str, Any]:
@@ -140,6 +142,8 @@ class ServedProcess:
             }
         if self.endpoints.mqtt is not None:
             info["mqtt"] = {"host": self.settings.host, "port": self.endpoints.mqtt.port}
+        if self.endpoints.coap is not None:
+            info["coap"] = coap_info(self.settings.host, self.endpoints.coap)
         return info
 
     def shutdown(self) -> None:

@@ -2,6 +2,7 @@
 
     role      consumes            produces / serves                 stores
     mqtt      -                   MQTT device API -> telemetry.*    MQTT sessions (own file)
+    coap      -                   CoAP device API (UDP, DTLS) -> telemetry.*   -
     http      -                   REST + device HTTP API -> telemetry.*   reads the stores
     pipeline  telemetry.> (group pipeline)   decode, validate, rules -> store.*   -
     writer    store.> (group writer)         group commit, retention/rollups   time series
@@ -21,10 +22,11 @@ from collections.abc import Callable
 
 from iotmesh.pipeline import LatestValues
 from iotmesh.pipeline.sink import STORE, BusSink
+from iotmesh.transports.coap import CoapServer
 from iotmesh.transports.mqtt import MqttServer
 from iotmesh.wiring import AnyHttpServer, Builder
 
-ROLES = ("mqtt", "http", "pipeline", "writer", "state")
+ROLES = ("mqtt", "coap", "http", "pipeline", "writer", "state")
 WRITER_GROUP = "writer"
 
 
@@ -34,6 +36,7 @@ class Endpoints:
 
     http: AnyHttpServer | None = None
     mqtt: MqttServer | None = None
+    coap: CoapServer | None = None
 
 
 def _no_cache() -> LatestValues:
@@ -53,6 +56,8 @@ async def start_role(role: str, build: Builder, admin_token: Callable[[], str]) 
     build.tracing()  # first: its provider flushes after every service stopped
     if role == "mqtt":
         return Endpoints(mqtt=await build.mqtt())
+    if role == "coap":
+        return Endpoints(coap=await build.coap())
     if role == "http":
         ctx = await build.api_context(admin_token(), await build.latest(cache=False))
         return Endpoints(http=await build.http(ctx))

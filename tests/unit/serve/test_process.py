@@ -22,9 +22,9 @@ def test_serve_refuses_the_in_process_bus(tmp_path: Path) -> None:
 
 def test_serve_refuses_an_unknown_service(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, bus={"backend": "nats"})  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="mqtt, http, pipeline, writer, state"):
-        ServedProcess(settings, "coap")
-    assert set(ROLES) == {"mqtt", "http", "pipeline", "writer", "state"}
+    with pytest.raises(ConfigError, match="mqtt, coap, http, pipeline, writer, state"):
+        ServedProcess(settings, "gateway")
+    assert set(ROLES) == {"mqtt", "coap", "http", "pipeline", "writer", "state"}
 
 
 def test_instances_share_a_data_dir_but_not_an_instance(tmp_path: Path) -> None:
