@@ -21,6 +21,8 @@ from typing import Any
 
 import httpx
 
+from iotmesh.cluster import make_backend
+from iotmesh.core.settings import Settings
 from tests.integration.mqtt_helpers import connect_packet, publish_packet
 from tests.integration.server import child_env, iotmesh_command
 
@@ -30,18 +32,51 @@ REDIS_URL = "redis://127.0.0.1:6379/15"  # the test db, as the bus contract suit
 
 
 def bus_env(backend: str, **extra: str) -> dict[str, str]:
-    """The settings (as IOTMESH_* variables) of a fresh platform on `backend`."""
+    """The settings (as IOTMESH_* variables) of a fresh platform on `backend`; its
+    processes register in a fresh cluster namespace on the same engine."""
+    namespace = f"t{uuid.uuid4().hex[:10]}"
     return {
         "IOTMESH_BUS__BACKEND": backend,
-        "IOTMESH_BUS__NAMESPACE": f"t{uuid.uuid4().hex[:10]}",
+        "IOTMESH_BUS__NAMESPACE": namespace,
         "IOTMESH_BUS__NATS_URL": NATS_URL,
         "IOTMESH_BUS__REDIS_URL": REDIS_URL,
+        "IOTMESH_CLUSTER__NAMESPACE": namespace,
         **extra,
     }
 
 
+def cluster_settings(env: Mapping[str, str]) -> Settings:
+    """The settings `iotmesh serve` processes started with `env` register with."""
+    cluster: dict[str, Any] = {"namespace": env["IOTMESH_CLUSTER__NAMESPACE"]}
+    if "IOTMESH_CLUSTER__TTL_S" in env:
+        cluster["ttl_s"] = float(env["IOTMESH_CLUSTER__TTL_S"])
+    return Settings(
+        bus={  # type: ignore[arg-type]
+            "backend": env["IOTMESH_BUS__BACKEND"],
+            "namespace": env["IOTMESH_BUS__NAMESPACE"],
+            "nats_url": NATS_URL,
+            "redis_url": REDIS_URL,
+        },
+        cluster=cluster,  # type: ignore[arg-type]
+    )
+
+
+def services(env: Mapping[str, str]) -> list[dict[str, Any]]:
+    """`iotmesh services --json` with the platform's settings: the live instances."""
+    done = subprocess.run(
+        iotmesh_command("services", "--json"),
+        env=child_env(env),
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    rows: list[dict[str, Any]] = json.loads(done.stdout)
+    return rows
+
+
 async def delete_bus_data(env: Mapping[str, str]) -> None:
-    """Delete every stream, consumer and key of the platform's namespace."""
+    """Delete every stream, consumer and key of the platform's namespace, and its
+    cluster registry."""
     from iotmesh.bus import make_bus
     from iotmesh.core.settings import BusSettings
 
@@ -57,6 +92,12 @@ async def delete_bus_data(env: Mapping[str, str]) -> None:
         await cleaner.delete_everything()
     finally:
         await cleaner.stop()
+    registry = make_backend(cluster_settings(env))
+    await registry.start()
+    try:
+        await registry.delete_everything()
+    finally:
+        await registry.stop()
 
 
 @dataclass

@@ -11,12 +11,17 @@ through the http service's REST API:
 - per-device order held end to end: messages 2k and 2k+1 share a ts, so the store's
   `seq` at that ts is the one written last, which must be 2k+1 whenever 2k+1 was stored
   (and `latest` agrees with the newest point);
-- nothing was dead-lettered or dropped.
+- nothing was dead-lettered or dropped;
+- every process registered itself (`iotmesh services --json` lists all 7), and the two
+  killed ones left the list within the failure detector's bound (docs/architecture.md,
+  "Failure detection"; with a generous slack, and a registry TTL longer than both so
+  that the detector, not the engine's expiry, is what removed them).
 """
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -25,6 +30,8 @@ from typing import Any
 import httpx
 import pytest
 
+from iotmesh.cli.services import read_services
+from iotmesh.core.settings import ClusterSettings, Settings
 from tests.integration import cluster
 from tests.integration.cluster import T0, DeviceLoad, Instance
 from tests.integration.coap_helpers import libcoap, requires_libcoap
@@ -37,6 +44,33 @@ KILL_AT = 0.3  # kill when this share of all messages is acknowledged...
 KILL_AFTER_S = 10.0  # ...or after this long, whichever comes first
 WINDOW = 4
 SETTLE_S = 40.0
+REGISTRY_TTL_S = 60.0  # longer than bound + slack: the detector must be what drops them
+DETECTION_SLACK_S = 15.0  # a loaded 2-core machine: a correctness bound, not a timing
+
+
+def detection_bound(c: ClusterSettings) -> float:
+    """docs/architecture.md: interval + pause + z(phi_threshold) * std + 2 polls."""
+    z = statistics.NormalDist().inv_cdf(1 - 10**-c.phi_threshold)
+    return (
+        c.heartbeat_interval_s
+        + c.acceptable_pause_s
+        + z * c.phi_min_std_dev_s
+        + 2 * c.heartbeat_interval_s / 4
+    )
+
+
+async def _gone_after(settings: Settings, victims: list[Instance], killed_at: float) -> float:
+    """Seconds from the kill until no victim is listed alive, as `iotmesh services`
+    computes it (its own function, polled in process: cheaper than a CLI per poll)."""
+    wanted = {(v.role, v.instance_id) for v in victims}
+    poll = settings.cluster.heartbeat_interval_s / 4
+    for _ in range(int(REGISTRY_TTL_S / poll)):
+        rows = await read_services(settings, None)
+        alive = {(r["service"], r["instance"]) for r in rows if r["alive"]}
+        if not wanted & alive:
+            return time.monotonic() - killed_at
+        await asyncio.sleep(poll)
+    return float("inf")
 
 
 def _points(admin: httpx.Client, device_id: str) -> dict[str, list[dict[str, Any]]]:
@@ -51,7 +85,8 @@ def _stored(points: dict[str, list[dict[str, Any]]]) -> list[int]:
     return [p["value"] for key in ("v0", "v1") for p in points.get(key, [])]
 
 
-async def _load(loads: list[DeviceLoad], victims: list[Instance]) -> None:
+async def _load(loads: list[DeviceLoad], victims: list[Instance], registry: Settings) -> float:
+    """Run the load, kill the victims mid-way; the seconds until they left the registry."""
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(cluster.publish(load, MAX_MESSAGES, WINDOW, stop), name=f"dev-{i}")
@@ -65,11 +100,13 @@ async def _load(loads: list[DeviceLoad], victims: list[Instance]) -> None:
         await asyncio.sleep(0.05)
     for victim in victims:
         victim.kill9()
+    watch = asyncio.create_task(_gone_after(registry, victims, time.monotonic()), name="watch")
     done, pending = await asyncio.wait(tasks, timeout=LOAD_S)
     stop.set()
     await asyncio.gather(*pending, return_exceptions=True)
     for task in done:
         task.result()
+    return await watch
 
 
 @pytest.mark.slow
@@ -83,7 +120,9 @@ def test_kill_a_worker_and_a_transport_mid_load(backend: str, tmp_path: Path) ->
         IOTMESH_BUS__ACK_WAIT_S="3",  # a dead worker's partitions move after 3 s
         IOTMESH_STORAGE__SQLITE__SYNCHRONOUS="NORMAL",
         IOTMESH_LOG_LEVEL="warning",
+        IOTMESH_CLUSTER__TTL_S=str(REGISTRY_TTL_S),
     )
+    registry = cluster.cluster_settings(env)
     instances: list[Instance] = []
     try:
         # `state` first: it creates the state schema the others open.
@@ -102,6 +141,8 @@ def test_kill_a_worker_and_a_transport_mid_load(backend: str, tmp_path: Path) ->
             env,
         )
         _, _, pipeline1, _, mqtt1, mqtt2, http = instances
+        listed = {(r["service"], r["instance"]) for r in cluster.services(env) if r["alive"]}
+        assert listed == {(i.role, i.instance_id) for i in instances}
         with cluster.admin_client(data_dir, http.url) as admin:
             devices = cluster.create_devices(admin, DEVICES, "dist")
             ports = [mqtt1.mqtt_port, mqtt2.mqtt_port]
@@ -109,7 +150,7 @@ def test_kill_a_worker_and_a_transport_mid_load(backend: str, tmp_path: Path) ->
                 DeviceLoad(d["access_token"], ports[i % 2 :] + ports[: i % 2])
                 for i, d in enumerate(devices)
             ]
-            asyncio.run(_load(loads, [pipeline1, mqtt1]))
+            detected_s = asyncio.run(_load(loads, [pipeline1, mqtt1], registry))
             acked = sum(len(load.acked) for load in loads)
             moved = sum(load.reconnects for load in loads)
             assert acked > DEVICES * 10, f"too little load to test anything: {acked} acked"
@@ -150,8 +191,14 @@ def test_kill_a_worker_and_a_transport_mid_load(backend: str, tmp_path: Path) ->
                     newest = max(seq_at)
                     assert latest["seq"][0] == {"ts": newest, "value": seq_at[newest]}
 
-        # TODO(cluster registry): once `iotmesh services` is on main, assert the killed
-        # pipeline-1 and mqtt-1 disappear from it within the failure detector's bound.
+        # The killed instances left `iotmesh services` within the detector's bound
+        # (counted from the kill, which is after their last heartbeat); the others stay.
+        bound = detection_bound(registry.cluster)
+        print(f"{backend}: killed instances left the registry after {detected_s:.1f} s")
+        assert detected_s <= bound + DETECTION_SLACK_S, (detected_s, bound)
+        listed = {(r["service"], r["instance"]) for r in cluster.services(env)}
+        survivors = {(i.role, i.instance_id) for i in instances if i not in (pipeline1, mqtt1)}
+        assert listed == survivors
         for instance in instances:
             out = instance.output()
             assert "dead-lettered" not in out, out
@@ -167,7 +214,7 @@ def test_kill_a_worker_and_a_transport_mid_load(backend: str, tmp_path: Path) ->
 @pytest.mark.timeout(120)
 def test_the_coap_role_takes_uploads_that_the_http_role_reads(tmp_path: Path) -> None:
     """`serve coap` as its own process: libcoap's client uploads, the writer stores, the
-    http service reads back; the run-info file names the CoAP port."""
+    http service reads back; the run-info file and the registry name the CoAP port."""
     data_dir = tmp_path / "data"
     env = cluster.bus_env("nats", IOTMESH_LOG_LEVEL="warning")
     instances: list[Instance] = []
@@ -181,6 +228,10 @@ def test_the_coap_role_takes_uploads_that_the_http_role_reads(tmp_path: Path) ->
         )
         coap, http = instances[3], instances[4]
         assert coap.info["coap"]["port"] > 0
+        (row,) = [r for r in cluster.services(env) if r["service"] == "coap"]
+        assert row["instance"] == "1"
+        assert f"coap://127.0.0.1:{coap.coap_port}" in row["addresses"]
+        assert row["addresses"][0] == coap.info["health"]["url"]
         with cluster.admin_client(data_dir, http.url) as admin:
             (device,) = cluster.create_devices(admin, 1, "coap")
             url = f"coap://127.0.0.1:{coap.coap_port}/api/v1/{device['access_token']}/telemetry"

@@ -78,7 +78,8 @@ def serve(
     """Run one service of the platform; several processes share one bus and data dir.
 
     Start `state` first (it creates the state schema), then `writer`, `pipeline`
-    workers, and the transports `mqtt`, `coap` and `http`. The bus must be NATS JetStream or
+    workers, and the transports `mqtt`, `coap` and `http`. Each process registers in
+    the cluster registry (`iotmesh services` lists them). The bus must be NATS JetStream or
     Redis Streams (`--bus`, or `bus.backend` in settings). docs/operations.md has the
     commands.
     """

@@ -297,7 +297,7 @@ class ClusterSettings(_Section):
     backend: Literal["redis", "nats"] = Field(
         "redis",
         description="Engine holding the registry, leader leases and fences: Redis or NATS"
-        " JetStream KV.",
+        " JetStream KV. Unset: the bus's engine if `bus.backend` is nats or redis.",
     )
     redis_url: str | None = Field(None, description="Redis server; unset: `bus.redis_url`.")
     nats_url: str | None = Field(None, description="NATS server; unset: `bus.nats_url`.")

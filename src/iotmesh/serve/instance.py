@@ -2,9 +2,9 @@
 
 Every `iotmesh serve` process builds one `InstanceInfo` once it listens and hands it to
 a `Registrar`: an async context manager factory entered for the life of the process.
-Today the registrar is `no_registry` (the run-info file in the data dir is how tests and
-the CLI find a process on one machine); the cluster package's registry (TTL heartbeats,
-`iotmesh services`) replaces it without touching the roles.
+`iotmesh serve` uses the cluster registry (`serve/registration.py`: TTL heartbeats,
+`iotmesh services`); `no_registry` registers nothing (unit tests). The run-info file in
+the data dir is how tests and the CLI find a process on one machine either way.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ Registrar = Callable[[InstanceInfo], AbstractAsyncContextManager[None]]
 
 @contextlib.asynccontextmanager
 async def no_registry(info: InstanceInfo) -> AsyncIterator[None]:
-    """The registrar used until the cluster registry is merged: registers nothing."""
+    """A registrar that registers nothing."""
     yield
 
 

@@ -5,14 +5,14 @@ Usage:
         await process.wait_closed()   # until `shutdown()` or its listener dies
 
 Error handling: `serve` refuses the in-process bus (`ConfigError`): separate processes
-share nothing through it.
+share nothing through it. An unreachable cluster engine fails start-up (registration).
 A service that fails to start stops those already started (reverse order) and the
 error propagates to the CLI, which exits with status 2.
 Resource handling: the services are entered into one `AsyncExitStack` as they are built
-(`iotmesh.wiring.Builder`), then the health listener, then the registrar; they leave
-in reverse order: deregister, stop listening, stop consuming (in-flight batches
-settle), flush the writer, close the stores, flush the spans. The instance's lock and
-run-info file go last.
+(`iotmesh.wiring.Builder`), then the health listener, then the registrar (the cluster
+registry, `registration.py`); they leave in reverse order: deregister, stop listening,
+stop consuming (in-flight batches settle), flush the writer, close the stores, flush
+the spans. The instance's lock and run-info file go last.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from iotmesh.core.ids import SERVICE_NAME
 from iotmesh.core.settings import Settings
 from iotmesh.datadir import DataDir
 from iotmesh.serve.health import create_health_app
-from iotmesh.serve.instance import InstanceInfo, Registrar, default_instance_id, no_registry
+from iotmesh.serve.instance import InstanceInfo, Registrar, default_instance_id
+from iotmesh.serve.registration import cluster_registrar
 from iotmesh.serve.roles import ROLES, Endpoints, start_role
 from iotmesh.wiring import AnyHttpServer, Builder, coap_info
 
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 class ServedProcess:
     """The services of one role in this process."""
 
-    def __init__(self, settings: Settings, role: str, registrar: Registrar = no_registry) -> None:
+    def __init__(self, settings: Settings, role: str, registrar: Registrar | None = None) -> None:
+        """`registrar`: where the instance registers; default: the cluster registry."""
         if role not in ROLES:
             raise ConfigError(f"unknown service {role!r}; choose one of {', '.join(ROLES)}")
         if settings.bus.backend == "memory":
@@ -55,7 +57,7 @@ class ServedProcess:
         self.info: InstanceInfo | None = None
         self.endpoints = Endpoints()
         self.listener: AnyHttpServer | None = None
-        self._registrar = registrar
+        self._registrar = registrar or cluster_registrar(settings, self._registry_health)
         self._stack = contextlib.AsyncExitStack()
         self._builder = Builder(
             settings,
@@ -108,6 +110,12 @@ class ServedProcess:
         await self._stack.enter_async_context(self._registrar(self.info))
         self.data_dir.write_run_info(self.run_info())
         build.started = True
+
+    def _registry_health(self) -> str:
+        """The health the registry shows: draining once stopping (take no new work)."""
+        if self._builder.stopping:
+            return "draining"
+        return "ok" if all(h.ok for h in self._builder.health().values()) else "degraded"
 
     def _addresses(self) -> dict[str, str]:
         assert self.listener is not None

@@ -1,4 +1,5 @@
-"""`iotmesh serve` without engines: what it refuses, its files, its health app."""
+"""`iotmesh serve` without engines: what it refuses, its files, its health app, its
+registry record."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from iotmesh.cluster.backend import cluster_engine
 from iotmesh.core.errors import ConfigError, StartupError
 from iotmesh.core.lifecycle import Health
 from iotmesh.core.settings import Settings
 from iotmesh.datadir import DataDir, read_instances
 from iotmesh.serve import ROLES, InstanceInfo, ServedProcess
 from iotmesh.serve.health import create_health_app
+from iotmesh.serve.registration import addresses
 
 
 def test_serve_refuses_the_in_process_bus(tmp_path: Path) -> None:
@@ -65,3 +68,37 @@ async def test_health_app_answers_healthz_info_and_stats() -> None:
         r = await client.get("/healthz")
         assert r.status_code == 503
         assert r.json()["status"] == "degraded"
+
+
+async def test_health_app_answers_readyz_and_livez() -> None:
+    reasons = ["starting"]
+    app = create_health_app(lambda: {}, lambda: None, dict, lambda: reasons)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.get("/readyz")
+        assert r.status_code == 503
+        assert r.json() == {"status": "not ready", "reasons": ["starting"]}
+        reasons.clear()
+        assert (await client.get("/readyz")).json() == {"status": "ready"}
+        assert (await client.get("/livez")).status_code == 200
+
+
+def test_the_registry_record_lists_urls_the_api_first() -> None:
+    only_health = InstanceInfo("writer", "w1", {"health": "http://127.0.0.1:1"})
+    assert addresses(only_health) == ["http://127.0.0.1:1"]
+    api = InstanceInfo("http", "h1", {"health": "http://127.0.0.1:2", "http": "http://127.0.0.1:2"})
+    assert addresses(api) == ["http://127.0.0.1:2"]
+    coap = InstanceInfo("coap", "c1", {"coap": "127.0.0.1:5683", "health": "http://127.0.0.1:3"})
+    assert addresses(coap) == ["http://127.0.0.1:3", "coap://127.0.0.1:5683"]
+    mqtt = InstanceInfo("mqtt", "m1", {"mqtt": "127.0.0.1:1883", "health": "http://127.0.0.1:4"})
+    assert addresses(mqtt) == ["http://127.0.0.1:4", "mqtt://127.0.0.1:1883"]
+
+
+def test_the_cluster_engine_follows_the_bus_unless_named(tmp_path: Path) -> None:
+    def engine(**kwargs: object) -> str:
+        return cluster_engine(Settings(data_dir=tmp_path, **kwargs))  # type: ignore[arg-type]
+
+    assert engine() == "redis"  # the in-process bus: the setting's default
+    assert engine(bus={"backend": "nats"}) == "nats"
+    assert engine(bus={"backend": "redis"}) == "redis"
+    assert engine(bus={"backend": "nats"}, cluster={"backend": "redis"}) == "redis"
