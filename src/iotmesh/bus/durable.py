@@ -47,7 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from iotmesh.bus import subjects
-from iotmesh.bus.interface import BatchHandler, BusError, Delivery, Subscription
+from iotmesh.bus.interface import BatchHandler, BusError, RecordedDelivery, Subscription
 from iotmesh.core.settings import BusSettings
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class Engine(abc.ABC):
         """Say `member` is gone."""
 
 
-class _DurableDelivery(Delivery):
+class _DurableDelivery(RecordedDelivery):
     __slots__ = ("_state", "attempt", "data", "delay", "key", "message", "msg_id", "reason")
 
     def __init__(self, message: EngineMessage) -> None:
@@ -167,25 +167,6 @@ class _DurableDelivery(Delivery):
         self._state = "pending"
         self.delay = 0.0
         self.reason = ""
-
-    def ack(self) -> None:
-        self._state = "ack"
-
-    def nack(self, delay: float = 0.0) -> None:
-        self._state = "nack"
-        self.delay = delay
-
-    def term(self, reason: str = "") -> None:
-        self._state = "term"
-        self.reason = reason
-
-    @property
-    def settled(self) -> bool:
-        return self._state != "pending"
-
-    @property
-    def state(self) -> str:
-        return self._state
 
 
 class DurableGroup(Subscription):

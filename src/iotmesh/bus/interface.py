@@ -62,6 +62,37 @@ class Delivery(abc.ABC):
         """Whether ack, nack or term was called."""
 
 
+class RecordedDelivery(Delivery):
+    """A Delivery that records how its handler settled it, for a bus that acts on the
+    outcome once the handler returns (`state`: pending, ack, nack or term; `delay` of a
+    nack; `reason` of a term). Subclasses set the message fields, `_state = "pending"`,
+    `delay = 0.0` and `reason = ""` in their own `__init__` (no super call on the hot path).
+    """
+
+    _state: str
+    delay: float
+    reason: str
+
+    def ack(self) -> None:
+        self._state = "ack"
+
+    def nack(self, delay: float = 0.0) -> None:
+        self._state = "nack"
+        self.delay = delay
+
+    def term(self, reason: str = "") -> None:
+        self._state = "term"
+        self.reason = reason
+
+    @property
+    def settled(self) -> bool:
+        return self._state != "pending"
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+
 BatchHandler = Callable[[Sequence[Delivery]], Awaitable[None]]
 
 

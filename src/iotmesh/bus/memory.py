@@ -27,7 +27,7 @@ from iotmesh.bus.interface import (
     Bus,
     BusError,
     DeadLettered,
-    Delivery,
+    RecordedDelivery,
     Subscription,
 )
 from iotmesh.core.errors import Overloaded
@@ -78,7 +78,7 @@ class _Message:
                 log.exception("bus: a publisher's completion callback failed")
 
 
-class _MemoryDelivery(Delivery):
+class _MemoryDelivery(RecordedDelivery):
     __slots__ = ("_state", "attempt", "data", "delay", "key", "message", "msg_id", "reason")
 
     def __init__(self, message: _Message, attempt: int) -> None:
@@ -91,25 +91,6 @@ class _MemoryDelivery(Delivery):
         self._state = "pending"
         self.delay = 0.0
         self.reason = ""
-
-    def ack(self) -> None:
-        self._state = "ack"
-
-    def nack(self, delay: float = 0.0) -> None:
-        self._state = "nack"
-        self.delay = delay
-
-    def term(self, reason: str = "") -> None:
-        self._state = "term"
-        self.reason = reason
-
-    @property
-    def settled(self) -> bool:
-        return self._state != "pending"
-
-    @property
-    def state(self) -> str:
-        return self._state
 
 
 class _Partition:

@@ -22,21 +22,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import ssl
-from collections.abc import Callable
 from typing import Any
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config, Sockets
 
-from iotmesh.core.errors import StartupError
-from iotmesh.core.lifecycle import Health, Service
-from iotmesh.core.settings import HttpSettings
-from iotmesh.transports.sockets import bind_tcp
+from iotmesh.core.lifecycle import Health
+from iotmesh.transports.http_base import ALPN, BaseHttpServer
 
 log = logging.getLogger(__name__)
-
-ALPN = ["h2", "http/1.1"]
 
 
 class _PreboundConfig(Config):
@@ -52,45 +46,17 @@ class _PreboundConfig(Config):
         return Sockets(secure_sockets=secure, insecure_sockets=[self._plain], quic_sockets=[])
 
 
-class HttpServer(Service):
+class HttpServer(BaseHttpServer):
     """Serves an ASGI app on `host:port` (and over TLS on `tls_port` when configured)."""
 
-    name = "http"
-
-    def __init__(
-        self,
-        app: Any,
-        host: str,
-        settings: HttpSettings,
-        stats: Callable[[], dict[str, Any]] | None = None,
-        before_stop: Callable[[], None] | None = None,
-    ) -> None:
-        """`before_stop` is called first thing in `stop` (the app ends its long-polls)."""
-        self._before_stop = before_stop
-        self._app = app
-        self._host = host
-        self._settings = settings
-        self._stats = stats
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._stopped = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.port = settings.port
-        self.tls_port = settings.tls_port
 
     def _config(self) -> Config:
         s = self._settings
-        tls_sock = None
-        if s.tls_port is not None:
-            if s.certfile is None or s.keyfile is None:
-                raise StartupError("http.tls_port needs http.certfile and http.keyfile")
-            tls_sock = bind_tcp(self._host, s.tls_port, "http tls")
-            self.tls_port = tls_sock.getsockname()[1]
-        try:
-            sock = bind_tcp(self._host, s.port, "http")
-        except StartupError:
-            if tls_sock is not None:
-                tls_sock.close()
-            raise
-        self.port = sock.getsockname()[1]
+        sock, tls_sock = self._bind()
         config = _PreboundConfig(sock, tls_sock)
         config.bind = [f"{self._host}:{self.port}"]
         config.keep_alive_timeout = s.keep_alive_s
@@ -103,12 +69,6 @@ class HttpServer(Service):
             config.certfile = str(s.certfile)
             config.keyfile = str(s.keyfile)
             config.alpn_protocols = list(ALPN)
-            try:  # hypercorn loads them only once serving; fail start-up instead
-                config.create_ssl_context()
-            except (OSError, ssl.SSLError) as exc:
-                sock.close()
-                tls_sock.close()
-                raise StartupError(f"http tls: cannot load certificates: {exc}") from exc
         return config
 
     async def start(self) -> None:
@@ -120,17 +80,11 @@ class HttpServer(Service):
         await asyncio.sleep(0)
 
     async def stop(self) -> None:
-        if self._before_stop is not None:
-            self._before_stop()
+        self._notify_stop()
         self._stopped.set()
         if self._task is not None:
             await self._task
             self._task = None
 
     def health(self) -> Health:
-        if self._task is not None and self._task.done():
-            return Health(ok=False, detail="server task ended")
-        return Health(ok=True, detail=f"listening on {self._host}:{self.port}")
-
-    def stats(self) -> dict[str, Any]:
-        return self._stats() if self._stats is not None else {}
+        return self._health(self._task is not None and self._task.done())

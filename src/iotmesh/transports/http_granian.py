@@ -29,8 +29,6 @@ import asyncio
 import logging
 import os
 import socket
-import ssl
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +37,8 @@ from granian.constants import HTTPModes, Interfaces, SSLProtocols
 from granian.http import HTTP1Settings, HTTP2Settings
 from granian.server.embed import Server
 
-from iotmesh.core.errors import StartupError
-from iotmesh.core.lifecycle import Health, Service
-from iotmesh.core.settings import HttpSettings
-from iotmesh.transports.sockets import bind_tcp
+from iotmesh.core.lifecycle import Health
+from iotmesh.transports.http_base import BaseHttpServer
 
 log = logging.getLogger(__name__)
 
@@ -64,53 +60,14 @@ class _PreboundServer(Server):
         self._shd = SocketHolder(os.dup(self._sock.fileno()), False, BACKLOG)  # type: ignore[call-arg,assignment]
 
 
-class GranianHttpServer(Service):
+class GranianHttpServer(BaseHttpServer):
     """Serves an ASGI app on `host:port` (and over TLS on `tls_port` when configured)."""
 
-    name = "http"
-
-    def __init__(
-        self,
-        app: Any,
-        host: str,
-        settings: HttpSettings,
-        stats: Callable[[], dict[str, Any]] | None = None,
-        before_stop: Callable[[], None] | None = None,
-    ) -> None:
-        """`before_stop` is called first thing in `stop` (the app ends its long-polls)."""
-        self._before_stop = before_stop
-        self._app = app
-        self._host = host
-        self._settings = settings
-        self._stats = stats
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._servers: list[_PreboundServer] = []
         self._sockets: list[socket.socket] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self.port = settings.port
-        self.tls_port = settings.tls_port
-
-    def _bind(self) -> tuple[socket.socket, socket.socket | None, tuple[Path, Path] | None]:
-        s = self._settings
-        tls_sock = None
-        cert: tuple[Path, Path] | None = None
-        if s.tls_port is not None:
-            if s.certfile is None or s.keyfile is None:
-                raise StartupError("http.tls_port needs http.certfile and http.keyfile")
-            cert = (s.certfile, s.keyfile)
-            try:  # granian loads them in a Rust thread; fail start-up here instead
-                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(*cert)
-            except (OSError, ssl.SSLError) as exc:
-                raise StartupError(f"http tls: cannot load certificates: {exc}") from exc
-            tls_sock = bind_tcp(self._host, s.tls_port, "http tls")
-            self.tls_port = tls_sock.getsockname()[1]
-        try:
-            sock = bind_tcp(self._host, s.port, "http")
-        except StartupError:
-            if tls_sock is not None:
-                tls_sock.close()
-            raise
-        self.port = sock.getsockname()[1]
-        return sock, tls_sock, cert
 
     def _server(
         self, sock: socket.socket, cert: tuple[Path, Path] | None = None
@@ -145,7 +102,11 @@ class GranianHttpServer(Service):
         )
 
     async def start(self) -> None:
-        sock, tls_sock, cert = self._bind()
+        sock, tls_sock = self._bind()
+        s = self._settings
+        cert = None
+        if tls_sock is not None and s.certfile is not None and s.keyfile is not None:
+            cert = (s.certfile, s.keyfile)  # `_bind` checked they are set
         self._sockets = [sock] if tls_sock is None else [sock, tls_sock]
         self._servers = [self._server(sock)]
         if tls_sock is not None:
@@ -156,8 +117,7 @@ class GranianHttpServer(Service):
         await asyncio.sleep(0)
 
     async def stop(self) -> None:
-        if self._before_stop is not None:
-            self._before_stop()
+        self._notify_stop()
         for server in self._servers:
             server.stop()  # type: ignore[no-untyped-call]
         if self._tasks:
@@ -172,9 +132,4 @@ class GranianHttpServer(Service):
         self._sockets = []
 
     def health(self) -> Health:
-        if any(t.done() for t in self._tasks):
-            return Health(ok=False, detail="server task ended")
-        return Health(ok=True, detail=f"listening on {self._host}:{self.port}")
-
-    def stats(self) -> dict[str, Any]:
-        return self._stats() if self._stats is not None else {}
+        return self._health(any(t.done() for t in self._tasks))

@@ -35,10 +35,15 @@ def bind_tcp(
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise StartupError(f"{what} port {port} on {host} is already in use") from exc
-        if exc.errno == errno.EACCES:
-            raise StartupError(f"{what} port {port} on {host}: permission denied") from exc
-        raise StartupError(f"{what}: cannot listen on {host}:{port}: {exc.strerror}") from exc
+        raise bind_failed(exc, what, host, port) from exc
     sock.setblocking(False)
     return sock
+
+
+def bind_failed(exc: OSError, what: str, host: str, port: int) -> StartupError:
+    """The start-up error for a socket `what` that could not be bound on host:port."""
+    if exc.errno == errno.EADDRINUSE:
+        return StartupError(f"{what} port {port} on {host} is already in use")
+    if exc.errno == errno.EACCES:
+        return StartupError(f"{what} port {port} on {host}: permission denied")
+    return StartupError(f"{what}: cannot bind {host}:{port}: {exc.strerror}")

@@ -23,7 +23,6 @@ logs it) and the server goes on serving others.
 from __future__ import annotations
 
 import asyncio
-import errno
 import ipaddress
 import logging
 import socket
@@ -44,6 +43,7 @@ from iotmesh.registry.service import DeviceRegistry
 from iotmesh.transports.coap.device_api import DeviceApiSite
 from iotmesh.transports.coap.dtls import PskKeys, start_dtls
 from iotmesh.transports.coap.fastpath import FastTelemetry, reply_ancdata
+from iotmesh.transports.sockets import bind_failed
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,7 @@ def bind_udp(host: str, port: int, what: str) -> socket.socket:
         sock.bind(infos[0][4])
     except OSError as exc:
         sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise StartupError(f"{what} port {port} on {host} is already in use") from exc
-        if exc.errno == errno.EACCES:
-            raise StartupError(f"{what} port {port} on {host}: permission denied") from exc
-        raise StartupError(f"{what}: cannot bind {host}:{port}: {exc.strerror}") from exc
+        raise bind_failed(exc, what, host, port) from exc
     sock.setblocking(False)
     return sock
 
