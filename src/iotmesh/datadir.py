@@ -7,6 +7,9 @@ Layout:
     admin_token     the REST API's bearer token when not given in settings (mode 0600)
     run.json        where the running process listens (read by the CLI and tests)
     lock            held (flock) by the process using the directory
+    instances/      `iotmesh serve`: one process per service instance shares the
+                    directory; each has `<service>-<id>.json` (its run info), a
+                    `.lock` it holds, and a folder of its own files (MQTT sessions)
 """
 
 from __future__ import annotations
@@ -24,14 +27,28 @@ from iotmesh.core.errors import StartupError
 ADMIN_TOKEN_FILE = "admin_token"
 RUN_FILE = "run.json"
 LOCK_FILE = "lock"
+INSTANCES_DIR = "instances"
 
 
 class DataDir:
-    """Owns the data directory while the process runs."""
+    """Owns the data directory while the process runs.
 
-    def __init__(self, path: Path) -> None:
+    With `instance` (`iotmesh serve`: `<service>-<id>`), the process locks and publishes
+    only its own files under `instances/`, so that the services of one platform can
+    share the directory (SQLite WAL lets several processes use one file).
+    """
+
+    def __init__(self, path: Path, instance: str | None = None) -> None:
         self.path = path.expanduser().absolute()
         self._lock: IO[str] | None = None
+        if instance is None:
+            self.own_dir = self.path
+            self._lock_file = self.path / LOCK_FILE
+            self.run_file = self.path / RUN_FILE
+        else:
+            self.own_dir = self.path / INSTANCES_DIR / instance
+            self._lock_file = self.path / INSTANCES_DIR / f"{instance}.lock"
+            self.run_file = self.path / INSTANCES_DIR / f"{instance}.json"
 
     def acquire(self) -> None:
         """Create the directory if needed, check it is writable, and lock it.
@@ -41,6 +58,7 @@ class DataDir:
         """
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+            self.own_dir.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".write-test-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
@@ -48,15 +66,16 @@ class DataDir:
             raise StartupError(
                 f"data dir {self.path} is not writable: {exc.strerror or exc}"
             ) from exc
-        lock = (self.path / LOCK_FILE).open("a+")
+        lock = self._lock_file.open("a+")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             lock.seek(0)
             holder = lock.read().strip() or "unknown"
             lock.close()
+            what = "data dir" if self.own_dir == self.path else f"instance {self.own_dir.name} of"
             raise StartupError(
-                f"data dir {self.path} is in use by another iotmesh process (pid {holder})"
+                f"{what} {self.path} is in use by another iotmesh process (pid {holder})"
             ) from None
         lock.seek(0)
         lock.truncate()
@@ -67,7 +86,7 @@ class DataDir:
     def release(self) -> None:
         """Remove run info and unlock."""
         with contextlib.suppress(FileNotFoundError):
-            (self.path / RUN_FILE).unlink()
+            self.run_file.unlink()
         if self._lock is not None:
             self._lock.close()
             self._lock = None
@@ -89,9 +108,9 @@ class DataDir:
 
     def write_run_info(self, info: dict[str, Any]) -> None:
         """Publish where this process listens (atomically: write then rename)."""
-        tmp = self.path / f"{RUN_FILE}.tmp"
+        tmp = self.run_file.with_name(f"{self.run_file.name}.tmp")
         tmp.write_text(json.dumps(info, indent=2) + "\n")
-        tmp.replace(self.path / RUN_FILE)
+        tmp.replace(self.run_file)
 
 
 def read_run_info(data_dir: Path) -> dict[str, Any] | None:
@@ -101,6 +120,18 @@ def read_run_info(data_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return info
+
+
+def read_instances(data_dir: Path) -> list[dict[str, Any]]:
+    """The run info of every `iotmesh serve` instance that published one in `data_dir`
+    (a killed process leaves its file behind: check its pid or health URL)."""
+    found = []
+    for path in sorted((data_dir.expanduser() / INSTANCES_DIR).glob("*.json")):
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def read_admin_token(data_dir: Path) -> str | None:

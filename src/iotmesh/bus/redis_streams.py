@@ -50,6 +50,8 @@ from iotmesh.core.errors import Overloaded
 from iotmesh.core.settings import BusSettings
 from iotmesh.engines.redis import RedisLeases
 
+POOL_SIZE = 128  # connections to Redis per bus (blocking reads of held partitions count)
+
 # KEYS: stream, dedup key. ARGV: cap (0: none), dedup ms, minid (or ""), field/value...
 # The dedup key is written last: a script that fails half-way leaves no key that
 # would make the retry look like a duplicate.
@@ -197,12 +199,18 @@ class RedisBus(Bus, Engine):
 
     async def start(self) -> None:
         timeout = self.settings.request_timeout_s
-        r = aioredis.Redis.from_url(
+        # A blocking pool: past POOL_SIZE commands at once, callers wait for a free
+        # connection (back-pressure). redis-py's default pool fails the 101st at once
+        # ("Too many connections"), which refused device messages under load.
+        pool = aioredis.BlockingConnectionPool.from_url(
             self.settings.redis_url,
+            max_connections=POOL_SIZE,
+            timeout=None,
             socket_connect_timeout=timeout,
             socket_timeout=None,
             protocol=2,  # the reply shapes parsed here
         )
+        r = aioredis.Redis.from_pool(pool)  # owns the pool: aclose closes it
         try:
             await r.ping()
         except (OSError, redis.exceptions.RedisError) as exc:

@@ -17,6 +17,7 @@ from iotmesh.cli.config import config_app
 from iotmesh.cli.doctor import doctor
 from iotmesh.cli.export import export
 from iotmesh.cli.run import run
+from iotmesh.cli.serve import serve
 from iotmesh.cli.services import services
 from iotmesh.core.errors import ConfigError
 from iotmesh.core.settings import load_settings
@@ -32,6 +33,7 @@ app.add_typer(device_app, name="device")
 app.add_typer(telemetry_app, name="telemetry")
 app.add_typer(config_app, name="config")
 app.command()(run)
+app.command()(serve)
 app.command()(doctor)
 app.command()(services)
 app.command()(export)

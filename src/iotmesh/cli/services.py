@@ -1,6 +1,7 @@
 """`iotmesh services`: what is registered in the cluster, whether it is alive, and where.
 
-Reads the registry of the engine the settings name (`cluster.backend`, its url,
+Reads the registry of the engine the settings name (`cluster.backend`, unset: the
+bus's engine if it is NATS or Redis, as `iotmesh serve` registers; its url,
 `cluster.namespace`), once. A one-shot reader has seen no heartbeat arrive, so phi is
 computed as a discovery client that had seen regular heartbeats at the instance's own
 interval would compute it, from the age of the last one (the instance's wall clock:
@@ -23,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from iotmesh.cluster import ClusterError, Instance, make_backend
+from iotmesh.cluster.backend import cluster_engine
 from iotmesh.cluster.discovery import make_detector
 from iotmesh.cluster.phi import verdict
 from iotmesh.core.clock import now_ms
@@ -119,4 +121,4 @@ def services(
             f"{r['phi']:.1f}",
         )
     out.print(table)
-    out.print(f"{len(rows)} instances ({settings.cluster.backend}, {settings.cluster.namespace})")
+    out.print(f"{len(rows)} instances ({cluster_engine(settings)}, {settings.cluster.namespace})")

@@ -19,10 +19,20 @@ class ClusterBackend(Registry, LeaseStore, Fence, Service):
         """Delete every key or bucket of this namespace (tests and operators)."""
 
 
-def make_backend(settings: Settings) -> ClusterBackend:
-    """The backend `cluster.backend` names, not started; urls default to the bus's."""
+def cluster_engine(settings: Settings) -> str:
+    """`cluster.backend` if the settings name it; unset, the bus's engine when the bus is
+    NATS or Redis (so `iotmesh serve` on one engine needs no other, and `iotmesh
+    services` with the same settings reads where it registered); else Redis."""
     c = settings.cluster
-    if c.backend == "nats":
+    if "backend" not in c.model_fields_set and settings.bus.backend in ("nats", "redis"):
+        return settings.bus.backend
+    return c.backend
+
+
+def make_backend(settings: Settings) -> ClusterBackend:
+    """The backend `cluster_engine` names, not started; urls default to the bus's."""
+    c = settings.cluster
+    if cluster_engine(settings) == "nats":
         from iotmesh.cluster.nats_backend import NatsCluster
 
         return NatsCluster(c, c.nats_url or settings.bus.nats_url)

@@ -297,7 +297,7 @@ class ClusterSettings(_Section):
     backend: Literal["redis", "nats"] = Field(
         "redis",
         description="Engine holding the registry, leader leases and fences: Redis or NATS"
-        " JetStream KV.",
+        " JetStream KV. Unset: the bus's engine if `bus.backend` is nats or redis.",
     )
     redis_url: str | None = Field(None, description="Redis server; unset: `bus.redis_url`.")
     nats_url: str | None = Field(None, description="NATS server; unset: `bus.nats_url`.")
@@ -399,6 +399,36 @@ class WriterSettings(_Section):
     )
     retry_backoff_max_s: float = Field(
         5.0, gt=0, description="Longest pause between retries of a failed commit."
+    )
+
+
+class PipelineSettings(_Section):
+    """The pipeline workers that decode and validate telemetry."""
+
+    cpu_work_us: float = Field(
+        0.0,
+        ge=0,
+        le=1_000_000,
+        description="Artificial CPU work per record, in microseconds (benchmarks only:"
+        " makes the pipeline the bottleneck, as heavy rules would).",
+    )
+
+
+class ServeSettings(_Section):
+    """One service of `iotmesh serve` (a process of the distributed mode)."""
+
+    instance_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Name of this instance, unique per service; unset: `<host name>-<pid>`."
+        " Names its run-info file `instances/<service>-<id>.json` in the data dir.",
+    )
+    health_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port of the /healthz listener of services without the HTTP API"
+        " (0 picks a free port; the http service answers /healthz on `http.port`).",
     )
 
 
@@ -646,6 +676,8 @@ class Settings(BaseSettings):
     cluster: ClusterSettings = ClusterSettings()
     storage: StorageSettings = StorageSettings()
     writer: WriterSettings = WriterSettings()
+    pipeline: PipelineSettings = PipelineSettings()
+    serve: ServeSettings = ServeSettings()
     tracing: TracingSettings = TracingSettings()
 
     @classmethod

@@ -6,34 +6,43 @@ only if the writer gives up (it is stopping) are the messages nacked for redeliv
 A batch the store refuses as data (`PayloadError`, e.g. a timestamp InfluxDB cannot
 hold) is written again message by message, so that only the refused messages are
 terminated (with the store's reason) and the others are stored.
-A message is acked only after its transaction committed.
+A sink that is full (`Overloaded`, e.g. the store hop's engine) is treated like a failed
+store: the batch is nacked and comes back after a pause.
+A message is acked only after its transaction committed (or, with a `BusSink`, after
+the engine stored it on its way to the writer).
+
+The same class is the `writer` service of `iotmesh serve`: it then consumes `store.>`
+as group `writer`, without processors, into a `WriterSink` (see `sink.py`).
 
 Tracing: with a tracer, each message that carries a `traceparent` gets a
-`pipeline.handle` span (its child), ended when the message is settled, and the writer
-is handed those spans' contexts to hang its `storage.commit` spans under. Without a
-tracer the batch costs one `is None` test more.
+`pipeline.handle` span (its child), ended when the message is settled, and the sink
+is handed those spans' contexts (the writer hangs its `storage.commit` spans under
+them). Without a tracer the batch costs one `is None` test more.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from iotmesh.bus import subjects
-from iotmesh.bus.interface import Delivery, Subscriber, Subscription
-from iotmesh.core.errors import PayloadError, StorageError
+from iotmesh.bus.interface import BusError, Delivery, Subscriber, Subscription
+from iotmesh.core.errors import Overloaded, PayloadError, StorageError
 from iotmesh.core.lifecycle import Service
 from iotmesh.core.tracing import Span, SpanKind, Tracer, context_of, end, parent_from
 from iotmesh.core.types import TelemetryMessage
 from iotmesh.pipeline.latest import LatestCache
+from iotmesh.pipeline.sink import Sink, WriterSink
 from iotmesh.pipeline.stages import Drop, Processor, decode, make_validator
-from iotmesh.storage.timeseries import SeriesWrite
 from iotmesh.storage.writer import BatchWriter
 
 log = logging.getLogger(__name__)
 
 GROUP = "pipeline"
+YIELD_AFTER_S = 0.01  # longest stretch of processing without giving the loop a turn
 
 
 class Pipeline(Service):
@@ -45,14 +54,21 @@ class Pipeline(Service):
     def __init__(
         self,
         bus: Subscriber,
-        writer: BatchWriter,
+        writer: BatchWriter | Sink,
         latest: LatestCache,
         processors: Sequence[Processor] | None = None,
         tracer: Tracer | None = None,
+        *,
+        pattern: str = f"{subjects.TELEMETRY}.>",
+        group: str = GROUP,
     ) -> None:
+        """`writer`: a batch writer (store here) or another `Sink`; `pattern` and
+        `group`: what to consume, as whom."""
         self._bus = bus
+        self._sink: Sink = WriterSink(writer) if isinstance(writer, BatchWriter) else writer
+        self._pattern = pattern
+        self._group = group
         self._tracer = tracer
-        self._writer = writer
         self._latest = latest
         self._processors = list(processors) if processors is not None else [make_validator()]
         self._subscription: Subscription | None = None
@@ -62,9 +78,7 @@ class Pipeline(Service):
         return {"dropped": self.dropped}
 
     async def start(self) -> None:
-        self._subscription = await self._bus.subscribe(
-            f"{subjects.TELEMETRY}.>", GROUP, self.handle
-        )
+        self._subscription = await self._bus.subscribe(self._pattern, self._group, self.handle)
 
     async def stop(self) -> None:
         if self._subscription is not None:
@@ -80,6 +94,7 @@ class Pipeline(Service):
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
         """Process one batch from the bus; every delivery is settled on return."""
         accepted: list[tuple[Delivery, TelemetryMessage]] = []
+        yield_at = time.perf_counter() + YIELD_AFTER_S
         for delivery in deliveries:
             try:
                 accepted.append((delivery, self._process(delivery)))
@@ -87,6 +102,11 @@ class Pipeline(Service):
                 self.dropped += 1
                 log.warning("dropped message %s: %s", delivery.msg_id, drop.reason)
                 delivery.term(drop.reason)
+            if time.perf_counter() > yield_at:
+                # CPU-heavy processors: let the loop answer the engine (acks of
+                # publishes, lease renewals) and the other partitions' batches.
+                await asyncio.sleep(0)
+                yield_at = time.perf_counter() + YIELD_AFTER_S
         if not accepted:
             return
         if self._tracer is not None:
@@ -97,16 +117,16 @@ class Pipeline(Service):
     async def _store(
         self, accepted: list[tuple[Delivery, TelemetryMessage]], spans: list[Span] | None
     ) -> None:
-        batch = [SeriesWrite(message.device_id, message.records) for _, message in accepted]
         try:
-            await self._writer.write(
-                batch, traces=None if spans is None else [context_of(s) for s in spans]
+            await self._sink.put(
+                [message for _, message in accepted],
+                traces=None if spans is None else [context_of(s) for s in spans],
             )
         except PayloadError:
             await self._write_each(accepted)
             return
-        except StorageError as exc:
-            log.warning("store failed, %d messages will be redelivered: %s", len(batch), exc)
+        except (StorageError, BusError, Overloaded) as exc:
+            log.warning("store failed, %d messages will be redelivered: %s", len(accepted), exc)
             for delivery, _ in accepted:
                 delivery.nack(delay=1.0)
             return
@@ -146,13 +166,13 @@ class Pipeline(Service):
         """Write messages one by one (in order): terminate those the store refuses."""
         for i, (delivery, message) in enumerate(accepted):
             try:
-                await self._writer.write([SeriesWrite(message.device_id, message.records)])
+                await self._sink.put([message])
             except PayloadError as exc:
                 self.dropped += 1
                 log.warning("store refused message %s: %s", delivery.msg_id, exc)
                 delivery.term(str(exc))
                 continue
-            except StorageError as exc:
+            except (StorageError, BusError, Overloaded) as exc:
                 log.warning(
                     "store failed, %d messages will be redelivered: %s", len(accepted) - i, exc
                 )

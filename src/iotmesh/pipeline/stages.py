@@ -9,6 +9,7 @@ group commit is what makes ingest fast.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -57,3 +58,19 @@ def make_validator(max_records: int = 10_000) -> Processor:
         return message
 
     return validate
+
+
+def make_cpu_work(microseconds: float) -> Processor:
+    """A stage that keeps the CPU busy for `microseconds` per record (benchmarks only:
+    `pipeline.cpu_work_us` stands in for heavy rules, so that scaling out can be measured
+    where the pipeline, not the store, is the bottleneck). Per record, not per message:
+    a transport may merge a device's uploads of one socket read into one message."""
+    seconds = microseconds / 1e6
+
+    def work(message: TelemetryMessage) -> TelemetryMessage:
+        end = time.perf_counter() + seconds * len(message.records)
+        while time.perf_counter() < end:
+            pass
+        return message
+
+    return work

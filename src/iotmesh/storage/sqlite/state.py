@@ -149,6 +149,9 @@ class SqliteStateStore:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        # `iotmesh serve`: several processes share the file; a writer waits for another's
+        # transaction instead of failing with "database is locked".
+        conn.execute("PRAGMA busy_timeout = 10000")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         conn.execute("PRAGMA foreign_keys=ON")

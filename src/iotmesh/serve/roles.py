@@ -1,0 +1,84 @@
+"""Which services each `iotmesh serve` role starts: the same builders as `iotmesh run`.
+
+    role      consumes            produces / serves                 stores
+    mqtt      -                   MQTT device API -> telemetry.*    MQTT sessions (own file)
+    coap      -                   CoAP device API (UDP, DTLS) -> telemetry.*   -
+    http      -                   REST + device HTTP API -> telemetry.*   reads the stores
+    pipeline  telemetry.> (group pipeline)   decode, validate, rules -> store.*   -
+    writer    store.> (group writer)         group commit, retention/rollups   time series
+    state     -                   owns the state store's schema; singleton jobs (seam)
+
+A device is acknowledged by its transport once the engine stored its message (NATS
+JetStream / Redis Streams with persistence): durable, as in `iotmesh run`, where the
+acknowledgement waits for the commit. Pipeline workers scale out (the engine's
+partition leases give each partition to one worker at a time, so per-device order
+holds); the SQLite store keeps its single `writer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from iotmesh.pipeline import LatestValues
+from iotmesh.pipeline.sink import STORE, BusSink
+from iotmesh.transports.coap import CoapServer
+from iotmesh.transports.mqtt import MqttServer
+from iotmesh.wiring import AnyHttpServer, Builder
+
+ROLES = ("mqtt", "coap", "http", "pipeline", "writer", "state")
+WRITER_GROUP = "writer"
+
+
+@dataclasses.dataclass
+class Endpoints:
+    """What a role listens on (besides the health listener every process has)."""
+
+    http: AnyHttpServer | None = None
+    mqtt: MqttServer | None = None
+    coap: CoapServer | None = None
+
+
+def _no_cache() -> LatestValues:
+    # Not committed yet (pipeline workers): nothing may be told to readers from here.
+    return LatestValues(max_devices=0)
+
+
+async def start_role(role: str, build: Builder, admin_token: Callable[[], str]) -> Endpoints:
+    """Start the services of `role` in dependency order; the builder's stack stops them.
+
+    `admin_token` is called only by the role that serves the REST API. Latest values:
+    with `storage.latest = "redis"` the writer updates them there after each commit
+    and `http` reads them; otherwise nothing is cached (another process commits, so a
+    cache here would never see it) and reads go to the store, which keeps latest values
+    in the commit's transaction.
+    """
+    build.tracing()  # first: its provider flushes after every service stopped
+    if role == "mqtt":
+        return Endpoints(mqtt=await build.mqtt())
+    if role == "coap":
+        return Endpoints(coap=await build.coap())
+    if role == "http":
+        ctx = await build.api_context(admin_token(), await build.latest(cache=False))
+        return Endpoints(http=await build.http(ctx))
+    if role == "pipeline":
+        await build.pipeline(BusSink(await build.bus()), _no_cache())
+        return Endpoints()
+    if role == "writer":
+        writer = await build.writer()
+        # One retention job per store, next to its single writer.
+        await build.retention()
+        # Processing happened in the pipeline workers: the writer decodes and commits.
+        latest = await build.latest(cache=False)
+        await build.pipeline(
+            writer, latest, processors=[], pattern=f"{STORE}.>", group=WRITER_GROUP
+        )
+        return Endpoints()
+    if role == "state":
+        # Opening the registry creates or upgrades the state schema, before the other
+        # services come. Singleton jobs (RPC expiry and retention, connectivity sweeps)
+        # belong here once leader election (the cluster package) makes one instance
+        # active; today every process holding RPC requests expires its own.
+        await build.registry()
+        return Endpoints()
+    raise ValueError(f"unknown role {role!r}")
