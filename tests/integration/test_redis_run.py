@@ -76,9 +76,13 @@ def test_run_with_all_hot_state_in_redis(tmp_path: Path) -> None:
                 assert got[0].json() == {"id": rpc_id, "method": "open", "params": 1}
                 assert client.post(f"/rpc/{rpc_id}", json={"ok": True}).is_success
                 assert admin.get(f"{dev}/rpc/{rpc_id}").json()["status"] == "SUCCESSFUL"
-        keys = {k.decode() for k in asyncio.run(_keys(f"{ns}:*"))}
+        # Connectivity reaches Redis with the next flush (every 0.1 s here), not at once.
+        conn_key = f"{ns}:conn:{device['id']}"
+        deadline = time.monotonic() + 10
+        while conn_key not in (keys := {k.decode() for k in asyncio.run(_keys(f"{ns}:*"))}):
+            assert time.monotonic() < deadline, f"{conn_key} not flushed: {sorted(keys)}"
+            time.sleep(0.05)
         assert f"{ns}:latest:{device['id']}" in keys
-        assert f"{ns}:conn:{device['id']}" in keys
         assert f"{ns}:attr:{device['id']}:CLIENT:gen" in keys
     finally:
         srv.stop()
