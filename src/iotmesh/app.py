@@ -14,14 +14,14 @@ import asyncio
 import contextlib
 import logging
 import os
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 from iotmesh import __version__
 from iotmesh.core.ids import instance_id
 from iotmesh.core.lifecycle import Health
 from iotmesh.core.settings import Settings
 from iotmesh.datadir import DataDir
+from iotmesh.process import ServiceProcess
 from iotmesh.transports.coap import CoapServer
 from iotmesh.transports.mqtt import MqttServer
 from iotmesh.wiring import (
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Platform", "devices_of_types", "state_store", "timeseries_store", "uses_redis"]
 
 
-class Platform:
+class Platform(ServiceProcess):
     """All services of `iotmesh run` in one process.
 
     Usage:
@@ -70,32 +70,8 @@ class Platform:
         self.mqtt: MqttServer | None = None
         self.coap: CoapServer | None = None
 
-    async def __aenter__(self) -> Self:
-        self.data_dir.acquire()
-        self._stack.callback(self.data_dir.release)
-        try:
-            await self._start()
-        except BaseException:
-            await self._stack.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._builder.stopping = True  # /readyz says so while the services stop
-        async with asyncio.timeout(self.settings.shutdown_timeout_s):
-            await self._stack.aclose()
-
     async def _start(self) -> None:
-        settings = self.settings
-        if settings.admin_token is not None:
-            self.admin_token = settings.admin_token.get_secret_value()
-        else:
-            self.admin_token, self.admin_token_generated = self.data_dir.admin_token()
+        self._admin_token()
         # In dependency order (the builder enters each as it is built): tracing (its
         # provider flushes last), state, the store, its writer and retention job, the
         # bus and the pipeline, then device traffic.

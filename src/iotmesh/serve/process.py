@@ -20,13 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from iotmesh.core.errors import ConfigError
 from iotmesh.core.ids import SERVICE_NAME
 from iotmesh.core.settings import Settings
 from iotmesh.datadir import DataDir
+from iotmesh.process import ServiceProcess
 from iotmesh.serve.health import create_health_app
 from iotmesh.serve.instance import InstanceInfo, Registrar, default_instance_id
 from iotmesh.serve.registration import cluster_registrar
@@ -36,7 +36,7 @@ from iotmesh.wiring import AnyHttpServer, Builder, coap_info
 log = logging.getLogger(__name__)
 
 
-class ServedProcess:
+class ServedProcess(ServiceProcess):
     """The services of one role in this process."""
 
     def __init__(self, settings: Settings, role: str, registrar: Registrar | None = None) -> None:
@@ -67,33 +67,6 @@ class ServedProcess:
             service=f"{SERVICE_NAME}-{role}",
         )
         self._shutdown = asyncio.Event()
-
-    async def __aenter__(self) -> Self:
-        self.data_dir.acquire()
-        self._stack.callback(self.data_dir.release)
-        try:
-            await self._start()
-        except BaseException:
-            await self._stack.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._builder.stopping = True  # /readyz says so while the services stop
-        async with asyncio.timeout(self.settings.shutdown_timeout_s):
-            await self._stack.aclose()
-
-    def _admin_token(self) -> str:
-        if self.settings.admin_token is not None:
-            self.admin_token = self.settings.admin_token.get_secret_value()
-        else:
-            self.admin_token, self.admin_token_generated = self.data_dir.admin_token()
-        return self.admin_token
 
     async def _start(self) -> None:
         build = self._builder
