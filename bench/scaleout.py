@@ -218,7 +218,11 @@ async def hop_latency(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         await bus.stop()
         if backend != "memory":
             await cluster.delete_bus_data(
-                {"IOTMESH_BUS__BACKEND": backend, "IOTMESH_BUS__NAMESPACE": settings.namespace}
+                {
+                    "IOTMESH_BUS__BACKEND": backend,
+                    "IOTMESH_BUS__NAMESPACE": settings.namespace,
+                    "IOTMESH_CLUSTER__NAMESPACE": settings.namespace,
+                }
             )
     q = statistics.quantiles(latencies, n=100)
     return {
