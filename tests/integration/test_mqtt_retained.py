@@ -68,14 +68,16 @@ def retained_now(port: int, version: int, topic_filter: str) -> list[mqtt.MQTTMe
     """What a new subscriber to `topic_filter` gets as retained messages.
 
     A marker published (not retained) after the SUBACK comes after every retained
-    message, so everything before it was retained.
+    message, so everything before it was retained. The marker goes at QoS 2: paho hands
+    a QoS 2 message to the application only at PUBREL, so a QoS 1 marker could overtake
+    a retained QoS 2 message that had arrived before it.
     """
     marker = f"test/marker/{next(_ids)}"
     with device_client(port, None, version) as sub:
         sub.subscribed(topic_filter, qos=2)
-        sub.subscribed(marker, qos=1)
+        sub.subscribed(marker, qos=2)
         with device_client(port, None, version) as pub:
-            pub.publish(marker, b"end", qos=1)
+            pub.publish(marker, b"end", qos=2)
         sub.expect(marker)
         return list(sub.messages)  # nothing more comes: the marker was the last
 
