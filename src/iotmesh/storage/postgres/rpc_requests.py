@@ -18,6 +18,7 @@ import msgspec
 from iotmesh.core.errors import NotFound
 from iotmesh.core.types import DeviceActivity, RpcRecord, RpcStatus
 from iotmesh.storage.postgres.connection import Conn
+from iotmesh.storage.rpc_rows import insert_row, update_row
 
 MIGRATION = """
     CREATE TABLE rpc_ids (
@@ -108,21 +109,7 @@ async def create(conn: Conn, record: RpcRecord) -> RpcRecord:
         await conn.execute(
             f"INSERT INTO rpc_requests ({_COLUMNS})"
             f" VALUES ({','.join(f'${i}' for i in range(1, 16))})",
-            stored.device_id,
-            stored.id,
-            stored.method,
-            _encode(stored.params),
-            stored.oneway,
-            stored.persistent,
-            stored.status.value,
-            stored.timeout_ms,
-            stored.created_ts,
-            stored.expiration_ts,
-            stored.sent_ts,
-            stored.delivered_ts,
-            stored.finished_ts,
-            None if stored.response is None else _encode(stored.response),
-            stored.error,
+            *insert_row(stored, _encode),
         )
     return stored
 
@@ -135,19 +122,7 @@ async def update(conn: Conn, records: Sequence[RpcRecord]) -> None:
         await conn.executemany(
             "UPDATE rpc_requests SET status = $1, sent_ts = $2, delivered_ts = $3,"
             " finished_ts = $4, response = $5, error = $6 WHERE device_id = $7 AND id = $8",
-            [
-                (
-                    r.status.value,
-                    r.sent_ts,
-                    r.delivered_ts,
-                    r.finished_ts,
-                    None if r.response is None else _encode(r.response),
-                    r.error,
-                    r.device_id,
-                    r.id,
-                )
-                for r in records
-            ],
+            [update_row(r, _encode) for r in records],
         )
 
 

@@ -16,6 +16,7 @@ import msgspec
 
 from iotmesh.core.errors import NotFound
 from iotmesh.core.types import RpcRecord, RpcStatus
+from iotmesh.storage.rpc_rows import insert_row, update_row
 
 MIGRATION = """
     CREATE TABLE rpc_ids (
@@ -93,23 +94,7 @@ def create(db: sqlite3.Connection, record: RpcRecord) -> RpcRecord:
         stored = msgspec.structs.replace(record, id=rpc_id)
         db.execute(
             f"INSERT INTO rpc_requests ({_COLUMNS}) VALUES ({','.join('?' * 15)})",
-            (
-                stored.device_id,
-                stored.id,
-                stored.method,
-                _encode(stored.params),
-                int(stored.oneway),
-                int(stored.persistent),
-                stored.status.value,
-                stored.timeout_ms,
-                stored.created_ts,
-                stored.expiration_ts,
-                stored.sent_ts,
-                stored.delivered_ts,
-                stored.finished_ts,
-                None if stored.response is None else _encode(stored.response),
-                stored.error,
-            ),
+            insert_row(stored, _encode),
         )
     return stored
 
@@ -121,19 +106,7 @@ def update(db: sqlite3.Connection, records: Sequence[RpcRecord]) -> None:
         db.executemany(
             "UPDATE rpc_requests SET status = ?, sent_ts = ?, delivered_ts = ?,"
             " finished_ts = ?, response = ?, error = ? WHERE device_id = ? AND id = ?",
-            [
-                (
-                    r.status.value,
-                    r.sent_ts,
-                    r.delivered_ts,
-                    r.finished_ts,
-                    None if r.response is None else _encode(r.response),
-                    r.error,
-                    r.device_id,
-                    r.id,
-                )
-                for r in records
-            ],
+            [update_row(r, _encode) for r in records],
         )
 
 
