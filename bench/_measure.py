@@ -4,6 +4,7 @@ the rest of the machine over a window, waits for quiet, and py-spy profiles."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import subprocess
@@ -33,6 +34,15 @@ def machine() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "memory_mb": psutil.virtual_memory().total // MB,
     }
+
+
+def write_host_results(path: Path, args: Any, loop_ns: tuple[float, float], results: Any) -> None:
+    """Print the host speed before/after a run and write its JSON (machine, arguments,
+    host speed, results) to `path`: the form of the micro-benchmarks (bus, hot state)."""
+    print(f"host: {loop_ns[0]:.1f} / {loop_ns[1]:.1f} ns per Python loop iteration")
+    path.parent.mkdir(exist_ok=True)
+    document = {"machine": machine(), "args": vars(args), "loop_ns": list(loop_ns)}
+    path.write_text(json.dumps({**document, "results": results}, indent=2))
 
 
 def process_tree(proc: psutil.Process) -> list[psutil.Process]:

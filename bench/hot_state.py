@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
-import json
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ from iotmesh.devicestate.connectivity import ConnectivityService
 from iotmesh.pipeline.latest import LatestValues
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import machine
+from _measure import write_host_results
 from storage import python_loop_ns
 
 RESULTS = Path(__file__).parent / "results" / "hot_state.json"
@@ -218,19 +217,7 @@ async def main() -> None:
             f"{r['p99_us']:.0f}" if "p99_us" in r else "-",
         )
     Console().print(table)
-    print(f"host: {loop_ns_before:.1f} / {loop_ns_after:.1f} ns per Python loop iteration")
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "machine": machine(),
-                "args": vars(args),
-                "loop_ns": [loop_ns_before, loop_ns_after],
-                "results": results,
-            },
-            indent=2,
-        )
-    )
+    write_host_results(RESULTS, args, (loop_ns_before, loop_ns_after), results)
 
 
 if __name__ == "__main__":
