@@ -11,11 +11,13 @@ from collections.abc import Callable, Sequence
 
 from iotmesh.core.errors import StorageError
 from iotmesh.core.types import TsPoint
+from iotmesh.storage.rollup import RetentionPolicy
 from iotmesh.storage.timeseries import Query, SeriesWrite
 
 
 class RecordingStore:
-    """Records each `write` call; can hold commits open and fail the next few."""
+    """Records each `write` (and `apply_retention`) call; can hold commits open and fail
+    the next few writes."""
 
     def __init__(self, *, failures: int = 0, always_fail: bool = False) -> None:
         self.writes: list[list[SeriesWrite]] = []
@@ -26,6 +28,7 @@ class RecordingStore:
         self.gate.set()
         self.in_write = asyncio.Event()
         self.on_write: Callable[[], None] | None = None
+        self.policies: list[RetentionPolicy] = []
 
     def entities(self) -> list[str]:
         """Entity ids in the order they were committed."""
@@ -62,3 +65,6 @@ class RecordingStore:
 
     async def delete_entity(self, entity_id: str) -> None:
         raise NotImplementedError
+
+    async def apply_retention(self, policy: RetentionPolicy) -> None:
+        self.policies.append(policy)

@@ -6,8 +6,15 @@ devices only by id) and hands it to the store's `apply_retention`. The store doe
 rest its own way: SQLite rolls up and deletes in its writer process, between writes;
 InfluxDB runs `DELETE` statements.
 
+Under leader election (`iotmesh serve`, `cluster/singleton.py`) the job runs on one
+instance at a time and is given each term's fencing token (`use_token`). A pass then
+first writes the token to the engine's fence (`fence`, e.g. `Fence.write`), which
+refuses it once a newer leader has run a pass, and carries it in the policy, so a store
+that can check it in its own transactions does (PostgreSQL).
+
 Error handling: a failed pass is logged and tried again at the next interval; nothing
-is lost by waiting (expired data just stays a little longer).
+is lost by waiting (expired data just stays a little longer). A refused token skips
+the pass the same way (a newer leader does the work).
 
 Resource handling: one task, started by `start` and cancelled by `stop`.
 """
@@ -19,6 +26,8 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Collection
 
+import msgspec
+
 from iotmesh.core.clock import now_ms
 from iotmesh.core.lifecycle import Service
 from iotmesh.core.settings import RetentionSettings
@@ -29,6 +38,9 @@ log = logging.getLogger(__name__)
 
 # Device ids of the given types, by type (the registry's listing).
 DevicesOfTypes = Callable[[Collection[str]], Awaitable[dict[str, list[str]]]]
+
+# Checks a fencing token before a pass: raises when a newer leader's token was seen.
+FenceCheck = Callable[[int], Awaitable[None]]
 
 
 def _ms(seconds: float) -> int:
@@ -65,12 +77,20 @@ class RetentionJob(Service):
         store: TimeSeriesStore,
         settings: RetentionSettings,
         devices_of_types: DevicesOfTypes,
+        fence: FenceCheck | None = None,
     ) -> None:
+        """`fence`: checked with the term's token before every pass (see `use_token`)."""
         self._store = store
         self._settings = settings
         self._devices_of_types = devices_of_types
+        self._fence = fence
         self._task: asyncio.Task[None] | None = None
+        self.fencing_token: int | None = None
         self.passes = 0
+
+    def use_token(self, token: int) -> None:
+        """This instance leads a new term: every pass from now on carries `token`."""
+        self.fencing_token = token
 
     def _needed(self) -> bool:
         s = self._settings
@@ -91,7 +111,12 @@ class RetentionJob(Service):
 
     async def run_once(self) -> None:
         """One pass now."""
+        token = self.fencing_token
+        if token is not None and self._fence is not None:
+            await self._fence(token)
         policy = await build_policy(self._settings, self._devices_of_types, now_ms())
+        if token is not None:
+            policy = msgspec.structs.replace(policy, fencing_token=token)
         await self._store.apply_retention(policy)
         self.passes += 1
 

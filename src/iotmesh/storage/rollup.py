@@ -66,6 +66,10 @@ RollupArray = npt.NDArray[np.void]
 _TWO_64 = 1 << 64
 
 
+RETENTION_FENCE = "retention"
+"""The fenced resource of the retention job: the store keeps the highest token seen."""
+
+
 class RetentionPolicy(msgspec.Struct, frozen=True):
     """What to expire now, for a store's `apply_retention` (TTLs in ms; 0: forever).
 
@@ -79,6 +83,10 @@ class RetentionPolicy(msgspec.Struct, frozen=True):
     keys: dict[str, int] = {}
     entities: dict[str, int] = {}
     levels: dict[int, int] = {}
+    fencing_token: int | None = None
+    """The term's token when a leader-elected job made the policy (`iotmesh serve`): a
+    store that can check it in its own transactions refuses a pass whose token is
+    older than one it has seen (PostgreSQL; see `RETENTION_FENCE`)."""
 
     def raw_ttl(self, entity_id: str, key: str) -> int:
         """The raw TTL of one series (ms; 0: forever)."""

@@ -6,12 +6,16 @@ import asyncio
 from collections.abc import Collection
 from pathlib import Path
 
+import pytest
+
+from iotmesh.cluster import StaleToken
 from iotmesh.core.clock import now_ms
 from iotmesh.core.settings import RetentionSettings, RollupLevel, SqliteSettings
 from iotmesh.core.types import Order, TsRecord
 from iotmesh.storage.retention import RetentionJob, build_policy
 from iotmesh.storage.sqlite.tsdb import SqliteTimeSeriesStore
 from iotmesh.storage.timeseries import Query, SeriesWrite
+from tests.unit.doubles import RecordingStore
 
 
 async def lookup(types: Collection[str]) -> dict[str, list[str]]:
@@ -65,3 +69,29 @@ async def test_nothing_to_expire_starts_no_task() -> None:
     await job.start()
     await job.stop()
     assert job.passes == 0
+
+
+async def test_a_leader_s_passes_carry_its_token_and_a_refused_fence_skips_the_pass() -> None:
+    store = RecordingStore()
+    refused = {3}
+    checked: list[int] = []
+
+    async def fence(token: int) -> None:
+        checked.append(token)
+        if token in refused:
+            raise StaleToken("retention", token, 4)
+
+    settings = RetentionSettings(raw_ttl_s=60)
+    job = RetentionJob(store, settings, lookup, fence)  # type: ignore[arg-type]
+    await job.run_once()  # not elected (iotmesh run): no fence, no token
+    assert checked == []
+    assert store.policies[-1].fencing_token is None
+    job.use_token(4)
+    await job.run_once()
+    assert checked == [4]
+    assert store.policies[-1].fencing_token == 4
+    job.use_token(3)  # a term older than one the fence saw
+    with pytest.raises(StaleToken):
+        await job.run_once()
+    assert len(store.policies) == 2
+    assert job.passes == 2

@@ -62,7 +62,7 @@ from iotmesh.storage import aggregate
 from iotmesh.storage.points import INT64_MAX, INT64_MIN, Kind, classify
 from iotmesh.storage.postgres import tschunks, tsquery, tsschema
 from iotmesh.storage.postgres.connection import Conn, create_pool, migrate, translated
-from iotmesh.storage.rollup import RetentionPolicy
+from iotmesh.storage.rollup import RETENTION_FENCE, RetentionPolicy
 from iotmesh.storage.timeseries import Query, SeriesWrite
 
 log = logging.getLogger(__name__)
@@ -419,7 +419,13 @@ class PostgresTimeSeriesStore:
         a device's rule), and each group is one transaction: a DELETE of rows, one of the
         chunks wholly before the cutoff, and a rewrite of the chunks the cutoff cuts, so a
         pass costs a few statements per distinct TTL, not per series. Latest values stay
-        (they are the current state)."""
+        (they are the current state). With a `fencing_token` (a leader-elected job) each
+        transaction first records it in `fences`, and fails (rolls back) when a newer
+        leader's token is there already.
+
+        Raises:
+            StorageError: the server failed, or the policy's fencing token is stale.
+        """
         if not (policy.raw_ttl_ms or policy.keys or policy.entities):
             return
         async with translated(_WHAT), self.pool.acquire() as conn:
@@ -432,6 +438,8 @@ class PostgresTimeSeriesStore:
             for ttl, sids in sorted(by_ttl.items()):
                 cutoff = policy.now_ms - ttl
                 async with conn.transaction():
+                    if policy.fencing_token is not None:
+                        await tsschema.fenced(conn, RETENTION_FENCE, policy.fencing_token)
                     await tschunks.lock_series(conn, sids)
                     await conn.execute(
                         "DELETE FROM ts_points WHERE series_id = ANY($1::bigint[]) AND ts < $2",
