@@ -20,6 +20,8 @@ from iotmesh import __version__
 from iotmesh.api import ApiContext, create_asgi_app
 from iotmesh.bus import Bus, make_bus
 from iotmesh.bus.memory import MemoryBus
+from iotmesh.cluster import ClusterBackend, make_backend
+from iotmesh.cluster.singleton import Singleton
 from iotmesh.commands import RpcService
 from iotmesh.core.ids import SERVICE_NAME, instance_id
 from iotmesh.core.lifecycle import Health, Service
@@ -33,6 +35,7 @@ from iotmesh.pipeline.sink import Sink
 from iotmesh.pipeline.stages import Processor, make_cpu_work, make_validator
 from iotmesh.registry import DeviceRegistry
 from iotmesh.storage.retention import DevicesOfTypes, RetentionJob
+from iotmesh.storage.rollup import RETENTION_FENCE
 from iotmesh.storage.sqlite.sessions import FILE_NAME as SESSIONS_FILE
 from iotmesh.storage.sqlite.sessions import SqliteSessionStore
 from iotmesh.storage.sqlite.state import SqliteStateStore
@@ -166,6 +169,9 @@ class Builder:
         service: the service name in spans (`iotmesh`, or `iotmesh-<role>` for serve).
         tracer_provider: with `tracing.enabled`, spans go to this provider instead of
             the one the settings describe (tests read them with an in-memory exporter).
+        elect: run singleton jobs (retention) under leader election on the cluster
+            engine, as candidate `elect` (`iotmesh serve`: `<role>-<instance id>`);
+            None (`iotmesh run`): one process, the jobs run directly.
     """
 
     def __init__(
@@ -177,8 +183,10 @@ class Builder:
         *,
         service: str = SERVICE_NAME,
         tracer_provider: TracerProvider | None = None,
+        elect: str | None = None,
     ) -> None:
         self.settings = settings
+        self.elect = elect
         self.data_dir = data_dir
         self.instance_dir = instance_dir if instance_dir is not None else data_dir
         self.service = service
@@ -346,16 +354,47 @@ class Builder:
     async def retention(self) -> RetentionJob:
         """The retention and rollup job over the time-series store (`storage.retention`).
 
-        One per store: `iotmesh run`, or the `writer` service of `iotmesh serve`."""
+        `iotmesh run` starts it; with `elect` (serve) it runs only while this instance
+        leads lease `retention`, fenced by the term's token (engine fence before each
+        pass, and in PostgreSQL's transactions)."""
         if "retention" not in self._built:
-            job = RetentionJob(
-                await self.timeseries(),
-                self.settings.storage.retention,
-                devices_of_types(await self.registry()),
-            )
-            self._built["retention"] = await self.enter(job)
-        retention: RetentionJob = self._built["retention"]
-        return retention
+            registry = await self.registry()
+            store = await self.timeseries()
+            retention = self.settings.storage.retention
+            if self.elect is None:
+                job = await self.enter(RetentionJob(store, retention, devices_of_types(registry)))
+            else:
+                cluster = await self.cluster()
+                owner = self.elect.encode()
+
+                async def fence(token: int) -> None:
+                    await cluster.write(RETENTION_FENCE, token, owner)
+
+                job = RetentionJob(store, retention, devices_of_types(registry), fence)
+                await self.singleton(job, on_elected=job.use_token)
+            self._built["retention"] = job
+        job_: RetentionJob = self._built["retention"]
+        return job_
+
+    # -- cluster (serve) ------------------------------------------------------------------
+
+    async def cluster(self) -> ClusterBackend:
+        """The cluster engine (`cluster.backend`) for leader leases and fences."""
+        if "cluster" not in self._built:
+            self._built["cluster"] = await self.enter(make_backend(self.settings))
+        cluster: ClusterBackend = self._built["cluster"]
+        return cluster
+
+    async def singleton(
+        self, job: Service, on_elected: Callable[[int], None] | None = None
+    ) -> Singleton:
+        """Start `job` under leader election (`elect` must be set): it runs while this
+        instance leads lease `job.name`; `on_elected` gets each term's fencing token."""
+        assert self.elect is not None, "singleton jobs need a candidate name (elect)"
+        cluster = await self.cluster()
+        lease_s = self.settings.cluster.lease_s
+        elected = Singleton(cluster, job, lease_s=lease_s, owner=self.elect, on_elected=on_elected)
+        return await self.enter(elected)
 
     async def latest(self, cache: bool = True) -> LatestCache:
         """Latest values: in Redis when `storage.latest = "redis"` (shared by every
@@ -451,6 +490,7 @@ class Builder:
             stats=stats or self.stats,
             ready=self.not_ready,
             services=self.services,  # the list itself: it will hold the HTTP server too
+            service=self.service,
         )
 
     async def http(self, ctx: ApiContext) -> AnyHttpServer:

@@ -11,6 +11,7 @@ from fastapi import Request, Response
 
 from iotmesh.api.polls import LongPolls
 from iotmesh.commands.rpc import RpcService
+from iotmesh.core.ids import SERVICE_NAME
 from iotmesh.core.lifecycle import Health, Service
 from iotmesh.core.settings import Settings
 from iotmesh.devicestate import AttributeService, ConnectivityService
@@ -40,6 +41,8 @@ class ApiContext:
     """Why the process should get no traffic now (empty: ready); see `/readyz`."""
     services: Sequence[Service] = ()
     """The started services, read at each scrape of `/metrics`."""
+    service: str = SERVICE_NAME
+    """What this process runs, in `/metrics` build info (`iotmesh-<role>` in serve)."""
 
 
 async def context(request: Request) -> ApiContext:

@@ -4,13 +4,18 @@ Pull, not push: the hot path only bumps plain attributes; this endpoint reads th
 through `Service.stats()` when Prometheus scrapes (see prometheus.py for the naming).
 Besides the services' own numbers it shows:
 
-- `iotmesh_build_info{version, python, service, instance}` 1;
+- `iotmesh_build_info{version, python, service, instance}` 1 (service: `iotmesh`, or
+  `iotmesh-<role>` in `iotmesh serve`);
 - `iotmesh_ready` (what `/readyz` says) and `iotmesh_service_healthy{service}`;
+- `iotmesh_leader{job}`: 1 while this instance leads a singleton job (and runs it), 0
+  while it stands by (`iotmesh serve`; `iotmesh run` has no elections);
 - `process_*` of this process as Prometheus' client libraries name them: CPU seconds,
   resident and virtual memory, open and maximum file descriptors, start time.
 
 No credentials by default, as Prometheus expects (the numbers are counts, without
 device ids or secrets); `http.metrics_auth = true` asks for the admin bearer token.
+`collect` is also what the health listener of the other `iotmesh serve` roles answers
+`/metrics` with (serve/health.py; no auth there, like its /stats).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import os
 import platform
 import resource
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -27,7 +33,9 @@ from iotmesh import __version__
 from iotmesh.api.auth import require_admin
 from iotmesh.api.context import ApiContext, context
 from iotmesh.api.prometheus import CONTENT_TYPE, Registry
+from iotmesh.cluster.singleton import Singleton
 from iotmesh.core.ids import SERVICE_NAME, instance_id
+from iotmesh.core.lifecycle import Service
 
 router = APIRouter(tags=["health"])
 
@@ -86,8 +94,9 @@ def add_process_metrics(registry: Registry) -> None:
         )
 
 
-def collect(ctx: ApiContext) -> Registry:
-    """Everything `/metrics` shows, read now."""
+def collect(services: Sequence[Service], ready: bool, service: str = SERVICE_NAME) -> Registry:
+    """Everything `/metrics` shows, read now: `services`' health and counters, whether
+    the process is `ready`, and the process itself; `service` names it in build info."""
     registry = Registry()
     registry.add(
         "iotmesh_build_info",
@@ -97,28 +106,32 @@ def collect(ctx: ApiContext) -> Registry:
         (
             ("version", __version__),
             ("python", platform.python_version()),
-            ("service", SERVICE_NAME),
+            ("service", service),
             ("instance", instance_id()),
         ),
     )
-    registry.add(
-        "iotmesh_ready", "gauge", "1 when /readyz says ready, else 0.", int(not ctx.ready())
-    )
-    for service in ctx.services:
-        healthy = int(service.health().ok)
+    registry.add("iotmesh_ready", "gauge", "1 when /readyz says ready, else 0.", int(ready))
+    for one in services:
         registry.add(
             "iotmesh_service_healthy",
             "gauge",
             "1 when the service reports itself healthy (/healthz), else 0.",
-            healthy,
-            (("service", service.name),),
+            int(one.health().ok),
+            (("service", one.name),),
         )
-    for service in ctx.services:
-        stats = service.stats()
-        if stats:
-            registry.add_stats(
-                f"iotmesh_{service.name}", stats, service.stats_counters, service.stats_labels
+    for one in services:
+        if isinstance(one, Singleton):
+            registry.add(
+                "iotmesh_leader",
+                "gauge",
+                "1 while this instance leads the singleton job (and runs it), else 0.",
+                int(one.is_leader),
+                (("job", one.job),),
             )
+    for one in services:
+        stats = one.stats()
+        if stats:
+            registry.add_stats(f"iotmesh_{one.name}", stats, one.stats_counters, one.stats_labels)
     add_process_metrics(registry)
     return registry
 
@@ -137,4 +150,5 @@ async def _maybe_admin(request: Request, ctx: Annotated[ApiContext, Depends(cont
 async def metrics(ctx: Annotated[ApiContext, Depends(context)]) -> Response:
     """Prometheus metrics of every service and of the process (no auth unless
     `http.metrics_auth`)."""
-    return Response(collect(ctx).render(), media_type=CONTENT_TYPE)
+    registry = collect(ctx.services, not ctx.ready(), ctx.service)
+    return Response(registry.render(), media_type=CONTENT_TYPE)

@@ -1,19 +1,25 @@
 """The small HTTP app of a served process without the REST API: /healthz, /readyz,
-/livez, /info, /stats.
+/livez, /info, /stats, /metrics.
 
 The probes answer as the REST API's do (api/health.py), so one Kubernetes probe
-definition fits every role. `/metrics` is on the REST API only (the `http` role) so far.
+definition fits every role, and `/metrics` is the REST API's (`api.metrics.collect`:
+the role's services, process metrics, build info, `iotmesh_leader{job}`), so one
+Prometheus scrape configuration fits every role too. No auth: bind it to a private
+address (`serve.health_port`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 from fastapi import FastAPI, Response
 
-from iotmesh.core.lifecycle import Health
+from iotmesh.api.metrics import collect
+from iotmesh.api.prometheus import CONTENT_TYPE
+from iotmesh.core.ids import SERVICE_NAME
+from iotmesh.core.lifecycle import Health, Service
 from iotmesh.serve.instance import InstanceInfo
 
 
@@ -26,11 +32,14 @@ def create_health_app(
     info: Callable[[], InstanceInfo | None],
     stats: Callable[[], dict[str, dict[str, Any]]],
     not_ready: Callable[[], list[str]] = lambda: [],
+    services: Sequence[Service] = (),
+    service: str = SERVICE_NAME,
 ) -> FastAPI:
     """`/healthz` as the REST API answers it (200 or 503 naming the services), `/readyz`
     (200, or 503 with `not_ready`'s reasons), `/livez`, `/info`: the instance's
     `InstanceInfo`, `/stats`: its services' counters (as `GET /api/v1/stats` of the
-    http service; no auth: bind it to a private address)."""
+    http service; no auth: bind it to a private address), `/metrics`: `services` (read
+    at each scrape) in the Prometheus text format, `service` naming the process."""
     app = FastAPI(title="iotmesh service", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/healthz")
@@ -62,5 +71,10 @@ def create_health_app(
     @app.get("/stats")
     async def counters() -> Response:
         return _json(stats())
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        registry = collect(services, not not_ready(), service)
+        return Response(registry.render(), media_type=CONTENT_TYPE)
 
     return app

@@ -65,6 +65,7 @@ class ServedProcess(ServiceProcess):
             self._stack,
             self.data_dir.own_dir,
             service=f"{SERVICE_NAME}-{role}",
+            elect=f"{role}-{self.instance_id}",
         )
         self._shutdown = asyncio.Event()
 
@@ -77,7 +78,14 @@ class ServedProcess(ServiceProcess):
             http = self.settings.http.model_copy(
                 update={"port": self.settings.serve.health_port, "tls_port": None}
             )
-            app = create_health_app(build.health, lambda: self.info, build.stats, build.not_ready)
+            app = create_health_app(
+                build.health,
+                lambda: self.info,
+                build.stats,
+                build.not_ready,
+                build.services,  # the list itself: it will hold the listener too
+                build.service,
+            )
             self.listener = await build.serve_asgi(app, http)
         self.info = InstanceInfo(self.role, self.instance_id, self._addresses())
         await self._stack.enter_async_context(self._registrar(self.info))

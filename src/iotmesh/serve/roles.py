@@ -5,14 +5,33 @@
     coap      -                   CoAP device API (UDP, DTLS) -> telemetry.*   -
     http      -                   REST + device HTTP API -> telemetry.*   reads the stores
     pipeline  telemetry.> (group pipeline)   decode, validate, rules -> store.*   -
-    writer    store.> (group writer)         group commit, retention/rollups   time series
-    state     -                   owns the state store's schema; singleton jobs (seam)
+    writer    store.> (group writer)         group commit (+ retention: SQLite)   time series
+    state     -                   owns the state store's schema; retention (not SQLite)   -
 
 A device is acknowledged by its transport once the engine stored its message (NATS
 JetStream / Redis Streams with persistence): durable, as in `iotmesh run`, where the
 acknowledgement waits for the commit. Pipeline workers scale out (the engine's
 partition leases give each partition to one worker at a time, so per-device order
 holds); the SQLite store keeps its single `writer`.
+
+Singleton jobs run under leader election (`Builder.singleton`, lease per job on the
+cluster engine): every instance of the role that hosts a job is a candidate, one
+leads and runs it, the others stand by and take over within `cluster.lease_s * 4/3`
+when it dies (`iotmesh_leader{job}` on /metrics says which one leads).
+
+    job        candidates            fenced by the term's token
+    retention  `state` instances     engine fence before each pass; PostgreSQL: also in
+               (SQLite time series:  every delete transaction. InfluxDB and SQLite: the
+               the `writer`)         engine fence only (a pass already sent runs on)
+
+Retention (and the rollups it brings up to date) runs in the `writer` when the time
+series are in SQLite: the rollup watermarks are cached in the memory of the writer
+process that owns the file, so only that process may expire points; that store has a
+single writer anyway. InfluxDB and PostgreSQL are shared servers: any `state`
+instance can run it, so two `state` instances give it a standby.
+Not singletons: RPC expiry follows each request's claim (the process holding the
+request expires it, `commands/rpc.py`), and connectivity is saved by each process for
+the sessions it holds.
 """
 
 from __future__ import annotations
@@ -20,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from iotmesh.core.settings import Settings
 from iotmesh.pipeline import LatestValues
 from iotmesh.pipeline.sink import STORE, BusSink
 from iotmesh.transports.coap import CoapServer
@@ -28,6 +48,11 @@ from iotmesh.wiring import AnyHttpServer, Builder
 
 ROLES = ("mqtt", "coap", "http", "pipeline", "writer", "state")
 WRITER_GROUP = "writer"
+
+
+def retention_role(settings: Settings) -> str:
+    """The role whose instances are candidates for the retention job (module docstring)."""
+    return "writer" if settings.storage.timeseries == "sqlite" else "state"
 
 
 @dataclasses.dataclass
@@ -66,8 +91,8 @@ async def start_role(role: str, build: Builder, admin_token: Callable[[], str]) 
         return Endpoints()
     if role == "writer":
         writer = await build.writer()
-        # One retention job per store, next to its single writer.
-        await build.retention()
+        if retention_role(build.settings) == "writer":
+            await build.retention()
         # Processing happened in the pipeline workers: the writer decodes and commits.
         latest = await build.latest(cache=False)
         await build.pipeline(
@@ -76,9 +101,9 @@ async def start_role(role: str, build: Builder, admin_token: Callable[[], str]) 
         return Endpoints()
     if role == "state":
         # Opening the registry creates or upgrades the state schema, before the other
-        # services come. Singleton jobs (RPC expiry and retention, connectivity sweeps)
-        # belong here once leader election (the cluster package) makes one instance
-        # active; today every process holding RPC requests expires its own.
+        # services come; then the singleton jobs this role hosts (module docstring).
         await build.registry()
+        if retention_role(build.settings) == "state":
+            await build.retention()
         return Endpoints()
     raise ValueError(f"unknown role {role!r}")
