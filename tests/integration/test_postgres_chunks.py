@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iotmesh.core.errors import PayloadError
+from iotmesh.core.errors import PayloadError, StorageError
 from iotmesh.core.types import Aggregation, Order, TsRecord
 from iotmesh.storage import aggregate
 from iotmesh.storage.points import Points
@@ -261,7 +262,7 @@ async def test_schema_before_chunks_upgrades_and_keeps_points(
         await store.close()
     conn = await asyncpg.connect(postgres.url, server_settings={"search_path": schema})
     try:
-        assert await schema_version(conn, tsschema.COMPONENT) == 2
+        assert await schema_version(conn, tsschema.COMPONENT) == len(tsschema.migrations(settings))
     finally:
         await conn.close()
 
@@ -315,5 +316,30 @@ async def test_retention_expires_chunks(postgres: PgServer, tmp_path: Path, cuto
         await _check(store, "d", {t: v for t, v in model.items() if t >= cutoff})
         model[H + 5] = "late"
         await _check(store, "kept", {t: v for t, v in model.items() if t != H + 5})
+    finally:
+        await store.close()
+
+
+async def test_retention_with_a_stale_fencing_token_is_refused(
+    postgres: PgServer, tmp_path: Path
+) -> None:
+    """A pass of a deposed leader (a token older than one recorded in `fences`) rolls
+    back and deletes nothing; the current token, again or newer, is accepted."""
+    store = PostgresTimeSeriesStore(postgres.settings(str(tmp_path)))
+    await store.open()
+    try:
+        await _stop_background(store)
+        minute = 60_000
+        model = {t: float(t) for t in range(0, 10 * minute, minute)}
+        await store.write([SeriesWrite("d", [TsRecord(t, {"v": v}) for t, v in model.items()])])
+        now = 10 * minute
+        await store.apply_retention(RetentionPolicy(now, 8 * minute, fencing_token=7))
+        await _check(store, "d", {t: v for t, v in model.items() if t >= 2 * minute})
+        stale = RetentionPolicy(now, 2 * minute, fencing_token=6)
+        with pytest.raises(StorageError, match="fencing token 6 is older than 7"):
+            await store.apply_retention(stale)
+        await _check(store, "d", {t: v for t, v in model.items() if t >= 2 * minute})
+        await store.apply_retention(msgspec.structs.replace(stale, fencing_token=7))
+        await _check(store, "d", {t: v for t, v in model.items() if t >= 8 * minute})
     finally:
         await store.close()
