@@ -20,8 +20,6 @@ from iotmesh import __version__
 from iotmesh.api import ApiContext, create_asgi_app
 from iotmesh.bus import Bus, make_bus
 from iotmesh.bus.memory import MemoryBus
-from iotmesh.cluster import ClusterBackend, make_backend
-from iotmesh.cluster.singleton import Singleton
 from iotmesh.commands import RpcService
 from iotmesh.core.ids import SERVICE_NAME, instance_id
 from iotmesh.core.lifecycle import Health, Service
@@ -52,6 +50,8 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
     from opentelemetry.trace import TracerProvider
 
+    from iotmesh.cluster import ClusterBackend
+    from iotmesh.cluster.singleton import Singleton
     from iotmesh.storage.redis import HotState
 
 log = logging.getLogger(__name__)
@@ -381,6 +381,9 @@ class Builder:
     async def cluster(self) -> ClusterBackend:
         """The cluster engine (`cluster.backend`) for leader leases and fences."""
         if "cluster" not in self._built:
+            # Imported only when used: `iotmesh run` elects nothing.
+            from iotmesh.cluster import make_backend
+
             self._built["cluster"] = await self.enter(make_backend(self.settings))
         cluster: ClusterBackend = self._built["cluster"]
         return cluster
@@ -390,6 +393,8 @@ class Builder:
     ) -> Singleton:
         """Start `job` under leader election (`elect` must be set): it runs while this
         instance leads lease `job.name`; `on_elected` gets each term's fencing token."""
+        from iotmesh.cluster.singleton import Singleton
+
         assert self.elect is not None, "singleton jobs need a candidate name (elect)"
         cluster = await self.cluster()
         lease_s = self.settings.cluster.lease_s
