@@ -7,15 +7,19 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from iotmesh.cluster.backend import cluster_engine
+from iotmesh.cluster.singleton import Singleton
 from iotmesh.core.errors import ConfigError, StartupError
-from iotmesh.core.lifecycle import Health
+from iotmesh.core.lifecycle import Health, Service
 from iotmesh.core.settings import Settings
 from iotmesh.datadir import DataDir, read_instances
 from iotmesh.serve import ROLES, InstanceInfo, ServedProcess
 from iotmesh.serve.health import create_health_app
 from iotmesh.serve.registration import addresses
+from tests.unit.cluster.test_election import MemoryLeases
+from tests.unit.cluster.test_singleton import Job
 
 
 def test_serve_refuses_the_in_process_bus(tmp_path: Path) -> None:
@@ -81,6 +85,27 @@ async def test_health_app_answers_readyz_and_livez() -> None:
         reasons.clear()
         assert (await client.get("/readyz")).json() == {"status": "ready"}
         assert (await client.get("/livez")).status_code == 200
+
+
+async def test_health_app_answers_metrics_with_the_leader_of_each_job() -> None:
+    leases = MemoryLeases()
+    job = Job()
+    singleton = Singleton(leases, job, lease_s=5.0, owner="state-1")
+    services: list[Service] = [singleton]
+    app = create_health_app(dict, lambda: None, dict, list, services, "iotmesh-state")
+    transport = httpx.ASGITransport(app=app)
+    async with singleton, httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    [leader] = families["iotmesh_leader"].samples
+    assert (leader.labels, leader.value) == ({"job": "retention"}, 1)
+    [build] = families["iotmesh_build_info"].samples
+    assert build.labels["service"] == "iotmesh-state"
+    assert families["iotmesh_retention_terms"].type == "counter"
+    assert families["iotmesh_retention_passes"].type == "counter"  # the job's own counter
+    assert "process_cpu_seconds" in families
 
 
 def test_the_registry_record_lists_urls_the_api_first() -> None:
