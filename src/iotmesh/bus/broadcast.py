@@ -22,8 +22,6 @@ from collections.abc import Awaitable, Callable
 
 from iotmesh.bus.interface import Subscription
 
-LIVE = "live"  # the subject space of broadcasts
-
 BroadcastHandler = Callable[[bytes | None], Awaitable[None]]
 """Called with each message of a topic, in order; with None when messages may have
 been missed. It should return soon: the next message waits for it."""

@@ -18,8 +18,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 
-from iotmesh.bus.broadcast import LIVE, Broadcast, BroadcastHandler
+from iotmesh.bus.broadcast import Broadcast, BroadcastHandler
 from iotmesh.bus.interface import BusError, Subscription
+from iotmesh.bus.subjects import LIVE
 
 log = logging.getLogger(__name__)
 

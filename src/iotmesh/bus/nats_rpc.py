@@ -27,14 +27,13 @@ import nats.errors
 
 from iotmesh.bus.interface import BusError, Subscription
 from iotmesh.bus.nats import NatsBus
+from iotmesh.bus.subjects import RPC_DONE as DONE
+from iotmesh.bus.subjects import RPC_WAKE as WAKE
 from iotmesh.engines.nats import KvLeases, open_bucket
 
 # As commands.wakeups (the bus imports no service).
 WakeHandler = Callable[[str | None], None]
 FinishedHandler = Callable[[str, int], None]
-
-WAKE = "rpc.wake"
-DONE = "rpc.done"
 
 T = TypeVar("T")
 

@@ -17,8 +17,9 @@ import time
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from iotmesh.bus.broadcast import LIVE, Broadcast, BroadcastHandler
+from iotmesh.bus.broadcast import Broadcast, BroadcastHandler
 from iotmesh.bus.interface import BusError, Subscription
+from iotmesh.bus.subjects import LIVE
 from iotmesh.engines.redis import PubSubReader
 
 log = logging.getLogger(__name__)

@@ -44,6 +44,7 @@ import msgspec
 
 from iotmesh.bus.broadcast import Broadcast
 from iotmesh.bus.interface import Subscription
+from iotmesh.bus.subjects import SHARED_ATTRIBUTES as TOPIC
 from iotmesh.core.clock import now_ms
 from iotmesh.core.errors import IotmeshError, PayloadError
 from iotmesh.core.lifecycle import Service
@@ -58,7 +59,6 @@ SharedListener = Callable[[dict[str, Any], list[str]], Awaitable[None]]
 
 MAX_ATTRIBUTES_PER_WRITE = 1000
 MAX_UNINVALIDATED = 10_000
-TOPIC = "attributes"  # broadcast topic of committed SHARED changes
 
 
 class SharedChange(msgspec.Struct, frozen=True):
