@@ -328,7 +328,7 @@ class Builder:
                 update={"url": bus_settings.redis_url, "namespace": bus_settings.namespace}
             )
             bus_hot = HotState(on_bus)
-            bus_hot.name = "rpc-redis"
+            bus_hot.name = "rpc_redis"
             return RedisRpcNotifier(await self.enter(bus_hot), CLAIM_TTL_S)
         return None
 

@@ -14,7 +14,8 @@ processes joined by NATS JetStream, so they need no Redis for RPC across instanc
 Error handling: every method raises `BusError` when NATS fails; the RPC service logs it
 and carries on (claims lapse by themselves, a missed wake-up is made up for when the
 device's session attaches again).
-Resource handling: `start` subscribes (and opens the bucket), `stop` unsubscribes.
+Resource handling: `start` subscribes, `stop` unsubscribes; the bucket is opened (made
+if missing) on the first claim.
 """
 
 from __future__ import annotations
