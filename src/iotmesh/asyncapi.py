@@ -24,6 +24,7 @@ from iotmesh import __version__
 from iotmesh.bus import subjects
 from iotmesh.core.settings import BusSettings, MqttSettings
 from iotmesh.core.types import TelemetryMessage
+from iotmesh.devicestate.attributes import SharedChange
 from iotmesh.pipeline.service import GROUP
 from iotmesh.transports.mqtt import device_api as dev
 from iotmesh.transports.mqtt import gateway as gw
@@ -253,12 +254,89 @@ def _ref(*path: str) -> dict[str, str]:
     return {"$ref": "#/" + "/".join(path)}
 
 
+# Live broadcasts (bus/broadcast.py): channel name → (topic, message, Redis channel
+# after the namespace, what it says). RPC on Redis goes through the hot state's
+# notifier (storage/redis/wakeups.py), whose channels are named its own way.
+_LIVE = {
+    "liveSharedAttributes": (
+        subjects.SHARED_ATTRIBUTES,
+        "liveSharedChange",
+        f"{subjects.LIVE}:{subjects.SHARED_ATTRIBUTES}",
+        "A shared-attribute change committed by one process, for the sessions of the"
+        " device in the others (the origin skips its own).",
+    ),
+    "liveRpcWake": (
+        subjects.RPC_WAKE,
+        "liveRpcWake",
+        "rpc:wake",
+        "A device has QUEUED RPC requests in the state store: the process holding its"
+        " session loads and claims them. With storage.redis.rpc_wakeups it is on the hot"
+        " state's Redis and namespace instead.",
+    ),
+    "liveRpcDone": (
+        subjects.RPC_DONE,
+        "liveRpcDone",
+        "rpc:done",
+        "An RPC request ended and the end is committed: a caller waiting for it in"
+        " another process reads the outcome from the store. With storage.redis.rpc_wakeups"
+        " it is on the hot state's Redis and namespace instead.",
+    ),
+}
+
+
+def _live_messages() -> dict[str, Any]:
+    return {
+        "liveSharedChange": {
+            "name": "liveSharedChange",
+            "title": "A committed change of a device's shared attributes",
+            "contentType": "application/json",
+            "payload": _ref("components", "schemas", "SharedChange"),
+        },
+        "liveRpcWake": {
+            "name": "liveRpcWake",
+            "title": "The id of a device with queued RPC requests",
+            "contentType": "text/plain",
+            "payload": {"type": "string"},
+        },
+        "liveRpcDone": {
+            "name": "liveRpcDone",
+            "title": "`<device id>/<request id>` of a finished RPC request",
+            "contentType": "text/plain",
+            "payload": {"type": "string"},
+        },
+    }
+
+
+def _add_live(
+    channels: dict[str, Any],
+    operations: dict[str, Any],
+    bus: BusSettings,
+    servers: list[dict[str, str]],
+) -> None:
+    """The live broadcasts between `iotmesh serve` processes: at most once, not stored."""
+    for channel, (topic, message, redis_channel, summary) in _LIVE.items():
+        channels[channel] = {
+            "address": f"{subjects.LIVE}.{topic}",
+            "description": f"{summary} Live and at most once (nothing stored; the state"
+            f" store is the truth). NATS: core subject `{bus.namespace}.{subjects.LIVE}.{topic}`;"
+            f" Redis: pub/sub channel `{bus.namespace}:{redis_channel}`.",
+            "messages": {message: _ref("components", "messages", message)},
+            "servers": servers,
+        }
+        suffix = channel.removeprefix("live")
+        for action in ("send", "receive"):
+            operations[f"{action}Live{suffix}"] = {
+                "action": action,
+                "channel": _ref("channels", channel),
+            }
+
+
 def build() -> dict[str, Any]:
     """The AsyncAPI document as a JSON-ready dict (keys in a stable order)."""
     mqtt = MqttSettings()
     bus = BusSettings()
-    (_,), bus_schemas = msgspec.json.schema_components(
-        [TelemetryMessage], ref_template="#/components/schemas/{name}"
+    (_, _), bus_schemas = msgspec.json.schema_components(
+        [TelemetryMessage, SharedChange], ref_template="#/components/schemas/{name}"
     )
     messages: dict[str, Any] = {
         name: {
@@ -276,6 +354,7 @@ def build() -> dict[str, Any]:
         "contentType": "application/msgpack",
         "payload": _ref("components", "schemas", "TelemetryMessage"),
     }
+    messages.update(_live_messages())
     channels: dict[str, Any] = {}
     operations: dict[str, Any] = {}
     mqtt_servers = [_ref("servers", "mqtt"), _ref("servers", "mqtts")]
@@ -329,6 +408,7 @@ def build() -> dict[str, Any]:
         "action": "send",
         "channel": _ref("channels", "busDeadLetter"),
     }
+    _add_live(channels, operations, bus, bus_servers)
     return {
         "asyncapi": "3.0.0",
         "info": {

@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from iotmesh import __version__
 from iotmesh.api import ApiContext, create_asgi_app
 from iotmesh.bus import Bus, make_bus
+from iotmesh.bus.broadcast import Broadcast
 from iotmesh.bus.memory import MemoryBus
 from iotmesh.commands import RpcService
+from iotmesh.commands.wakeups import CLAIM_TTL_S, RpcNotifier
 from iotmesh.core.ids import SERVICE_NAME, instance_id
 from iotmesh.core.lifecycle import Health, Service
 from iotmesh.core.settings import HttpSettings, Settings
@@ -295,24 +297,55 @@ class Builder:
                 from iotmesh.storage.redis import RedisAttributeCache
 
                 cache = RedisAttributeCache(hot)
-            self._built["attributes"] = await self.enter(AttributeService(state, cache))
+            service = AttributeService(state, cache, await self.broadcast())
+            self._built["attributes"] = await self.enter(service)
         attributes: AttributeService = self._built["attributes"]
         return attributes
 
     async def rpc(self) -> RpcService:
         if "rpc" not in self._built:
             state = await self._state()
-            hot = await self.hot()
-            notifier = None
-            if hot is not None and self.settings.storage.redis.rpc_wakeups:
-                from iotmesh.commands.wakeups import CLAIM_TTL_S
-                from iotmesh.storage.redis import RedisRpcNotifier
-
-                notifier = RedisRpcNotifier(hot, CLAIM_TTL_S)
+            notifier = await self._rpc_notifier()
             service = RpcService(state, self.settings.devices, notifier=notifier)
             self._built["rpc"] = await self.enter(service)
         rpc: RpcService = self._built["rpc"]
         return rpc
+
+    async def _rpc_notifier(self) -> RpcNotifier | None:
+        """RPC wake-ups and claims between processes: on the Redis hot state with
+        `storage.redis.rpc_wakeups`; else on the bus's engine when it is NATS or Redis
+        (so any `serve` deployment has them); none on the in-process bus."""
+        hot = await self.hot()
+        if hot is not None and self.settings.storage.redis.rpc_wakeups:
+            from iotmesh.storage.redis import RedisRpcNotifier
+
+            return RedisRpcNotifier(hot, CLAIM_TTL_S)
+        bus_settings = self.settings.bus
+        if bus_settings.backend == "nats":
+            from iotmesh.bus.nats import NatsBus
+            from iotmesh.bus.nats_rpc import NatsRpcNotifier
+
+            bus = await self.bus()
+            assert isinstance(bus, NatsBus)
+            return NatsRpcNotifier(bus, CLAIM_TTL_S)
+        if bus_settings.backend == "redis":
+            from iotmesh.storage.redis import HotState, RedisRpcNotifier
+
+            # The bus's Redis and namespace, with the hot state's timeouts.
+            on_bus = self.settings.storage.redis.model_copy(
+                update={"url": bus_settings.redis_url, "namespace": bus_settings.namespace}
+            )
+            bus_hot = HotState(on_bus)
+            bus_hot.name = "rpc_redis"
+            return RedisRpcNotifier(await self.enter(bus_hot), CLAIM_TTL_S)
+        return None
+
+    async def broadcast(self) -> Broadcast | None:
+        """The bus engine's live fan-out between processes (`bus/broadcast.py`); None
+        on the in-process bus (nothing to cross), which is then not built for it."""
+        if self.settings.bus.backend == "memory":
+            return None
+        return (await self.bus()).broadcast()
 
     async def connectivity(self) -> ConnectivityService:
         if "connectivity" not in self._built:

@@ -22,9 +22,12 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from iotmesh.core.errors import IotmeshError
+
+if TYPE_CHECKING:
+    from iotmesh.bus.broadcast import Broadcast
 
 
 class BusError(IotmeshError):
@@ -181,3 +184,8 @@ class Bus(Publisher, Subscriber):
     @abc.abstractmethod
     async def stop(self) -> None:
         """Close every subscription and release the connection."""
+
+    def broadcast(self) -> Broadcast | None:
+        """Live, at-most-once fan-out to every process on this engine (`broadcast.py`),
+        once started; None for a bus inside one process, which needs none."""
+        return None

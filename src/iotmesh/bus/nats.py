@@ -22,6 +22,8 @@ Layout in the engine, `ns` being `bus.namespace`:
 - leases and member heartbeats in the KV bucket `<ns>_bus_leases` (TTL `ack_wait_s`).
 - dead letters in the stream of the `dead_letter_subject` space, kept by age
   (`dead_letter_max_age_s`) rather than by interest.
+- live broadcasts (`broadcast()`) on core subjects `<ns>.live.<topic>`, outside every
+  stream (`nats_broadcast.py`).
 
 `publish` returns when JetStream has stored the message (its PubAck).
 """
@@ -62,6 +64,7 @@ from iotmesh.bus.durable import (
     split_pattern,
 )
 from iotmesh.bus.interface import BatchHandler, Bus, BusError, Subscription
+from iotmesh.bus.nats_broadcast import NatsBroadcast
 from iotmesh.core.errors import Overloaded
 from iotmesh.core.settings import BusSettings
 from iotmesh.engines.nats import KvLeases, open_bucket
@@ -135,6 +138,7 @@ class NatsBus(Bus, Engine):
         self._kv: KeyValue | None = None
         self._streams: set[str] = set()
         self._groups: list[DurableGroup] = []
+        self._broadcast: NatsBroadcast | None = None
 
     @property
     def client(self) -> Client:
@@ -156,7 +160,10 @@ class NatsBus(Bus, Engine):
         timeout = self.settings.request_timeout_s
         try:
             self._nc = await nats.connect(
-                self.settings.nats_url, connect_timeout=timeout, allow_reconnect=True
+                self.settings.nats_url,
+                connect_timeout=timeout,
+                allow_reconnect=True,
+                reconnected_cb=self._reconnected,
             )
         except (OSError, nats.errors.Error) as exc:
             raise BusError(f"cannot connect to NATS at {self.settings.nats_url}: {exc}") from exc
@@ -170,11 +177,22 @@ class NatsBus(Bus, Engine):
             raise BusError(f"cannot create the lease bucket: {exc.description}") from exc
         self._leases = KvLeases(self._kv)
 
+    async def _reconnected(self) -> None:
+        if self._broadcast is not None:
+            await self._broadcast.reconnected()
+
+    def broadcast(self) -> NatsBroadcast:
+        """Live fan-out on this connection (`broadcast.py`), made on first use."""
+        if self._broadcast is None:
+            self._broadcast = NatsBroadcast(self.client, self._ns)
+        return self._broadcast
+
     async def stop(self) -> None:
         groups, self._groups = self._groups, []
         for group in groups:
             await group.close()
         nc, self._nc, self._js, self._kv = self._nc, None, None, None
+        self._broadcast = None
         self._streams.clear()
         if nc is not None:
             await nc.drain()
@@ -336,12 +354,14 @@ class NatsBus(Bus, Engine):
     # -- for tests and operators ----------------------------------------------------
 
     async def delete_everything(self) -> None:
-        """Delete every stream and the lease bucket of this namespace (tests)."""
+        """Delete every stream, the lease bucket and the RPC claims bucket
+        (`nats_rpc.py`) of this namespace (tests)."""
         names: list[str] = []
+        buckets = {f"KV_{self._ns}_bus_leases", f"KV_{self._ns}_rpc_claims"}
         info: Any
         for info in await self.js.streams_info():
             name = info.config.name
-            if name and (name.startswith(f"{self._ns}_") or name == f"KV_{self._ns}_bus_leases"):
+            if name and (name.startswith(f"{self._ns}_") or name in buckets):
                 names.append(name)
         for name in names:
             with contextlib.suppress(nats.js.errors.NotFoundError):

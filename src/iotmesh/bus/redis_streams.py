@@ -23,6 +23,8 @@ Layout in Redis, `ns` being `bus.namespace`:
 - member heartbeats in a sorted set `<ns>:members:<group id>` scored by expiry time.
 - dead letters in the streams of the `dead_letter_subject` space, trimmed by age
   (`XADD MINID`) to `dead_letter_max_age_s`.
+- live broadcasts (`broadcast()`) on pub/sub channels `<ns>:live:<topic>`
+  (`redis_broadcast.py`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from iotmesh.bus.durable import (
     split_pattern,
 )
 from iotmesh.bus.interface import BatchHandler, Bus, BusError, Subscription
+from iotmesh.bus.redis_broadcast import RedisBroadcast
 from iotmesh.core.errors import Overloaded
 from iotmesh.core.settings import BusSettings
 from iotmesh.engines.redis import RedisLeases
@@ -190,6 +193,7 @@ class RedisBus(Bus, Engine):
         self._redis: aioredis.Redis | None = None
         self._groups: list[DurableGroup] = []
         self._ttl_ms = max(1, int(settings.ack_wait_s * 1000))
+        self._broadcast: RedisBroadcast | None = None
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -223,10 +227,18 @@ class RedisBus(Bus, Engine):
         self._heartbeat = r.register_script(_HEARTBEAT)
         self._claim_all = r.register_script(_CLAIM_ALL)
 
+    def broadcast(self) -> RedisBroadcast:
+        """Live fan-out on this Redis (`broadcast.py`), made on first use."""
+        if self._broadcast is None:
+            s = self.settings
+            self._broadcast = RedisBroadcast(self.redis, s.redis_url, self._ns, s.request_timeout_s)
+        return self._broadcast
+
     async def stop(self) -> None:
         groups, self._groups = self._groups, []
         for group in groups:
             await group.close()
+        self._broadcast = None
         r, self._redis = self._redis, None
         if r is not None:
             await r.aclose()

@@ -7,6 +7,12 @@ import zlib
 
 TELEMETRY = "telemetry"
 
+# Live broadcasts (`broadcast.py`): the subject space, and the topics in it.
+LIVE = "live"
+SHARED_ATTRIBUTES = "attributes"  # committed SHARED attribute changes
+RPC_WAKE = "rpc.wake"  # a device has QUEUED RPC requests in the store
+RPC_DONE = "rpc.done"  # an RPC request is finished (committed)
+
 
 def telemetry_subject(device_id: str) -> str:
     """The subject of a device's telemetry messages."""

@@ -29,11 +29,14 @@ Ids are integers, unique per device for good (the store counts them), as ThingsB
 devices expect (`.../rpc/request/{id}`). Status changes are written behind, in
 batches (`RpcJournal`); `flushed()` waits for them (the MQTT PUBACK of a reply does).
 
-Several processes (an `RpcNotifier`, see `wakeups.py`): a persistent request stored
-where the device has no session is handed off — not held here, a wake-up published —
-and the process holding the device's session loads it from the store (so does any
-process where a session attaches). Each open request is held by the one process that
-claimed it. Without a notifier (`iotmesh run`) none of this happens.
+Several processes (an `RpcNotifier`, see `wakeups.py`): a request stored where the
+device has no session is handed off — not held here, a wake-up published — and the
+process holding the device's session loads it from the store (so does any process
+where a session attaches). Each open request is held by the one process that claimed
+it. A two-way `call` handed off is waited for here: the holder publishes `finished`
+once the end is committed, and the caller reads the outcome (the reply) from the
+store; when its time is up first, the store is read once more and, if no process holds
+the request, it is ended here. Without a notifier (`iotmesh run`) none of this happens.
 
 Error handling: no delivery or no reply in time → `DeviceTimeout` (HTTP 504) for a
 waiting caller; a sink that fails with anything but `DeviceGone` → FAILED and
@@ -55,6 +58,8 @@ from typing import Any
 
 import msgspec
 
+from iotmesh.commands.rpc_remote import OpenRequest as _Open
+from iotmesh.commands.rpc_remote import RemoteCalls
 from iotmesh.commands.rpc_store import MemoryRpcStore, RpcJournal, RpcStore
 from iotmesh.commands.wakeups import RENEW_EVERY_S, RpcNotifier
 from iotmesh.core.clock import now_ms
@@ -104,16 +109,6 @@ gateway). It returns once the transport delivered it and raises `DeviceGone` if 
 session cannot take it (another session is then tried)."""
 
 
-class _Open:
-    """An unfinished request: its newest state, and the caller waiting for it (if any)."""
-
-    __slots__ = ("future", "record")
-
-    def __init__(self, record: RpcRecord, future: asyncio.Future[Any] | None) -> None:
-        self.record = record
-        self.future = future
-
-
 class _Queue:
     """The unfinished requests of one device, in id order, and its dispatcher."""
 
@@ -126,8 +121,9 @@ class _Queue:
 
 
 def _deadline(record: RpcRecord) -> int:
-    """When an open request times out (SENT, DELIVERED) or expires (QUEUED)."""
-    if record.status is QUEUED or record.sent_ts is None:
+    """When an open request times out (SENT, DELIVERED) or expires (QUEUED). A call's
+    `timeout_ms` is for everything (its expiration), wherever its caller waits."""
+    if record.status is QUEUED or record.sent_ts is None or not record.persistent:
         return record.expiration_ts
     return record.sent_ts + record.timeout_ms
 
@@ -170,6 +166,17 @@ class RpcService(Service):
         self._stopping = False
         self.stray_replies = 0
         self.finished: collections.Counter[str] = collections.Counter()
+        self._remote: RemoteCalls | None = None
+        if notifier is not None:
+            self._remote = RemoteCalls(
+                self._store,
+                self._journal,
+                notifier,
+                clock,
+                self._still_open,
+                self._spawn,
+                self.finished,
+            )
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -179,8 +186,9 @@ class RpcService(Service):
         if self._notifier is not None:
             # Other processes hold open requests; a device's are loaded (and claimed)
             # when its session attaches here.
-            self._stopping = False
-            await self._notifier.start(self._on_wake)
+            assert self._remote is not None
+            self._stopping = self._remote.stopping = False
+            await self._notifier.start(self._on_wake, self._remote.on_finished)
             self._expiry = asyncio.create_task(self._expiry_loop(), name="rpc.expiry")
             return
         devices: dict[str, Device | None] = {}
@@ -206,6 +214,8 @@ class RpcService(Service):
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._remote is not None:
+            self._remote.stopping = True
         if self._expiry is not None:
             self._expiry.cancel()
         for handle in self._retries.values():
@@ -224,11 +234,14 @@ class RpcService(Service):
                 elif entry.record.status is SENT:
                     self._set(entry, status=QUEUED, sent_ts=None)
         self._queues.clear()
+        if self._remote is not None:  # their requests go on where they are held
+            self._remote.fail_all(DeviceTimeout("the platform is shutting down"))
         if self._expiry is not None:
             await asyncio.gather(self._expiry, return_exceptions=True)
             self._expiry = None
         await self._journal.close()
-        if self._notifier is not None:
+        if self._notifier is not None and self._remote is not None:
+            await self._remote.announce()
             await self._release(held, wake=True)
             await self._notifier.stop()
 
@@ -313,17 +326,21 @@ class RpcService(Service):
         entry = await self._create(
             device, method, params, oneway, False, timeout_ms, now + timeout_ms, future
         )
+        late = f"device {device.name} did not answer {method!r} within {timeout_ms} ms"
+        remote = self._remote
         try:
             async with asyncio.timeout(timeout_ms / 1000):
                 return await future
         except TimeoutError:
+            if remote is not None and remote.waits_here(entry):
+                return await remote.outcome(entry, late)
             status = RpcStatus.EXPIRED if entry.record.status is QUEUED else RpcStatus.TIMEOUT
             self._finish(entry, status, None)
-            raise DeviceTimeout(
-                f"device {device.name} did not answer {method!r} within {timeout_ms} ms"
-            ) from None
+            raise DeviceTimeout(late) from None
         finally:
-            if entry.record.status.open:  # the caller went away (cancelled)
+            if remote is not None:
+                remote.done_waiting(entry)
+            if entry.record.status.open and self._still_open(entry):  # the caller went away
                 self._finish(entry, RpcStatus.FAILED, None, error="the caller went away")
 
     async def submit(
@@ -497,6 +514,8 @@ class RpcService(Service):
             if not queue.open and queue.task is None:
                 del self._queues[record.device_id]
         future = entry.future
+        if future is None and not record.persistent and self._remote is not None:
+            self._remote.ended(record)  # its caller waits in another process
         if future is None or future.done():
             return
         if status is RpcStatus.EXPIRED or status is RpcStatus.TIMEOUT:
@@ -597,24 +616,29 @@ class RpcService(Service):
         persistent request for a device without a session here (then others are woken)."""
         assert self._notifier is not None
         record = entry.record
+        here = self._sink_for(device, ()) is not None
         try:
-            if record.persistent and self._sink_for(device, ()) is None:
+            if not here:
+                if entry.future is not None and self._remote is not None:
+                    self._remote.wait_for(entry)
                 await self._notifier.wake(device.id)
                 return False
             await self._notifier.claim(device.id, [record.id])
         except IotmeshError as exc:
             # Stored either way: a session attaching anywhere loads it.
             log.warning("RPC %s of device %s: no wake-up/claim: %s", record.id, device.id, exc)
-            return not record.persistent or self._sink_for(device, ()) is not None
+            return here
         return True
 
     def _on_wake(self, device_id: str | None) -> None:
         if self._stopping:
             return
-        if device_id is None:  # wake-ups may have been missed: re-check every session
+        if device_id is None:  # messages may have been missed: re-check everything
             for key in list(self._sinks):
                 if not key.startswith("gateway:"):
                     self._reload_soon(key)
+            if self._remote is not None:
+                self._remote.recheck()
         elif device_id in self._sinks or self._gateway_sinks:
             self._reload_soon(device_id)
 
@@ -666,19 +690,23 @@ class RpcService(Service):
             queue = self._queues.get(device_id)
             if record.id not in claimed or (queue is not None and record.id in queue.open):
                 continue
-            if not record.persistent:
-                # Its caller waited in a process that is gone (the claim lapsed).
-                error = "the process that stored the request went away"
+            if not record.persistent and record.status is not QUEUED:
+                # Sent by a process that is gone (its claim lapsed): the reply is lost.
+                error = "the process that sent the request went away"
                 failed = msgspec.structs.replace(
                     record, status=RpcStatus.FAILED, finished_ts=now, error=error
                 )
                 self._journal.write(failed)
                 self.finished[RpcStatus.FAILED] += 1
+                if self._remote is not None:
+                    self._remote.ended(failed)
                 continue
             if record.status is SENT:
                 record = msgspec.structs.replace(record, status=QUEUED, sent_ts=None)
                 self._journal.write(record)
-            self._add(device, _Open(record, None))
+            # A call handed off from here comes back to its waiting caller.
+            adopted = self._remote.adopt(record) if self._remote is not None else None
+            self._add(device, adopted or _Open(record, None))
         self._kick(device_id)
 
     def _hand_back_soon(self, key: str) -> None:

@@ -576,8 +576,9 @@ class RedisSettings(_Section):
     )
     rpc_wakeups: bool = Field(
         False,
-        description="Publish a wake-up when a persistent RPC request is stored for a device"
-        " with no session in this process; the process holding its session delivers it.",
+        description="Carry RPC wake-ups, completions and claims between processes on this"
+        " Redis (a request stored where the device has no session is delivered by the"
+        " process holding it). Unset, processes on a NATS or Redis bus use the bus's engine.",
     )
 
 

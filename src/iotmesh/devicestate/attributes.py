@@ -7,6 +7,16 @@ long-poll) registers a listener for that device; every committed change of share
 attributes is handed to each listener of the device. Listeners are called after the
 store committed, so a device is never told about a value that could still be lost.
 
+Several processes (`iotmesh serve`): the session of a device may live in another
+process than the one that committed the change (a REST call on `http`, the device on
+`mqtt`). With a `Broadcast` (the bus engine's live fan-out), each committed SHARED change
+is also published on the topic `attributes` (a `SharedChange`); every other process
+hands it to its own listeners of that device, and the originating one skips its own
+message, having called its listeners already. The push is live and at most once (a
+process that is not subscribed then misses it); the store stays the source of truth,
+which a device reads when it (re)connects or asks. Without a broadcast (`iotmesh
+run`) nothing is published: one process holds every session.
+
 The twin (`twin`) is the same data seen as desired and reported state: desired = SHARED
 (what users want the device to take), reported = CLIENT (what the device says it has).
 Each key carries its own version, which grows by one per change; a deleted key that is
@@ -26,11 +36,15 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import msgspec
 
+from iotmesh.bus.broadcast import Broadcast
+from iotmesh.bus.interface import Subscription
+from iotmesh.bus.subjects import SHARED_ATTRIBUTES as TOPIC
 from iotmesh.core.clock import now_ms
 from iotmesh.core.errors import IotmeshError, PayloadError
 from iotmesh.core.lifecycle import Service
@@ -45,6 +59,16 @@ SharedListener = Callable[[dict[str, Any], list[str]], Awaitable[None]]
 
 MAX_ATTRIBUTES_PER_WRITE = 1000
 MAX_UNINVALIDATED = 10_000
+
+
+class SharedChange(msgspec.Struct, frozen=True):
+    """A committed change of a device's SHARED attributes, as broadcast to the other
+    processes (JSON); `origin` names the process that committed it."""
+
+    origin: str
+    device_id: str
+    changed: dict[str, Any]
+    deleted: list[str]
 
 
 class AttributeCache(Protocol):
@@ -107,18 +131,38 @@ class AttributeService(Service):
     """Reads and writes attributes; pushes shared changes to live device sessions."""
 
     name = "attributes"
+    stats_counters = frozenset({"broadcast_errors"})
 
-    def __init__(self, state: StateStore, cache: AttributeCache | None = None) -> None:
+    def __init__(
+        self,
+        state: StateStore,
+        cache: AttributeCache | None = None,
+        broadcast: Broadcast | None = None,
+    ) -> None:
+        """`broadcast`: where SHARED changes cross to other processes (None: this
+        process holds every session)."""
         self._state = state
         self._cache = cache
+        self._broadcast = broadcast
+        self._origin = uuid.uuid4().hex
+        self._subscription: Subscription | None = None
         self._uninvalidated: set[tuple[str, AttributeScope]] = set()
         self._listeners: dict[str, list[SharedListener]] = collections.defaultdict(list)
+        self.broadcast_errors = 0
 
     async def start(self) -> None:
-        """Nothing to start: the state store is opened by the registry."""
+        """Subscribe to other processes' changes (the registry opened the store)."""
+        if self._broadcast is not None:
+            self._subscription = await self._broadcast.subscribe(TOPIC, self._on_broadcast)
 
     async def stop(self) -> None:
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            await subscription.close()
         self._listeners.clear()
+
+    def stats(self) -> dict[str, Any]:
+        return {"broadcast_errors": self.broadcast_errors} if self._broadcast else {}
 
     def listen_shared(self, device_id: str, listener: SharedListener) -> Callable[[], None]:
         """Register a live session's listener; returns the function that unregisters it."""
@@ -216,6 +260,31 @@ class AttributeService(Service):
         return count
 
     async def _notify(self, device_id: str, changed: dict[str, Any], deleted: list[str]) -> None:
+        """Push a committed change to this process's listeners, then to the others'."""
+        await self._call_listeners(device_id, changed, deleted)
+        if self._broadcast is None:
+            return
+        change = SharedChange(self._origin, device_id, changed, deleted)
+        try:
+            await self._broadcast.publish(TOPIC, msgspec.json.encode(change))
+        except IotmeshError as exc:  # live pushes only: the store has the change
+            self.broadcast_errors += 1
+            log.warning("shared attributes of %s not pushed to other processes: %s", device_id, exc)
+
+    async def _on_broadcast(self, data: bytes | None) -> None:
+        if data is None:
+            return  # changes missed meanwhile: devices read the store when they ask
+        try:
+            change = msgspec.json.decode(data, type=SharedChange)
+        except msgspec.DecodeError:
+            log.warning("an undecodable shared-attribute broadcast was ignored")
+            return
+        if change.origin != self._origin and change.device_id in self._listeners:
+            await self._call_listeners(change.device_id, change.changed, change.deleted)
+
+    async def _call_listeners(
+        self, device_id: str, changed: dict[str, Any], deleted: list[str]
+    ) -> None:
         for listener in list(self._listeners.get(device_id, ())):
             try:
                 await listener(changed, deleted)

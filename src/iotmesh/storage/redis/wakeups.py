@@ -1,9 +1,11 @@
 """RPC wake-ups and claims on Redis (`storage.redis.rpc_wakeups`): the
 `commands.wakeups.RpcNotifier` of several processes.
 
-- Wake-ups: `PUBLISH <ns>:rpc:wake <device id>`; every RPC service subscribes (its
-  own connection, no read timeout, re-subscribed with back-off when it drops, and then
-  told "re-check everything", since pub/sub keeps nothing for the absent).
+- Wake-ups: `PUBLISH <ns>:rpc:wake <device id>`; completions: `PUBLISH <ns>:rpc:done
+  <device id>/<request id>`. Every RPC service subscribes to both
+  (`engines.redis.PubSubReader`: its own connection, re-subscribed with back-off when
+  it drops, and then told "re-check everything", since pub/sub keeps nothing for the
+  absent).
 - Claims: a key `<ns>:rpc:claim:<device id>:<request id>` holding the claiming
   member, with expiry `claim_ttl_s` (the RPC service renews well within it); one
   script claims or renews a list of them (free or already ours → ours, extended),
@@ -16,18 +18,16 @@ listener task, `stop` cancels it and closes its connection.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
-import redis.exceptions
-
+from iotmesh.engines.redis import PubSubReader
 from iotmesh.storage.redis.client import HotState
 
-WakeHandler = Callable[[str | None], None]  # as commands.wakeups (storage imports no service)
+# As commands.wakeups (storage imports no service).
+WakeHandler = Callable[[str | None], None]
+FinishedHandler = Callable[[str, int], None]
 
 # KEYS: claim keys. ARGV: member, TTL ms. Free or ours → ours (extended). Returns the
 # 1-based indexes of the keys now ours.
@@ -54,7 +54,6 @@ return 1
 """
 
 _BATCH = 1000
-_BACKOFF_MAX_S = 5.0
 
 
 class RedisRpcNotifier:
@@ -64,10 +63,10 @@ class RedisRpcNotifier:
         self._hot = hot
         self.member = member or uuid.uuid4().hex
         self._channel = hot.key("rpc", "wake")
+        self._done_channel = hot.key("rpc", "done")
         self._ttl_ms = int(claim_ttl_s * 1000)
-        self._task: asyncio.Task[None] | None = None
+        self._reader: PubSubReader | None = None
         self._scripts: dict[str, Any] = {}
-        self.subscribed = asyncio.Event()
 
     def _claim_key(self, device_id: str, rpc_id: int) -> str:
         return self._hot.key("rpc", "claim", device_id, str(rpc_id))
@@ -77,57 +76,42 @@ class RedisRpcNotifier:
             self._scripts[source] = self._hot.redis.register_script(source)
         return self._scripts[source]
 
-    async def start(self, on_wake: WakeHandler) -> None:
-        self._task = asyncio.create_task(self._listen(on_wake), name="rpc.wakeups")
-        # A wake-up published right after start-up should not be missed: wait a little
-        # for the subscription (not failing: it is retried in the background).
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._hot.settings.timeout_s):
-                await self.subscribed.wait()
+    async def start(self, on_wake: WakeHandler, on_finished: FinishedHandler) -> None:
+        async def on_message(channel: str, data: bytes) -> None:
+            text = data.decode()
+            if channel == self._channel:
+                on_wake(text)
+                return
+            device_id, _, rpc_id = text.rpartition("/")
+            if device_id and rpc_id.isdigit():
+                on_finished(device_id, int(rpc_id))
+
+        async def on_gap() -> None:
+            on_wake(None)  # wake-ups sent while we were away are lost
+
+        settings = self._hot.settings
+        self._reader = PubSubReader(
+            settings.url,
+            [self._channel, self._done_channel],
+            on_message,
+            on_gap,
+            lambda exc: self._hot.failed("rpc_subscribe", exc),
+            connect_timeout_s=settings.timeout_s,
+            name="rpc.wakeups",
+        )
+        await self._reader.start(settings.timeout_s)
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _listen(self, on_wake: WakeHandler) -> None:
-        settings = self._hot.settings
-        backoff = 0.1
-        attempt = 0
-        while True:
-            attempt += 1
-            client = aioredis.Redis.from_url(
-                settings.url,
-                socket_connect_timeout=settings.timeout_s,
-                socket_timeout=None,  # a quiet channel is no error
-                protocol=2,
-            )
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self._channel)
-                self.subscribed.set()
-                if attempt > 1:
-                    on_wake(None)  # wake-ups sent while we were away are lost
-                backoff = 0.1
-                while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and message.get("type") == "message":
-                        data = message["data"]
-                        on_wake(data.decode() if isinstance(data, bytes) else str(data))
-            except (OSError, redis.exceptions.RedisError) as exc:
-                self.subscribed.clear()
-                self._hot.failed("rpc_subscribe", exc)
-            finally:
-                with contextlib.suppress(OSError, redis.exceptions.RedisError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-                    await client.aclose()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, _BACKOFF_MAX_S)
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await reader.stop()
 
     async def wake(self, device_id: str) -> None:
         await self._hot.call("rpc_wake", self._hot.redis.publish(self._channel, device_id))
+
+    async def finished(self, device_id: str, rpc_id: int) -> None:
+        done = self._hot.redis.publish(self._done_channel, f"{device_id}/{rpc_id}")
+        await self._hot.call("rpc_done", done)
 
     async def claim(self, device_id: str, rpc_ids: Sequence[int]) -> set[int]:
         held = await self._claim([(device_id, rpc_id) for rpc_id in rpc_ids])
