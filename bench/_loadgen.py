@@ -30,6 +30,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import os
 import resource
 import socket
 import time
@@ -114,6 +115,7 @@ class Job:
     keep_alive: int = 0
     hold_s: float = 180.0
     sample: dict[int, int] = field(default_factory=dict)  # client index -> ts base
+    nice: int = 0  # added to the process's nice value: lets the server preempt the generator
 
 
 class Client(asyncio.Protocol):
@@ -513,6 +515,8 @@ def worker_main(
 ) -> None:
     """Entry point of a generator process."""
     raise_nofile()
+    if job.nice:
+        os.nice(job.nice)
 
     async def main() -> None:
         await Generator(job, events, go, stop, start_at).run()

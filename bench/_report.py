@@ -169,7 +169,12 @@ def report(results: dict[str, Any]) -> None:
         "iotmesh: PUBACK after the SQLite commit (synchronous="
         f"{results['settings']['iotmesh_sqlite_synchronous']}). Mosquitto: persistence "
         "false, PUBACK on receipt, one QoS 0 subscriber on '#'.\n"
-        f"Results: {results['settings']['output']}"
+        + (
+            f"Load generator at nice +{nice} (the servers preempt it when both want a CPU).\n"
+            if (nice := results["settings"].get("loadgen_nice"))
+            else ""
+        )
+        + f"Results: {results['settings']['output']}"
     )
 
 

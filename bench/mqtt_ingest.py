@@ -331,6 +331,7 @@ def run_phase(
                 keep_alive=0,
                 hold_s=args.settle_max + 120.0,
                 sample=local_sample,
+                nice=args.loadgen_nice,
             )
         )
     procs = [
@@ -715,6 +716,9 @@ def main() -> None:
         help="iotmesh's storage.sqlite.synchronous: FULL (default; a commit survives power "
         "loss) or NORMAL (survives a crash of the process, not of the machine)",
     )
+    add("--loadgen-nice", type=int, default=0, help="raise the generator processes' nice "
+        "value by N (0-19): the server, at the default priority, then preempts them when "
+        "both want a CPU, as if the load came from another machine")  # fmt: skip
     add("--skip-phase", action="append", default=[], choices=["qos0", "qos1", "qos1_half"])
     add("--verify-sample", type=int, default=10, help="iotmesh devices whose points are counted")
     add("--device-concurrency", type=int, default=32, help="concurrent REST device creations")
@@ -759,6 +763,7 @@ def main() -> None:
             "nofile_soft_hard": [soft, hard],
             "mosquitto_persistence": False,
             "iotmesh_sqlite_synchronous": args.synchronous,
+            "loadgen_nice": args.loadgen_nice,
             "phase_order": [p for p, _ in phase_plan(args)],
         }
     )
