@@ -59,16 +59,16 @@ AnyHttpServer = HttpServer | GranianHttpServer
 
 def timeseries_store(settings: Settings, data_dir: Path) -> TimeSeriesStore:
     """The time-series store `storage.timeseries` names (unopened)."""
+    levels = [level.interval_ms for level in settings.storage.retention.rollups]
     if settings.storage.timeseries == "influxdb":
         # Imported only when chosen: the embedded default needs no InfluxDB client.
         from iotmesh.storage.influx import InfluxTimeSeriesStore
 
-        return InfluxTimeSeriesStore(settings.storage.influxdb)
+        return InfluxTimeSeriesStore(settings.storage.influxdb, levels=levels)
     if settings.storage.timeseries == "postgres":
         from iotmesh.storage.postgres import PostgresTimeSeriesStore
 
         return PostgresTimeSeriesStore(settings.storage.postgres)
-    levels = [level.interval_ms for level in settings.storage.retention.rollups]
     return SqliteTimeSeriesStore(data_dir / "timeseries.db", settings.storage.sqlite, levels)
 
 
@@ -346,14 +346,20 @@ class Builder:
     async def retention(self) -> RetentionJob:
         """The retention and rollup job over the time-series store (`storage.retention`).
 
-        One per store: `iotmesh run`, or the `writer` service of `iotmesh serve`."""
+        One per store: `iotmesh run`, or the `writer` service of `iotmesh serve`. On
+        InfluxDB the rollup step runs beside it (SQLite and PostgreSQL run their own
+        background work in the store)."""
         if "retention" not in self._built:
+            store = await self.timeseries()
             job = RetentionJob(
-                await self.timeseries(),
-                self.settings.storage.retention,
-                devices_of_types(await self.registry()),
+                store, self.settings.storage.retention, devices_of_types(await self.registry())
             )
             self._built["retention"] = await self.enter(job)
+            if self.settings.storage.timeseries == "influxdb":
+                from iotmesh.storage.influx import InfluxTimeSeriesStore, RollupJob
+
+                if isinstance(store, InfluxTimeSeriesStore) and store.rollups is not None:
+                    await self.enter(RollupJob(store.rollups))
         retention: RetentionJob = self._built["retention"]
         return retention
 

@@ -64,10 +64,11 @@ async def _influxdb_settle(store: TimeSeriesStore) -> None:
 
 def _influxdb(server: InfluxServer, tmp_path: Path) -> TimeSeriesStore:
     # A database per test, named after its tmp dir: the same on a reopen in one test.
-    # The SQLite backend's rollup levels, so the suite's queries read rollups here too.
+    # The SQLite backend's rollup levels, so the suite's queries read rollups here too;
+    # no marker lag (nothing else writes), so a retention pass never waits for one.
     database = "contract_" + hashlib.sha1(str(tmp_path).encode()).hexdigest()[:16]
     settings = InfluxSettings(url=server.url, database=database)
-    return InfluxTimeSeriesStore(settings, levels=(5, 10, 60_000))
+    return InfluxTimeSeriesStore(settings, levels=(5, 10, 60_000), rollup_lag_s=0)
 
 
 async def _postgres_settle(store: TimeSeriesStore) -> None:

@@ -98,6 +98,7 @@ class RollupUpkeep:
         levels: bucket widths (ms), each a multiple of the one before.
         read_raw: the store's raw read (last write wins, half-visible points skipped).
         in_flight: seqs of this process's writes and deletes not finished yet.
+        lag_s: how old a marker must be before the background step handles it.
     """
 
     def __init__(
@@ -106,8 +107,10 @@ class RollupUpkeep:
         levels: Sequence[int],
         read_raw: RawReader,
         in_flight: set[int],
+        lag_s: float = LAG_S,
     ) -> None:
         self.client = client
+        self.lag_s = lag_s
         self.levels = sorted(levels)
         self.coarsest = self.levels[-1]
         self._read_raw = read_raw
@@ -203,6 +206,33 @@ class RollupUpkeep:
 
     # -- the step ----------------------------------------------------------------------
 
+    async def catch_up(self, *, open_buckets: bool, no_lag: bool) -> int:
+        """Steps (`lock` held by the caller) until one finds nothing; return the markers."""
+        total = 0
+        for _ in range(100_000):  # bounded: each round reads at least one marker
+            found = await self.step_locked(open_buckets=open_buckets, no_lag=no_lag)
+            if not found:
+                break
+            total += found
+        return total
+
+    async def roll_up_before_expiry(self, policy: RetentionPolicy) -> None:
+        """Bring every bucket a raw TTL of `policy` reaches up to date (`lock` held).
+
+        A marker too young to handle (`lag_s`) whose range reaches below the latest
+        cutoff is a late point that may still be in flight: wait once for it.
+        """
+        await self.catch_up(open_buckets=True, no_lag=False)
+        ttls = [policy.raw_ttl_ms, *policy.keys.values(), *policy.entities.values()]
+        shortest = min((t for t in ttls if t > 0), default=0)
+        if not shortest:
+            return
+        latest_cutoff = policy.now_ms - shortest
+        (young,) = await self.client.query([f"SELECT lo FROM {MARKERS} WHERE lo < {latest_cutoff}"])
+        if young and self.lag_s > 0:
+            await asyncio.sleep(self.lag_s)
+            await self.catch_up(open_buckets=True, no_lag=False)
+
     async def step(self, *, open_buckets: bool = False, no_lag: bool = False) -> int:
         """Handle the markers of up to `STEP_SPAN_NS` of writes; return how many it read.
 
@@ -218,7 +248,7 @@ class RollupUpkeep:
     async def step_locked(self, *, open_buckets: bool, no_lag: bool) -> int:
         """`step`, with `lock` held by the caller."""
         # Before any read (see the module docstring): what is in flight now, and T.
-        upto = time.time_ns() - (0 if no_lag else int(LAG_S * 1e9))
+        upto = time.time_ns() - (0 if no_lag else int(self.lag_s * 1e9))
         if self._in_flight:
             upto = min(upto, min(self._in_flight) - 1)
         (oldest,) = await self.client.query([f"SELECT FIRST(lo) FROM {MARKERS}"], epoch="ns")

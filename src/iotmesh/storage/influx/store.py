@@ -71,7 +71,7 @@ from iotmesh.storage.influx.lineproto import (
     encode_tag,
 )
 from iotmesh.storage.influx.rollup_format import write_ranges
-from iotmesh.storage.influx.rollups import RollupUpkeep
+from iotmesh.storage.influx.rollups import LAG_S, RollupUpkeep
 from iotmesh.storage.points import Kind, Points
 from iotmesh.storage.rollup import RetentionPolicy
 from iotmesh.storage.timeseries import Query, SeriesWrite
@@ -97,10 +97,13 @@ class InfluxTimeSeriesStore:
         settings: InfluxSettings,
         transport: httpx.AsyncBaseTransport | None = None,
         levels: Sequence[int] = (),
+        rollup_lag_s: float = LAG_S,
     ) -> None:
         """Args:
         levels: rollup bucket widths (ms), each a multiple of the one before; kept on
             1.x only (2.x/3.x: see docs/storage.md), so ignored there.
+        rollup_lag_s: how old a dirty marker must be before the background step
+            handles it (`rollups.py`; 0 only when no other process writes).
         """
         self.settings = settings
         self.client = InfluxClient(settings, transport)
@@ -110,7 +113,9 @@ class InfluxTimeSeriesStore:
         self._in_flight: set[int] = set()
         self.rollups: RollupUpkeep | None = None
         if levels and settings.version == 1:
-            self.rollups = RollupUpkeep(self.client, levels, self._read_all, self._in_flight)
+            self.rollups = RollupUpkeep(
+                self.client, levels, self._read_all, self._in_flight, rollup_lag_s
+            )
 
     async def open(self) -> None:
         await self.client.open()
@@ -136,13 +141,8 @@ class InfluxTimeSeriesStore:
         """
         if self.rollups is None:
             return 0
-        total = 0
-        for _ in range(1_000_000):  # bounded: each round handles at least one marker
-            handled = await self.rollups.step(open_buckets=everything, no_lag=everything)
-            if not handled:
-                break
-            total += handled
-        return total
+        async with self.rollups.lock:
+            return await self.rollups.catch_up(open_buckets=everything, no_lag=everything)
 
     async def write(self, batch: Sequence[SeriesWrite]) -> None:
         try:
@@ -396,9 +396,7 @@ class InfluxTimeSeriesStore:
             return
         upkeep = self.rollups
         async with upkeep.lock:
-            for _ in range(1_000_000):  # bounded: each round handles at least one marker
-                if not await upkeep.step_locked(open_buckets=True, no_lag=False):
-                    break
+            await upkeep.roll_up_before_expiry(policy)
             upkeep.policy = policy  # from now on, no bucket before a cutoff is recomputed
             for statement in retention.statements(policy, upkeep.coarsest):
                 await self.client.query([statement])
