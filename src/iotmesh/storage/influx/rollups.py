@@ -86,8 +86,15 @@ STEP_SPAN_NS = 60 * 10**9  # markers (by write time) one step reads at most
 MAX_BODY_BYTES = 4 * 1024 * 1024
 _WINDOW_MS = 86_400_000  # raw points read at a time when a wide range is rebuilt
 
+# Entities whose raw points one recompute of one bucket of the coarsest level reads
+# together (a wider window, rebuilding a level, reads one entity at a time): 16 devices
+# of 3 keys at 1 Hz for an hour are ~170k points.
+MAX_ENTITIES_PER_READ = 16
+
 # Raw points of one entity in [start, end] ms, by key (None: every key).
 RawReader = Callable[[str, Sequence[str] | None, int, int], Awaitable[dict[str, list[TsPoint]]]]
+# Raw points of entities in [start, end] ms, by entity and key.
+EntitiesReader = Callable[[Sequence[str], int, int], Awaitable[dict[str, dict[str, list[TsPoint]]]]]
 
 
 class RollupUpkeep:
@@ -96,7 +103,8 @@ class RollupUpkeep:
     Args:
         client: the store's client.
         levels: bucket widths (ms), each a multiple of the one before.
-        read_raw: the store's raw read (last write wins, half-visible points skipped).
+        read_raw: the store's raw read of entities (last write wins, half-visible points
+            skipped).
         in_flight: seqs of this process's writes and deletes not finished yet.
         lag_s: how old a marker must be before the background step handles it.
     """
@@ -105,7 +113,7 @@ class RollupUpkeep:
         self,
         client: InfluxClient,
         levels: Sequence[int],
-        read_raw: RawReader,
+        read_raw: EntitiesReader,
         in_flight: set[int],
         lag_s: float = LAG_S,
     ) -> None:
@@ -268,8 +276,7 @@ class RollupUpkeep:
                 by_entity.setdefault(m.entity, []).append(m)
             else:
                 later.append((m.entity, None, m.lo, m.hi))
-        for entity, found in by_entity.items():
-            await self._handle(entity, found)
+        await self._handle(by_entity)
         if later:
             merged = [
                 (entity, None, lo, hi)
@@ -281,44 +288,53 @@ class RollupUpkeep:
         self.handled += len(markers) - len(later)
         return len(markers)
 
-    async def _handle(self, entity: str, markers: list[Marker]) -> None:
+    async def _handle(self, by_entity: dict[str, list[Marker]]) -> None:
+        """Delete what delete markers cover whole, then recompute every marked range;
+        entities with the same ranges (in-order data: the same hour) read together."""
         c = self.coarsest
+        window = max(c, _WINDOW_MS // c * c)
         deletes: list[str] = []
-        ranges: list[tuple[int, int]] = []
-        for m in markers:
-            if m.key is None:
-                ranges.append((rollup.floor(m.lo, c), rollup.ceil(m.hi, c)))
-                continue
-            # A delete: the buckets it covers whole are empty now; its edges recompute.
-            for size in self.levels:
-                a, b = rollup.ceil(m.lo, size), rollup.floor(m.hi, size)
-                if a < b:
-                    deletes.append(
-                        f"DELETE FROM {measurement(size)} WHERE {tag('entity', entity)}"
-                        f" AND {tag('key', m.key)} AND time >= {ns(a)} AND time < {ns(b)}"
-                    )
-            for edge in (m.lo, m.hi - 1):
-                if MIN_TS_MS <= edge <= MAX_TS_MS:
-                    ranges.append((rollup.floor(edge, c), rollup.floor(edge, c) + c))
+        windows: dict[tuple[int, int], list[str]] = {}
+        for entity, markers in by_entity.items():
+            ranges: list[tuple[int, int]] = []
+            for m in markers:
+                if m.key is None:
+                    ranges.append((rollup.floor(m.lo, c), rollup.ceil(m.hi, c)))
+                    continue
+                # A delete: the buckets it covers whole are empty now; edges recompute.
+                for size in self.levels:
+                    a, b = rollup.ceil(m.lo, size), rollup.floor(m.hi, size)
+                    if a < b:
+                        deletes.append(
+                            f"DELETE FROM {measurement(size)} WHERE {tag('entity', entity)}"
+                            f" AND {tag('key', m.key)} AND time >= {ns(a)} AND time < {ns(b)}"
+                        )
+                for edge in (m.lo, m.hi - 1):
+                    if MIN_TS_MS <= edge <= MAX_TS_MS:
+                        ranges.append((rollup.floor(edge, c), rollup.floor(edge, c) + c))
+            for lo, hi in merge_ranges(ranges):
+                for a in range(lo, hi, window):
+                    windows.setdefault((a, min(hi, a + window)), []).append(entity)
         if deletes:
             await self.client.query(deletes)
-        window = max(c, _WINDOW_MS // c * c)
-        for lo, hi in merge_ranges(ranges):
-            for a in range(lo, hi, window):
-                await self._recompute(entity, a, min(hi, a + window))
+        for (lo, hi), entities in windows.items():
+            per_read = MAX_ENTITIES_PER_READ if hi - lo <= c else 1
+            for i in range(0, len(entities), per_read):
+                await self._recompute(entities[i : i + per_read], lo, hi)
 
-    async def _recompute(self, entity: str, lo: int, hi: int) -> None:
+    async def _recompute(self, entities: Sequence[str], lo: int, hi: int) -> None:
         """Write every level's buckets of [lo, hi) (aligned to every level) from raw."""
         start, end = max(lo, MIN_TS_MS), min(hi - 1, MAX_TS_MS)
-        raw = await self._read_raw(entity, None, start, end)
+        raw = await self._read_raw(entities, start, end)
         lines: list[str] = []
-        for key, found in raw.items():
-            points = Points.from_values([p.ts for p in found], [p.value for p in found])
-            cut = self.cutoff(entity, key)
-            if cut > lo:
-                points = points.window(cut, end)
-            for size in self.levels:
-                lines.extend(bucket_lines(entity, key, size, rollup.compute(points, size)))
+        for entity, by_key in raw.items():
+            for key, found in by_key.items():
+                points = Points.from_values([p.ts for p in found], [p.value for p in found])
+                cut = self.cutoff(entity, key)
+                if cut > lo:
+                    points = points.window(cut, end)
+                for size in self.levels:
+                    lines.extend(bucket_lines(entity, key, size, rollup.compute(points, size)))
         for body in bodies(lines, MAX_BODY_BYTES):
             await self.client.write(body)
 
@@ -371,4 +387,4 @@ class RollupJob(Service):
         return {"markers_handled": self._upkeep.handled}
 
 
-__all__ = ["LAG_S", "RawReader", "RollupJob", "RollupUpkeep"]
+__all__ = ["LAG_S", "EntitiesReader", "RawReader", "RollupJob", "RollupUpkeep"]

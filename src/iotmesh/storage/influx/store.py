@@ -114,7 +114,7 @@ class InfluxTimeSeriesStore:
         self.rollups: RollupUpkeep | None = None
         if levels and settings.version == 1:
             self.rollups = RollupUpkeep(
-                self.client, levels, self._read_all, self._in_flight, rollup_lag_s
+                self.client, levels, self._read_entities, self._in_flight, rollup_lag_s
             )
 
     async def open(self) -> None:
@@ -193,6 +193,21 @@ class InfluxTimeSeriesStore:
         """Every point of the keys (None: all) in [start, end], oldest first."""
         return await self._raw(entity, keys, start, end, Order.ASC, None)
 
+    async def _read_entities(
+        self, entities: Sequence[str], start: int, end: int
+    ) -> dict[str, dict[str, list[TsPoint]]]:
+        """Every point of the entities in [start, end], by entity and key, oldest first."""
+        where = _where_entities(entities) + f" AND {_time_range(start, end)}"
+        statement = (
+            f"SELECT kind, {_SELECT_VALUE} FROM {MEASUREMENT} WHERE {where}"
+            ' GROUP BY entity, "key" ORDER BY time ASC'
+        )
+        out: dict[str, dict[str, list[TsPoint]]] = {}
+        for tags, points in await self._raw_series(statement):
+            key = decode_tag(tags["key"])
+            out.setdefault(decode_tag(tags["entity"]), {})[key] = points
+        return out
+
     async def _raw(
         self,
         entity: str,
@@ -208,9 +223,14 @@ class InfluxTimeSeriesStore:
             f"SELECT kind, {_SELECT_VALUE} FROM {MEASUREMENT} WHERE {where}"
             f' GROUP BY "key" ORDER BY time {order.value}{tail}'
         )
+        return {decode_tag(tags["key"]): pts for tags, pts in await self._raw_series(statement)}
+
+    async def _raw_series(self, statement: str) -> list[tuple[dict[str, str], list[TsPoint]]]:
+        """The points of each series a raw SELECT answers (with its tags), read again
+        while a point is caught half visible (see "Visibility")."""
         for attempt in range(MIDWRITE_RETRIES + 1):
             (result,) = await self.client.query([statement])
-            out: dict[str, list[TsPoint]] = {}
+            out: list[tuple[dict[str, str], list[TsPoint]]] = []
             torn = False
             for series in result:
                 read = _reader(series.columns, "kind")
@@ -221,7 +241,7 @@ class InfluxTimeSeriesStore:
                     except _MidWrite:
                         torn = True
                 if points:
-                    out[decode_tag(series.tags["key"])] = points
+                    out.append((series.tags, points))
             if not torn or not await _wait_for_writes(attempt):
                 return out
         raise AssertionError("unreachable")
@@ -429,8 +449,18 @@ def _where(entity: str, keys: Sequence[str] | None, start: int, end: int) -> str
             + " OR ".join(f'"key" = {literal(encode_tag(k))}' for k in dict.fromkeys(keys))
             + ")"
         )
-    parts.append(f"time >= {start * 1_000_000} AND time <= {end * 1_000_000}")
+    parts.append(_time_range(start, end))
     return " AND ".join(parts)
+
+
+def _where_entities(entities: Sequence[str]) -> str:
+    """The WHERE condition of several entities."""
+    return "(" + " OR ".join(f"entity = {literal(encode_tag(e))}" for e in entities) + ")"
+
+
+def _time_range(start: int, end: int) -> str:
+    """The WHERE condition of [start, end] ms."""
+    return f"time >= {start * 1_000_000} AND time <= {end * 1_000_000}"
 
 
 def _v2_tag(tag: str, value: str) -> str:
