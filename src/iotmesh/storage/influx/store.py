@@ -372,7 +372,7 @@ class InfluxTimeSeriesStore:
         count = sum(int(row[1]) for series in counted for row in series.values)
         if self.rollups is not None:
             # Even with no raw point left: the range's buckets may outlive expired ones.
-            await self._delete_marked(entity_id, keys, start, end, where)
+            await self._delete_marked(entity_id, keys, start, end, where if count else None)
             return count
         if count == 0:
             return 0
@@ -385,15 +385,17 @@ class InfluxTimeSeriesStore:
         return count
 
     async def _delete_marked(
-        self, entity: str, keys: Sequence[str], start: int, end: int, where: str
+        self, entity: str, keys: Sequence[str], start: int, end: int, where: str | None
     ) -> None:
-        """1.x with rollups: a delete marker per key, then the DELETE (one in flight)."""
+        """1.x with rollups: a delete marker per key, then the DELETE of `where` (None:
+        no raw point to delete; the marker still deletes buckets of expired ranges)."""
         assert self.rollups is not None
         seq = await self.rollups.write_markers(
             [(entity, key, start, end + 1) for key in dict.fromkeys(keys)]
         )
         try:
-            await self.client.query([f"DELETE FROM {MEASUREMENT} WHERE {where}"])
+            if where is not None:
+                await self.client.query([f"DELETE FROM {MEASUREMENT} WHERE {where}"])
         finally:
             self._in_flight.discard(seq)
 
