@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -64,16 +64,16 @@ AnyHttpServer = HttpServer | GranianHttpServer
 
 def timeseries_store(settings: Settings, data_dir: Path) -> TimeSeriesStore:
     """The time-series store `storage.timeseries` names (unopened)."""
+    levels = [level.interval_ms for level in settings.storage.retention.rollups]
     if settings.storage.timeseries == "influxdb":
         # Imported only when chosen: the embedded default needs no InfluxDB client.
         from iotmesh.storage.influx import InfluxTimeSeriesStore
 
-        return InfluxTimeSeriesStore(settings.storage.influxdb)
+        return InfluxTimeSeriesStore(settings.storage.influxdb, levels=levels)
     if settings.storage.timeseries == "postgres":
         from iotmesh.storage.postgres import PostgresTimeSeriesStore
 
         return PostgresTimeSeriesStore(settings.storage.postgres)
-    levels = [level.interval_ms for level in settings.storage.retention.rollups]
     return SqliteTimeSeriesStore(data_dir / "timeseries.db", settings.storage.sqlite, levels)
 
 
@@ -389,13 +389,18 @@ class Builder:
 
         `iotmesh run` starts it; with `elect` (serve) it runs only while this instance
         leads lease `retention`, fenced by the term's token (engine fence before each
-        pass, and in PostgreSQL's transactions)."""
+        pass, and in PostgreSQL's transactions). On InfluxDB the rollup step runs beside
+        it, in the same terms (SQLite and PostgreSQL run their own rollup work in the
+        store)."""
         if "retention" not in self._built:
             registry = await self.registry()
             store = await self.timeseries()
             retention = self.settings.storage.retention
+            companions = self._rollup_jobs(store)
             if self.elect is None:
                 job = await self.enter(RetentionJob(store, retention, devices_of_types(registry)))
+                for companion in companions:
+                    await self.enter(companion)
             else:
                 cluster = await self.cluster()
                 owner = self.elect.encode()
@@ -404,10 +409,20 @@ class Builder:
                     await cluster.write(RETENTION_FENCE, token, owner)
 
                 job = RetentionJob(store, retention, devices_of_types(registry), fence)
-                await self.singleton(job, on_elected=job.use_token)
+                await self.singleton(job, on_elected=job.use_token, companions=companions)
             self._built["retention"] = job
         job_: RetentionJob = self._built["retention"]
         return job_
+
+    def _rollup_jobs(self, store: TimeSeriesStore) -> list[Service]:
+        """The background rollup step of a store that needs one run beside retention."""
+        if self.settings.storage.timeseries != "influxdb":
+            return []
+        from iotmesh.storage.influx import InfluxTimeSeriesStore, RollupJob
+
+        if isinstance(store, InfluxTimeSeriesStore) and store.rollups is not None:
+            return [RollupJob(store.rollups)]
+        return []
 
     # -- cluster (serve) ------------------------------------------------------------------
 
@@ -422,16 +437,27 @@ class Builder:
         return cluster
 
     async def singleton(
-        self, job: Service, on_elected: Callable[[int], None] | None = None
+        self,
+        job: Service,
+        on_elected: Callable[[int], None] | None = None,
+        companions: Sequence[Service] = (),
     ) -> Singleton:
         """Start `job` under leader election (`elect` must be set): it runs while this
-        instance leads lease `job.name`; `on_elected` gets each term's fencing token."""
+        instance leads lease `job.name`; `on_elected` gets each term's fencing token;
+        `companions` run in the same terms."""
         from iotmesh.cluster.singleton import Singleton
 
         assert self.elect is not None, "singleton jobs need a candidate name (elect)"
         cluster = await self.cluster()
         lease_s = self.settings.cluster.lease_s
-        elected = Singleton(cluster, job, lease_s=lease_s, owner=self.elect, on_elected=on_elected)
+        elected = Singleton(
+            cluster,
+            job,
+            lease_s=lease_s,
+            owner=self.elect,
+            on_elected=on_elected,
+            companions=companions,
+        )
         return await self.enter(elected)
 
     async def latest(self, cache: bool = True) -> LatestCache:

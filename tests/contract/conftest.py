@@ -57,10 +57,18 @@ def _sqlite(tmp_path: Path) -> TimeSeriesStore:
     return SqliteTimeSeriesStore(tmp_path / "timeseries.db", settings, (5, 10, 60_000))
 
 
+async def _influxdb_settle(store: TimeSeriesStore) -> None:
+    assert isinstance(store, InfluxTimeSeriesStore)
+    await store.roll_up()
+
+
 def _influxdb(server: InfluxServer, tmp_path: Path) -> TimeSeriesStore:
     # A database per test, named after its tmp dir: the same on a reopen in one test.
+    # The SQLite backend's rollup levels, so the suite's queries read rollups here too;
+    # no marker lag (nothing else writes), so a retention pass never waits for one.
     database = "contract_" + hashlib.sha1(str(tmp_path).encode()).hexdigest()[:16]
-    return InfluxTimeSeriesStore(InfluxSettings(url=server.url, database=database))
+    settings = InfluxSettings(url=server.url, database=database)
+    return InfluxTimeSeriesStore(settings, levels=(5, 10, 60_000), rollup_lag_s=0)
 
 
 async def _postgres_settle(store: TimeSeriesStore) -> None:
@@ -77,7 +85,7 @@ def _postgres(server: PgServer, tmp_path: Path) -> TimeSeriesStore:
 
 BACKENDS = [
     Backend("sqlite", _sqlite, _sqlite_settle),
-    Backend("influxdb", _influxdb, no_background_work, server="influxd"),
+    Backend("influxdb", _influxdb, _influxdb_settle, server="influxd"),
     Backend("postgres", _postgres, _postgres_settle, server="postgres"),
 ]
 

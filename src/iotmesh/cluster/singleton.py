@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from iotmesh.cluster.election import LeaderElection, LeaseStore
@@ -48,9 +48,14 @@ class Singleton(Service):
         lease_s: float,
         owner: str | None = None,
         on_elected: Callable[[int], None] | None = None,
+        companions: Sequence[Service] = (),
     ) -> None:
         self.name = service.name
         self.service = service
+        # Run in the same terms as `service` (started after it, stopped before it): work
+        # that must never run beside the job elsewhere, e.g. InfluxDB's rollup step,
+        # which retention also runs before it deletes raw points.
+        self.companions = tuple(companions)
         self._on_elected = on_elected
         self._failure: str | None = None  # why this term's job is not running
         self.election = LeaderElection(
@@ -79,14 +84,18 @@ class Singleton(Service):
         if self._on_elected is not None:
             self._on_elected(token)
         self._failure = None
+        started: list[Service] = []
         try:
-            await self.service.start()
+            for service in (self.service, *self.companions):
+                started.append(service)
+                await service.start()
             await asyncio.Event().wait()  # until the term ends (the election cancels us)
         except Exception as exc:
             log.exception("%s: the job failed to start; it waits for the next term", self.name)
             self._failure = f"the job failed to start: {exc!r}"
         finally:
-            await self.service.stop()  # also after a start cut short by the term's end
+            for service in reversed(started):  # also after a start cut short by the term's end
+                await service.stop()
 
     async def start(self) -> None:
         await self.election.start()
@@ -99,6 +108,9 @@ class Singleton(Service):
             return Health(ok=True, detail="standby: another instance leads")
         if self._failure is not None:
             return Health(ok=False, detail=self._failure)
+        for companion in self.companions:
+            if not (health := companion.health()).ok:
+                return health
         return self.service.health()
 
     def stats(self) -> dict[str, Any]:

@@ -107,3 +107,20 @@ async def test_a_job_that_fails_to_start_is_stopped_and_the_lease_kept() -> None
         health = singleton.health()
         assert not health.ok
         assert "store unreachable" in health.detail
+
+
+async def test_companions_run_in_the_job_s_terms_only() -> None:
+    leases = MemoryLeases()
+    jobs, steps = [Job(), Job()], [Job(), Job()]
+    a, b = (
+        Singleton(leases, job, lease_s=0.3, owner=owner, companions=[step])
+        for job, step, owner in zip(jobs, steps, ("a", "b"), strict=True)
+    )
+    async with a, b:
+        await until(lambda: steps[0].running)
+        assert jobs[0].running
+        assert not steps[1].running
+        await a.stop()  # the companion stops with the job; b's start together
+        assert not steps[0].running
+        assert not jobs[0].running
+        await until(lambda: steps[1].running and jobs[1].running)

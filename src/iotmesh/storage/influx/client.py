@@ -158,8 +158,12 @@ class InfluxClient:
             response.headers.get("X-Influxdb-Build", "unknown"),
         )
 
-    async def write(self, body: bytes) -> None:
-        """Write line protocol (ms timestamps); durable in InfluxDB's WAL when it returns.
+    async def write(self, body: bytes, precision: str = "ms") -> None:
+        """Write line protocol; durable in InfluxDB's WAL when it returns.
+
+        Args:
+            body: lines, timestamps in `precision` units ("ms", or "ns" when a line
+                needs a finer time, as the rollup markers do).
 
         Raises:
             PayloadError: InfluxDB refused the points (400).
@@ -170,9 +174,9 @@ class InfluxClient:
             return
         s = self.settings
         if s.version == 1:
-            path, params = "/write", {"db": s.database, "precision": "ms"}
+            path, params = "/write", {"db": s.database, "precision": precision}
         else:
-            params = {"bucket": s.bucket, "precision": "ms"}
+            params = {"bucket": s.bucket, "precision": precision}
             if s.org is not None:
                 params["org"] = s.org
             path = "/api/v2/write"
@@ -199,17 +203,20 @@ class InfluxClient:
             raise DatabaseNotFound(f"InfluxDB write failed (404): {_error(response)}")
         raise StorageError(f"InfluxDB write failed ({response.status_code}): {_error(response)}")
 
-    async def query(self, statements: Sequence[str], *, db: bool = True) -> list[list[Series]]:
+    async def query(
+        self, statements: Sequence[str], *, db: bool = True, epoch: str = "ms"
+    ) -> list[list[Series]]:
         """Run InfluxQL statements in one request; return each one's series.
 
         Args:
             statements: InfluxQL statements, run in order.
             db: run them in the configured database (False for server-level ones).
+            epoch: the unit of the times answered ("ms", or "ns").
 
         Raises:
             StorageError: the request or any statement failed.
         """
-        data = {"q": ";\n".join(statements), "epoch": "ms", "chunked": "true"}
+        data = {"q": ";\n".join(statements), "epoch": epoch, "chunked": "true"}
         data["chunk_size"] = str(CHUNK_SIZE)
         if db:
             data["db"] = self.database

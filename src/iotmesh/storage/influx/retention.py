@@ -2,17 +2,15 @@
 
 Why not InfluxDB's own retention policies: an RP's duration holds for a whole
 measurement (every device and key alike) and is counted in shard groups, while iotmesh
-TTLs differ per key and per device type. Why no continuous queries for rollups:
-InfluxDB already aggregates raw points server-side (`GROUP BY time`), and a CQ
-computes each interval once (or over a `RESAMPLE FOR` window): a late point, a
-rewrite or a delete after that leaves its bucket wrong, which the rollup contract
-(exact answers) does not allow. So on InfluxDB aggregates are always computed from the
-raw points that are kept; with a raw TTL, aggregates of the expired range are gone.
+TTLs differ per key and per device type. Rollups are not continuous queries either
+(see `rollups.py`): they are recomputed from raw points by iotmesh, and brought up to
+date before raw points expire, so aggregates of an expired range keep answering.
 
 A series' TTL is the one `RetentionPolicy.raw_ttl` gives: specific rules (its key's,
 its device's) override the default; the longest of them wins; 0 keeps forever. The
 statements partition the series by which rules match them, so each series is deleted
-up to its own cutoff exactly once.
+up to its own cutoff exactly once. With rollups, cutoffs are aligned down to the
+coarsest level, so no bucket is ever half expired (as on SQLite).
 """
 
 from __future__ import annotations
@@ -26,13 +24,18 @@ def _tag(name: str, value: str, op: str = "=") -> str:
     return f'"{name}" {op} {literal(encode_tag(value))}'
 
 
-def statements(policy: RetentionPolicy) -> list[str]:
-    """The `DELETE` statements that expire raw points by `policy`."""
+def statements(policy: RetentionPolicy, align_ms: int = 1) -> list[str]:
+    """The `DELETE` statements that expire raw points by `policy`.
+
+    Args:
+        align_ms: cutoffs are aligned down to a multiple of it (the coarsest level).
+    """
     out: list[str] = []
 
     def delete(ttl: int, conditions: list[str]) -> None:
         if ttl > 0:
-            cutoff_ns = (policy.now_ms - ttl) * 1_000_000
+            cutoff = policy.now_ms - ttl
+            cutoff_ns = (cutoff - cutoff % align_ms) * 1_000_000
             where = " AND ".join([*conditions, f"time < {cutoff_ns}"])
             out.append(f"DELETE FROM {MEASUREMENT} WHERE {where}")
 

@@ -18,6 +18,12 @@ The data model and the type mapping are in `lineproto.py` (one measurement, a se
 - deletes: count first, then `DELETE` (1.x) or /api/v2/delete (2.x); a device deleted:
   `DROP SERIES`.
 
+Rollups (1.x, the configured levels; `rollups.py`, `rollup_reads.py`): a write carries
+dirty markers in its first request (its points then in ns precision); a delete writes
+its markers before it deletes; `agg` queries whose interval a level divides read
+rollups where they answer exactly. The step that computes them runs outside the write
+path (`RollupJob`, or `roll_up`).
+
 Transactions: a `write` is one HTTP request (or a few, for batches over
 `MAX_BODY_BYTES`). InfluxDB does not roll a failed request back, but every point is
 written whole and rewriting it is idempotent, so the writer's retry of the same batch
@@ -52,7 +58,7 @@ from iotmesh.core.errors import StorageError
 from iotmesh.core.settings import InfluxSettings
 from iotmesh.core.types import Aggregation, Order, TsPoint
 from iotmesh.storage import aggregate
-from iotmesh.storage.influx import aggregates, retention
+from iotmesh.storage.influx import aggregates, retention, rollup_reads
 from iotmesh.storage.influx.client import DatabaseNotFound, InfluxClient, Series, literal
 from iotmesh.storage.influx.lineproto import (
     MAX_TS_MS,
@@ -64,6 +70,8 @@ from iotmesh.storage.influx.lineproto import (
     encode_lines,
     encode_tag,
 )
+from iotmesh.storage.influx.rollup_format import write_ranges
+from iotmesh.storage.influx.rollups import LAG_S, RollupUpkeep
 from iotmesh.storage.points import Kind, Points
 from iotmesh.storage.rollup import RetentionPolicy
 from iotmesh.storage.timeseries import Query, SeriesWrite
@@ -85,18 +93,37 @@ class InfluxTimeSeriesStore:
     """A `TimeSeriesStore` on InfluxDB 1.x (tested) or 2.x/3.x (same protocol)."""
 
     def __init__(
-        self, settings: InfluxSettings, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        settings: InfluxSettings,
+        transport: httpx.AsyncBaseTransport | None = None,
+        levels: Sequence[int] = (),
+        rollup_lag_s: float = LAG_S,
     ) -> None:
+        """Args:
+        levels: rollup bucket widths (ms), each a multiple of the one before; kept on
+            1.x only (2.x/3.x: see docs/storage.md), so ignored there.
+        rollup_lag_s: how old a dirty marker must be before the background step
+            handles it (`rollups.py`; 0 only when no other process writes).
+        """
         self.settings = settings
         self.client = InfluxClient(settings, transport)
         # Held by a write; `close` takes it, so it waits for a write in progress.
         self._writing = asyncio.Lock()
+        # Seqs of writes and deletes in progress: the rollup step leaves their markers.
+        self._in_flight: set[int] = set()
+        self.rollups: RollupUpkeep | None = None
+        if levels and settings.version == 1:
+            self.rollups = RollupUpkeep(
+                self.client, levels, self._read_entities, self._in_flight, rollup_lag_s
+            )
 
     async def open(self) -> None:
         await self.client.open()
         try:
             await self.client.ping()
             await self.client.ensure_database()
+            if self.rollups is not None:
+                await self.rollups.open()
         except BaseException:
             await self.client.close()
             raise
@@ -105,11 +132,36 @@ class InfluxTimeSeriesStore:
         async with self._writing:
             await self.client.close()
 
+    async def roll_up(self, *, everything: bool = True) -> int:
+        """Run the rollup step until it finds nothing to do; return the markers handled.
+
+        Args:
+            everything: also open buckets and markers younger than `rollups.LAG_S`
+                (tests, benchmarks; only when no other process writes).
+        """
+        if self.rollups is None:
+            return 0
+        async with self.rollups.lock:
+            return await self.rollups.catch_up(open_buckets=everything, no_lag=everything)
+
     async def write(self, batch: Sequence[SeriesWrite]) -> None:
         try:
             async with self._writing:
-                for body in bodies(encode_lines(batch), MAX_BODY_BYTES):
-                    await self.client.write(body)
+                if self.rollups is None:
+                    for body in bodies(encode_lines(batch), MAX_BODY_BYTES):
+                        await self.client.write(body)
+                    return
+                lines = encode_lines(batch)  # first: refuses a bad batch before markers
+                stamps = [(s.entity_id, [r.ts for r in s.records]) for s in batch]
+                ranges = write_ranges(stamps, self.rollups.coarsest)
+                # Markers first, acknowledged: a crash leaves markers without points,
+                # never points without their markers (see rollups.py).
+                seq = await self.rollups.write_markers(ranges)
+                try:
+                    for body in bodies(lines, MAX_BODY_BYTES):
+                        await self.client.write(body)
+                finally:
+                    self._in_flight.discard(seq)
         except DatabaseNotFound:
             # Dropped while we run: create it again, so the writer's retry can succeed.
             with contextlib.suppress(StorageError):
@@ -128,13 +180,38 @@ class InfluxTimeSeriesStore:
         if q.agg is Aggregation.NONE:
             raw = await self._raw(q.entity_id, keys, start, end, q.order, q.limit)
             return {k: raw[k] for k in keys if k in raw}
-        found = await self._aggregated(q, keys, start, end)
+        found = None
+        if self.rollups is not None:
+            found = await rollup_reads.answer(self.rollups, self._read_all, q, keys, start, end)
+        if found is None:
+            found = await self._aggregated(q, keys, start, end)
         return {k: found[k] for k in keys if found.get(k)}
+
+    async def _read_all(
+        self, entity: str, keys: Sequence[str] | None, start: int, end: int
+    ) -> dict[str, list[TsPoint]]:
+        """Every point of the keys (None: all) in [start, end], oldest first."""
+        return await self._raw(entity, keys, start, end, Order.ASC, None)
+
+    async def _read_entities(
+        self, entities: Sequence[str], start: int, end: int
+    ) -> dict[str, dict[str, list[TsPoint]]]:
+        """Every point of the entities in [start, end], by entity and key, oldest first."""
+        where = _where_entities(entities) + f" AND {_time_range(start, end)}"
+        statement = (
+            f"SELECT kind, {_SELECT_VALUE} FROM {MEASUREMENT} WHERE {where}"
+            ' GROUP BY entity, "key" ORDER BY time ASC'
+        )
+        out: dict[str, dict[str, list[TsPoint]]] = {}
+        for tags, points in await self._raw_series(statement):
+            key = decode_tag(tags["key"])
+            out.setdefault(decode_tag(tags["entity"]), {})[key] = points
+        return out
 
     async def _raw(
         self,
         entity: str,
-        keys: Sequence[str],
+        keys: Sequence[str] | None,
         start: int,
         end: int,
         order: Order,
@@ -146,9 +223,14 @@ class InfluxTimeSeriesStore:
             f"SELECT kind, {_SELECT_VALUE} FROM {MEASUREMENT} WHERE {where}"
             f' GROUP BY "key" ORDER BY time {order.value}{tail}'
         )
+        return {decode_tag(tags["key"]): pts for tags, pts in await self._raw_series(statement)}
+
+    async def _raw_series(self, statement: str) -> list[tuple[dict[str, str], list[TsPoint]]]:
+        """The points of each series a raw SELECT answers (with its tags), read again
+        while a point is caught half visible (see "Visibility")."""
         for attempt in range(MIDWRITE_RETRIES + 1):
             (result,) = await self.client.query([statement])
-            out: dict[str, list[TsPoint]] = {}
+            out: list[tuple[dict[str, str], list[TsPoint]]] = []
             torn = False
             for series in result:
                 read = _reader(series.columns, "kind")
@@ -159,7 +241,7 @@ class InfluxTimeSeriesStore:
                     except _MidWrite:
                         torn = True
                 if points:
-                    out[decode_tag(series.tags["key"])] = points
+                    out.append((series.tags, points))
             if not torn or not await _wait_for_writes(attempt):
                 return out
         raise AssertionError("unreachable")
@@ -288,6 +370,10 @@ class InfluxTimeSeriesStore:
             [f'SELECT COUNT(kind) FROM {MEASUREMENT} WHERE {where} GROUP BY "key"']
         )
         count = sum(int(row[1]) for series in counted for row in series.values)
+        if self.rollups is not None:
+            # Even with no raw point left: the range's buckets may outlive expired ones.
+            await self._delete_marked(entity_id, keys, start, end, where if count else None)
+            return count
         if count == 0:
             return 0
         if self.settings.version == 1:
@@ -298,8 +384,24 @@ class InfluxTimeSeriesStore:
                 await self.client.delete_v2(predicate, start, end)
         return count
 
+    async def _delete_marked(
+        self, entity: str, keys: Sequence[str], start: int, end: int, where: str | None
+    ) -> None:
+        """1.x with rollups: a delete marker per key, then the DELETE of `where` (None:
+        no raw point to delete; the marker still deletes buckets of expired ranges)."""
+        assert self.rollups is not None
+        seq = await self.rollups.write_markers(
+            [(entity, key, start, end + 1) for key in dict.fromkeys(keys)]
+        )
+        try:
+            if where is not None:
+                await self.client.query([f"DELETE FROM {MEASUREMENT} WHERE {where}"])
+        finally:
+            self._in_flight.discard(seq)
+
     async def apply_retention(self, policy: RetentionPolicy) -> None:
-        """Delete raw points past their TTL (`retention.py`); no rollups on InfluxDB."""
+        """Delete raw points past their TTL (`retention.py`) and rollup buckets past
+        their level's; rollups are brought up to date before raw points go."""
         if self.settings.version != 1:
             # /api/v2/delete predicates have no `!=`, which the per-key and per-device
             # exceptions need: InfluxDB 2.x/3.x expire data by the bucket's retention.
@@ -310,12 +412,28 @@ class InfluxTimeSeriesStore:
                     self.settings.version,
                 )
             return
-        for statement in retention.statements(policy):
-            await self.client.query([statement])
+        if self.rollups is None:
+            for statement in retention.statements(policy):
+                await self.client.query([statement])
+            return
+        upkeep = self.rollups
+        async with upkeep.lock:
+            await upkeep.roll_up_before_expiry(policy)
+            upkeep.policy = policy  # from now on, no bucket before a cutoff is recomputed
+            for statement in retention.statements(policy, upkeep.coarsest):
+                await self.client.query([statement])
+        await upkeep.expire(policy)
 
     async def delete_entity(self, entity_id: str) -> None:
         if self.settings.version == 1:
             entity = literal(encode_tag(entity_id))
+            if self.rollups is not None:
+                async with self.rollups.lock:  # not under a step writing its buckets
+                    await self.client.query(
+                        [f"DROP SERIES FROM {MEASUREMENT} WHERE entity = {entity}"]
+                    )
+                    await self.rollups.forget(entity_id)
+                return
             await self.client.query([f"DROP SERIES FROM {MEASUREMENT} WHERE entity = {entity}"])
         else:
             await self.client.delete_v2(_v2_tag("entity", entity_id), MIN_TS_MS, MAX_TS_MS)
@@ -333,8 +451,18 @@ def _where(entity: str, keys: Sequence[str] | None, start: int, end: int) -> str
             + " OR ".join(f'"key" = {literal(encode_tag(k))}' for k in dict.fromkeys(keys))
             + ")"
         )
-    parts.append(f"time >= {start * 1_000_000} AND time <= {end * 1_000_000}")
+    parts.append(_time_range(start, end))
     return " AND ".join(parts)
+
+
+def _where_entities(entities: Sequence[str]) -> str:
+    """The WHERE condition of several entities."""
+    return "(" + " OR ".join(f"entity = {literal(encode_tag(e))}" for e in entities) + ")"
+
+
+def _time_range(start: int, end: int) -> str:
+    """The WHERE condition of [start, end] ms."""
+    return f"time >= {start * 1_000_000} AND time <= {end * 1_000_000}"
 
 
 def _v2_tag(tag: str, value: str) -> str:
