@@ -64,11 +64,11 @@ def timeseries_store(settings: Settings, data_dir: Path) -> TimeSeriesStore:
         from iotmesh.storage.influx import InfluxTimeSeriesStore
 
         return InfluxTimeSeriesStore(settings.storage.influxdb)
+    levels = [level.interval_ms for level in settings.storage.retention.rollups]
     if settings.storage.timeseries == "postgres":
         from iotmesh.storage.postgres import PostgresTimeSeriesStore
 
-        return PostgresTimeSeriesStore(settings.storage.postgres)
-    levels = [level.interval_ms for level in settings.storage.retention.rollups]
+        return PostgresTimeSeriesStore(settings.storage.postgres, levels)
     return SqliteTimeSeriesStore(data_dir / "timeseries.db", settings.storage.sqlite, levels)
 
 

@@ -41,7 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 from iotmesh.core.settings import PostgresSettings
-from iotmesh.storage.postgres import tschunks
+from iotmesh.storage.postgres import tschunks, tsrollups
 from iotmesh.storage.postgres.connection import Conn, Migration
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def migrations(settings: PostgresSettings) -> list[Migration]:
         )
         log.info("created the PostgreSQL time-series schema (%s)", layout)
 
-    return [create, tschunks.MIGRATION]
+    return [create, tschunks.MIGRATION, tsrollups.MIGRATION]
 
 
 async def _timescale(conn: Conn) -> bool:
