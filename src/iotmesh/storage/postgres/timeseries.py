@@ -270,7 +270,8 @@ class PostgresTimeSeriesStore:
                     continue
                 sid, chunked = series[key]
                 plan = None
-                if chunked and self._levels and q.agg is not Aggregation.NONE:
+                # Not only where chunks are: rollups outlive them (raw TTL).
+                if self._levels and q.agg is not Aggregation.NONE:
                     if usable is None:
                         usable = await tsrollups.usable(conn)
                     plan = rollup_plan.choose(self._levels, q, usable.get)
