@@ -20,9 +20,16 @@ older blocks (an hour each) into `ts_chunks`, one row of packed arrays per serie
 block, so that a query over 1M points reads ~280 rows instead of 1M. The block of a
 series' newest point stays as rows while it is written to.
 
+Rollups (`tsrollups.py`): the buckets of each chunk at each configured level, written in
+every transaction that changes the chunk, so they always equal it. Retention
+(`tsretention.py`) expires raw points (their aggregates stay in the rollups) and rollup
+buckets past their level's TTL.
+
 Reads run in one read-only REPEATABLE READ transaction per call, so the keys of one
 query see the same commits and never half a batch, nor a block both as rows and chunk.
-A key without chunks in the range is answered by SQL (`tsquery.raw`/`aggregated`); one
+An aggregation a complete rollup level answers is read from rollups, with raw edges
+and pending buckets (`tsquery.rolled_up`, planned by `storage/rollup_plan.py`). Else a
+key without chunks in the range is answered by SQL (`tsquery.raw`/`aggregated`); one
 with chunks is read into numpy columns and answered like the SQLite store's
 (`tsquery.chunked`).
 
@@ -37,9 +44,11 @@ Error handling: see `connection.py`. Connection errors and server failures are
 outside int64) is `PayloadError`, like the SQLite store.
 
 Resource handling: `open` creates the pool, migrates the schema, loads the partition
-list and starts the compaction task; `close` stops that task (a compaction in progress
-rolls back), waits for a write in progress, then closes the pool (waiting for queries
-in progress). A compaction that fails (server away) is logged and retried later.
+list, brings the rollup levels in line with the configured ones and starts the
+compaction task (which also builds levels added to existing chunks); `close` stops that
+task (a compaction in progress rolls back), waits for a write in progress, then closes
+the pool (waiting for queries in progress). A compaction that fails (server away) is
+logged and retried later.
 """
 
 from __future__ import annotations

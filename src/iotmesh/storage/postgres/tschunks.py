@@ -28,7 +28,8 @@ neither.
 Reads merge chunk points with the rows of the same range, rows last (newer), with
 `points.merge`: a rewrite of a compacted ts, of any kind, is a row until the next
 compaction folds it in. Deletes remove rows and cut the points out of the chunks they
-touch (`delete_range`).
+touch (`delete_range`). Every chunk write and delete updates the block's rollups in
+the same transaction (`tsrollups.py`).
 """
 
 from __future__ import annotations
