@@ -206,6 +206,8 @@ def take(buckets: RollupArray, which: npt.NDArray[np.intp] | npt.NDArray[np.bool
 
 def concat(parts: Sequence[RollupArray]) -> RollupArray:
     """A few bucket arrays joined in the order given, copied as rows of words."""
+    if not parts:
+        return empty()
     return np.concatenate([_words(p) for p in parts]).reshape(-1).view(ROLLUP)
 
 

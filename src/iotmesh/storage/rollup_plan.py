@@ -87,20 +87,50 @@ def answer(
     r0, r1 = plan.r0, plan.r1
     lo, hi = np.searchsorted(stored["ts"], [r0, r1])
     used = stored[lo:hi]  # a view
-    if len(pending):
-        used = rollup.take(used, ~_in_sorted(used["ts"], pending))
     raw = _raw_partials(points, plan, pending)
-    # Raw partials before r0 go first, the ones from r1 on last: one copy, in order
-    # unless pending buckets (inside [r0, r1)) are among them.
-    cut = int(np.searchsorted(raw["ts"], r0))
-    parts = rollup.concat([raw[:cut], used, raw[cut:]])
-    if len(pending):
-        ts = parts["ts"]
-        if bool((ts[1:] < ts[:-1]).any()):
-            parts = rollup.take(parts, np.argsort(ts, kind="stable"))
+    # Raw partials before r0 go first, the ones from r1 on last, pending ones (inside
+    # [r0, r1)) between the runs of stored buckets they replace: one copy, in order.
+    cut0, cut1 = (int(i) for i in np.searchsorted(raw["ts"], [r0, r1]))
+    pieces = [raw[:cut0], *_between(used, raw[cut0:cut1], pending), raw[cut1:]]
+    parts = rollup.concat(pieces)
     if len(parts):
         agg.check_buckets(int(parts["ts"][0]), int(parts["ts"][-1]), q.interval_ms)
     return rollup.answer(rollup.combine(parts, q.interval_ms), q.agg)
+
+
+_MAX_PIECES = 256  # runs of stored buckets worth copying one by one
+
+
+def _between(
+    used: rollup.RollupArray, mid: rollup.RollupArray, pending: I64Array
+) -> list[rollup.RollupArray]:
+    """The stored buckets but the pending ones, and the raw partials `mid` of the
+    pending ones, as pieces in ts order (views where possible: pending buckets are
+    usually a run at the end, the series' newest hour or so)."""
+    if not len(pending):
+        return [used, mid]
+    kept = ~_in_sorted(used["ts"], pending)
+    # Where each run of partials goes among the stored buckets (before used[at]).
+    at = np.searchsorted(used["ts"], mid["ts"])
+    groups = np.flatnonzero(np.diff(at, prepend=-1))  # the first partial of each run
+    edges = np.flatnonzero(np.diff(np.concatenate(([1], kept.view(np.int8), [1]))))
+    cuts = np.union1d(edges, at[groups])
+    if len(cuts) > _MAX_PIECES:  # scattered: one copy, then one sort
+        joined = rollup.concat([rollup.take(used, kept), mid])
+        return [rollup.take(joined, np.argsort(joined["ts"], kind="stable"))]
+    # (position among the stored buckets, partials before stored ones, piece)
+    keyed = [
+        (start, 1, piece)
+        for start, piece in zip([0, *cuts.tolist()], np.split(used, cuts), strict=True)
+        if len(piece) and kept[start]
+    ]
+    if len(mid):
+        keyed += [
+            (int(at[first]), 0, piece)
+            for first, piece in zip(groups.tolist(), np.split(mid, groups[1:]), strict=True)
+        ]
+    keyed.sort(key=lambda k: k[:2])
+    return [piece for _, _, piece in keyed]
 
 
 def _in_sorted(values: I64Array, ascending: I64Array) -> npt.NDArray[np.bool_]:
