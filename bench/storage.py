@@ -20,13 +20,14 @@ user postgres) and dropped at the end.
    of one series (1 Hz, ~11.6 days) and on 1000 series of 1000 points each (one query
    per series; total and median), after compaction (SQLite, PostgreSQL) has settled.
 3. Rollups: one 1 Hz series over `--days` days (30: 2,592,000 points), AVG per minute
-   and per hour over the whole range (43,200 and 720 buckets), on SQLite and InfluxDB
-   with the default rollup levels (1 min, 1 h) and without rollups (InfluxDB then
+   and per hour over the whole range (43,200 and 720 buckets), on SQLite, PostgreSQL and
+   InfluxDB with the default rollup levels (1 min, 1 h) and without rollups (InfluxDB then
    aggregates raw points itself). Also: how long the rollups took to build.
 
-SQLite and InfluxDB stores get the default rollup levels (1 min, 1 h) unless
+SQLite, PostgreSQL and InfluxDB stores get the default rollup levels (1 min, 1 h) unless
 `--rollup-levels none`, so the ingest figure includes rollup upkeep (SQLite: background
-steps of the writer process; InfluxDB: the dirty markers each write sends first).
+steps of the writer process; PostgreSQL: in each compaction's transaction; InfluxDB: the
+dirty markers each write sends first).
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ class Backend:
         if self.name == "postgres":
             schema = "bench_" + name.replace("-", "_")
             pg = PostgresSettings(url=self.postgres_url, schema_name=schema)
-            return PostgresTimeSeriesStore(pg)
+            return PostgresTimeSeriesStore(pg, self.args.levels if levels is None else levels)
         database = f"bench_{name}_{time.time_ns()}"
         settings = InfluxSettings(url=self.influx_url, database=database)
         levels = self.args.levels if levels is None else levels
@@ -250,11 +251,8 @@ def per(entity: str, start: int, end: int, interval: int) -> Query:
 
 async def rollup_queries(backend: Backend, args: argparse.Namespace) -> dict[str, Any]:
     """The 30-day series: AVG per minute / hour with rollups and without (SQLite,
-    InfluxDB)."""
-    with_rollups = ("sqlite", "influxdb")
-    variants = (
-        {"rollups": [60_000, 3_600_000], "raw": []} if backend.name in with_rollups else {"raw": []}
-    )
+    InfluxDB and PostgreSQL)."""
+    variants = {"rollups": [60_000, 3_600_000], "raw": []}
     n = args.days * 86_400
     out: dict[str, Any] = {"points": n}
     for name, levels in variants.items():
@@ -381,7 +379,8 @@ async def main() -> None:
     parser.add_argument(
         "--rollup-levels",
         default="60000,3600000",
-        help="SQLite rollup levels (ms, comma-separated) of the ingest and query stores;"
+        help="rollup levels (ms, comma-separated) of the SQLite and PostgreSQL ingest and"
+        " query stores;"
         " 'none' for none",
     )
     parser.add_argument(

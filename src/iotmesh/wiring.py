@@ -73,7 +73,7 @@ def timeseries_store(settings: Settings, data_dir: Path) -> TimeSeriesStore:
     if settings.storage.timeseries == "postgres":
         from iotmesh.storage.postgres import PostgresTimeSeriesStore
 
-        return PostgresTimeSeriesStore(settings.storage.postgres)
+        return PostgresTimeSeriesStore(settings.storage.postgres, levels)
     return SqliteTimeSeriesStore(data_dir / "timeseries.db", settings.storage.sqlite, levels)
 
 

@@ -79,8 +79,10 @@ async def _postgres_settle(store: TimeSeriesStore) -> None:
 
 def _postgres(server: PgServer, tmp_path: Path) -> TimeSeriesStore:
     # A schema per test, named after its tmp dir: the same on a reopen in one test.
-    # Daily partitions, so the tests' timestamps (1970 and 2023) span a few of them.
-    return PostgresTimeSeriesStore(server.settings(str(tmp_path), partition_interval_s=86400))
+    # Daily partitions, so the tests' timestamps (1970 and 2023) span a few of them;
+    # the SQLite store's rollup levels.
+    settings = server.settings(str(tmp_path), partition_interval_s=86400)
+    return PostgresTimeSeriesStore(settings, (5, 10, 60_000))
 
 
 BACKENDS = [

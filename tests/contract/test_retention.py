@@ -1,7 +1,7 @@
 """The retention contract: raw TTLs, with per-key and per-device overrides, on every backend.
 
-Timestamps are whole minutes, so SQLite's alignment of cutoffs to its coarsest rollup
-level (a minute in the contract configuration) changes nothing here.
+Timestamps are whole minutes, so the alignment of cutoffs to the coarsest rollup level
+(SQLite and PostgreSQL: a minute in the contract configuration) changes nothing here.
 """
 
 from __future__ import annotations

@@ -33,6 +33,9 @@ from iotmesh.storage.timeseries import Query, SeriesWrite
 from tests.postgres import PgServer
 
 H = CHUNK_SPAN_MS
+# Rollup levels of the stores whose answers are checked against the model: the model's
+# intervals of a second and a minute, and an hour (H + 1 and 7 read raw points).
+LEVELS = (1000, 60_000, H)
 # (start, end, limit) of the queries checked: all, a window cutting blocks with a small
 # limit (a raw one reads only some chunks), one ts.
 RANGES = [(-4 * H, 4 * H, 10_000), (-H + 5, H - 5, 3), (0, 0, 1)]
@@ -61,7 +64,8 @@ def opened(postgres: PgServer, tmp_path: Path) -> Iterator[tuple[asyncio.Runner,
     """A store opened on an event loop of its own, which the examples run on; its
     background compaction stopped, so that the examples choose when to compact."""
     runner = asyncio.Runner()
-    store = PostgresTimeSeriesStore(postgres.settings(str(tmp_path), partition_interval_s=3600))
+    settings = postgres.settings(str(tmp_path), partition_interval_s=3600)
+    store = PostgresTimeSeriesStore(settings, LEVELS)
     runner.run(store.open())
     runner.run(_stop_background(store))
     try:
@@ -175,7 +179,7 @@ async def test_compaction_racing_writers_loses_nothing(postgres: PgServer, tmp_p
     """Writes rewriting and extending blocks, and deletes, while the blocks are
     compacted: every point's last write is what a query answers, and no statement
     fails (a deadlock between a delete and compaction would)."""
-    store = PostgresTimeSeriesStore(postgres.settings(str(tmp_path)))
+    store = PostgresTimeSeriesStore(postgres.settings(str(tmp_path)), LEVELS)
     await store.open()
     try:
         await _stop_background(store)

@@ -1,26 +1,16 @@
-"""SQLite rollups: answers from rollups equal answers from raw points, and survive raw TTL.
+"""SQLite rollups survive raw TTL, expire by level TTL, and are built for levels added later.
 
-Two real stores (writer processes and all) get the same operations: one keeps rollups
-of 5, 20 and 100 ms buckets, the other none, so it answers every aggregation from raw
-points. Hypothesis draws the operations: batches of points out of order and late,
-rewrites of a ts with another value or kind, deletes of ranges, compaction (which
-rolls up) at any point; then random ranges, intervals and aggregations must give the
-same typed answers. Doubles are quarters, so sums are exact and equality is strict
-(rounding is covered in test_rollup.py).
+That answers from rollups equal answers from raw points, whatever was written,
+rewritten, deleted and compacted, is checked on every backend that keeps rollups in
+tests/contract/test_rollups.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from iotmesh.core.settings import SqliteSettings
 from iotmesh.core.types import Aggregation, Order, TsRecord
@@ -28,99 +18,7 @@ from iotmesh.storage.rollup import RetentionPolicy
 from iotmesh.storage.sqlite.tsdb import SqliteTimeSeriesStore
 from iotmesh.storage.timeseries import Query, SeriesWrite
 
-LEVELS = (5, 20, 100)
 AGGREGATIONS = [a for a in Aggregation if a is not Aggregation.NONE]
-values = st.one_of(
-    st.integers(-400, 400).map(lambda k: k / 4),
-    st.integers(-(2**40), 2**40),  # with quarters: sums stay exact as doubles
-    st.integers(-50, 50),
-    st.booleans(),
-    st.sampled_from(["a", "b"]),
-)
-writes = st.lists(
-    st.tuples(st.integers(0, 700), st.dictionaries(st.sampled_from("xy"), values, min_size=1)),
-    min_size=1,
-    max_size=60,
-)
-ops = st.lists(
-    st.one_of(
-        st.tuples(st.just("write"), writes),
-        st.tuples(st.just("compact"), st.none()),
-        st.tuples(st.just("delete"), st.tuples(st.integers(0, 700), st.integers(0, 120))),
-    ),
-    min_size=1,
-    max_size=8,
-)
-queries = st.lists(
-    st.tuples(
-        st.integers(-10, 400),
-        st.integers(0, 720),  # the range's length
-        st.sampled_from(AGGREGATIONS),
-        st.sampled_from([5, 10, 20, 40, 60, 100, 200, 300, 7]),
-        st.sampled_from(list(Order)),
-        st.integers(1, 200),
-    ),
-    min_size=3,
-    max_size=10,
-)
-
-
-class Pair:
-    """A store with rollups and one without, on one event loop."""
-
-    def __init__(self, path: Path) -> None:
-        small = SqliteSettings(chunk_max_points=16, compact_min_chunks=3)
-        self.runner = asyncio.Runner()
-        self.rolled = SqliteTimeSeriesStore(path / "rolled.db", small, LEVELS)
-        self.raw = SqliteTimeSeriesStore(path / "raw.db", small)
-        self.path = path / "rolled.db"
-        self.entities = itertools.count()
-        for store in (self.rolled, self.raw):
-            self.runner.run(store.open())
-
-    def both(self, op: str, *args: Any) -> list[Any]:
-        return [self.runner.run(getattr(s, op)(*args)) for s in (self.rolled, self.raw)]
-
-    def close(self) -> None:
-        for store in (self.rolled, self.raw):
-            self.runner.run(store.close())
-        self.runner.close()
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    p = Pair(tmp_path_factory.mktemp("rollups"))
-    try:
-        yield p
-    finally:
-        p.close()
-
-
-def typed(result: dict[str, Any]) -> dict[str, list[tuple[int, type, Any]]]:
-    return {k: [(p.ts, type(p.value), p.value) for p in v] for k, v in result.items()}
-
-
-@settings(max_examples=100, deadline=None)
-@given(ops, queries)
-def test_rollup_answers_equal_raw_answers(pair: Pair, operations: Any, asked: Any) -> None:
-    entity = f"e{next(pair.entities)}"
-    for op, arg in operations:
-        if op == "write":
-            records = [TsRecord(ts, vals) for ts, vals in arg]
-            pair.both("write", [SeriesWrite(entity, records)])
-        elif op == "compact":
-            pair.both("compact")
-        else:
-            start, length = arg
-            deleted = pair.both("delete", entity, ["x", "y"], start, start + length)
-            assert deleted[0] == deleted[1]
-    for settle in (False, True):  # with work pending, then settled (all rolled up)
-        if settle:
-            pair.both("compact")
-        for start, length, agg, interval, order, limit in asked:
-            q = Query(entity, ("x", "y"), start, start + length, agg, interval, limit, order)
-            rolled, raw = pair.both("query", q)
-            assert typed(rolled) == typed(raw), q
 
 
 def test_rollups_are_used_and_outlive_raw_points(tmp_path: Path) -> None:

@@ -20,9 +20,16 @@ older blocks (an hour each) into `ts_chunks`, one row of packed arrays per serie
 block, so that a query over 1M points reads ~280 rows instead of 1M. The block of a
 series' newest point stays as rows while it is written to.
 
+Rollups (`tsrollups.py`): the buckets of each chunk at each configured level, written in
+every transaction that changes the chunk, so they always equal it. Retention
+(`tsretention.py`) expires raw points (their aggregates stay in the rollups) and rollup
+buckets past their level's TTL.
+
 Reads run in one read-only REPEATABLE READ transaction per call, so the keys of one
 query see the same commits and never half a batch, nor a block both as rows and chunk.
-A key without chunks in the range is answered by SQL (`tsquery.raw`/`aggregated`); one
+An aggregation a complete rollup level answers is read from rollups, with raw edges
+and pending buckets (`tsquery.rolled_up`, planned by `storage/rollup_plan.py`). Else a
+key without chunks in the range is answered by SQL (`tsquery.raw`/`aggregated`); one
 with chunks is read into numpy columns and answered like the SQLite store's
 (`tsquery.chunked`).
 
@@ -37,9 +44,11 @@ Error handling: see `connection.py`. Connection errors and server failures are
 outside int64) is `PayloadError`, like the SQLite store.
 
 Resource handling: `open` creates the pool, migrates the schema, loads the partition
-list and starts the compaction task; `close` stops that task (a compaction in progress
-rolls back), waits for a write in progress, then closes the pool (waiting for queries
-in progress). A compaction that fails (server away) is logged and retried later.
+list, brings the rollup levels in line with the configured ones and starts the
+compaction task (which also builds levels added to existing chunks); `close` stops that
+task (a compaction in progress rolls back), waits for a write in progress, then closes
+the pool (waiting for queries in progress). A compaction that fails (server away) is
+logged and retried later.
 """
 
 from __future__ import annotations
@@ -58,11 +67,11 @@ import numpy as np
 from iotmesh.core.errors import PayloadError, StorageError
 from iotmesh.core.settings import PostgresSettings
 from iotmesh.core.types import Aggregation, TsPoint
-from iotmesh.storage import aggregate
+from iotmesh.storage import aggregate, rollup_plan
 from iotmesh.storage.points import INT64_MAX, INT64_MIN, Kind, classify
-from iotmesh.storage.postgres import tschunks, tsquery, tsschema
+from iotmesh.storage.postgres import tschunks, tsquery, tsretention, tsrollups, tsschema
 from iotmesh.storage.postgres.connection import Conn, create_pool, migrate, translated
-from iotmesh.storage.rollup import RETENTION_FENCE, RetentionPolicy
+from iotmesh.storage.rollup import RetentionPolicy
 from iotmesh.storage.timeseries import Query, SeriesWrite
 
 log = logging.getLogger(__name__)
@@ -117,8 +126,10 @@ _INSERT_LATEST = """
 class PostgresTimeSeriesStore:
     """A `TimeSeriesStore` on PostgreSQL 13+ (tested on 15), TimescaleDB when present."""
 
-    def __init__(self, settings: PostgresSettings) -> None:
+    def __init__(self, settings: PostgresSettings, rollup_levels: Sequence[int] = ()) -> None:
         self.settings = settings
+        self._levels = tuple(sorted(rollup_levels))
+        self._building = False  # a level is being built from existing chunks
         self._pool: asyncpg.Pool | None = None
         self._partitions: tsschema.Partitions | None = None
         self._span = tschunks.CHUNK_SPAN_MS
@@ -145,6 +156,8 @@ class PostgresTimeSeriesStore:
                     tsschema.migrations(self.settings),
                 )
                 self._partitions = await tsschema.Partitions.load(conn)
+                async with conn.transaction():
+                    self._building = await tsrollups.sync_levels(conn, self._levels)
                 span = await conn.fetchval("SELECT value FROM ts_meta WHERE name = 'chunk_span_ms'")
                 self._span = int(span)
         except BaseException:
@@ -260,11 +273,20 @@ class PostgresTimeSeriesStore:
             series = await tschunks.series_with_chunks(
                 conn, q.entity_id, keys, q.start_ts, q.end_ts, self._span
             )
+            usable: dict[int, tuple[int, int]] | None = None
             for key in keys:
                 if key not in series:
                     continue
                 sid, chunked = series[key]
-                if chunked:
+                plan = None
+                # Not only where chunks are: rollups outlive them (raw TTL).
+                if self._levels and q.agg is not Aggregation.NONE:
+                    if usable is None:
+                        usable = await tsrollups.usable(conn)
+                    plan = rollup_plan.choose(self._levels, q, usable.get)
+                if plan is not None:
+                    found = await tsquery.rolled_up(conn, sid, q, plan, self._span)
+                elif chunked:
                     found = await tsquery.chunked(
                         conn,
                         sid,
@@ -344,6 +366,7 @@ class PostgresTimeSeriesStore:
                 end_ts,
                 self._span,
                 {sid: np.array(ts, np.int64) for sid, ts in rows_ts.items()},
+                levels=self._levels,
             )
             if count:
                 stale = await conn.fetch(
@@ -366,16 +389,20 @@ class PostgresTimeSeriesStore:
             await conn.execute(f"DELETE FROM ts_points WHERE series_id IN ({series})", entity_id)
             await conn.execute(f"DELETE FROM ts_latest WHERE series_id IN ({series})", entity_id)
             await conn.execute(f"DELETE FROM ts_chunks WHERE series_id IN ({series})", entity_id)
+            await tsrollups.forget_series(conn, entity_id)
 
     # -- compaction ----------------------------------------------------------------
 
     async def compact(self, *, everything: bool = False) -> int:
-        """Compact until nothing is left to; return the points moved into chunks.
+        """Compact until nothing is left to, and build rollup levels added to existing
+        chunks; return the points moved into chunks.
 
         Args:
             everything: also the block of each series' newest point (tests, benchmarks:
                 every point in chunks); by default that block stays as rows.
         """
+        while await self._build_step():
+            pass
         total = 0
         while True:
             found, moved = await self._compact_round(everything)
@@ -391,14 +418,40 @@ class PostgresTimeSeriesStore:
             found = await tschunks.candidates(conn, self._span, everything)
             for sid, block in found:
                 async with conn.transaction():
-                    moved += await tschunks.compact_block(conn, sid, block, self._span)
+                    moved += await tschunks.compact_block(
+                        conn, sid, block, self._span, levels=self._levels
+                    )
         return len(found), moved
+
+    async def _build_step(self) -> bool:
+        """Build the rollups of levels added to existing chunks for a few more series
+        (a transaction each); return whether more remains."""
+        if not self._building:
+            return False
+        async with translated(_WHAT), self.pool.acquire() as conn:
+            state = await tsrollups.building(conn)
+            if state is None:
+                self._building = False
+                return False
+            levels, after = state
+            sids = await conn.fetch(
+                "SELECT id FROM ts_series WHERE id > $1 ORDER BY id LIMIT 16", after
+            )
+            for (sid,) in sids:
+                async with conn.transaction():
+                    await tschunks.build_rollups(conn, sid, self._span, levels)
+                    await tsrollups.built(conn, levels, sid)
+            if not sids:
+                await tsrollups.built(conn, levels, None)
+                log.info("rollup levels %s built from existing chunks", levels)
+            return bool(sids)
 
     async def _compact_forever(self) -> None:
         while True:
             started = time.monotonic()
             try:
-                found, _ = await self._compact_round(everything=False)
+                found = int(await self._build_step())
+                found += (await self._compact_round(everything=False))[0]
             except StorageError as exc:
                 log.warning("compaction of the PostgreSQL time series failed: %s", exc)
                 found = 0
@@ -413,40 +466,16 @@ class PostgresTimeSeriesStore:
             await asyncio.sleep(0 if found else idle)
 
     async def apply_retention(self, policy: RetentionPolicy) -> None:
-        """Delete raw points past their TTL; no rollups on PostgreSQL yet.
-
-        Series are grouped by their TTL (`RetentionPolicy.raw_ttl`: the default, a key's or
-        a device's rule), and each group is one transaction: a DELETE of rows, one of the
-        chunks wholly before the cutoff, and a rewrite of the chunks the cutoff cuts, so a
-        pass costs a few statements per distinct TTL, not per series. Latest values stay
-        (they are the current state). With a `fencing_token` (a leader-elected job) each
-        transaction first records it in `fences`, and fails (rolls back) when a newer
-        leader's token is there already.
+        """Delete raw points past their TTL (their aggregates stay in the rollups) and
+        rollup buckets past their level's TTL (see `tsretention.py`). With a
+        `fencing_token` (a leader-elected job) each transaction first records it in
+        `fences`, and fails (rolls back) when a newer leader's token is there already.
 
         Raises:
             StorageError: the server failed, or the policy's fencing token is stale.
         """
-        if not (policy.raw_ttl_ms or policy.keys or policy.entities):
-            return
         async with translated(_WHAT), self.pool.acquire() as conn:
-            series = await conn.fetch("SELECT id, entity_id, key FROM ts_series")
-            by_ttl: dict[int, list[int]] = {}
-            for sid, entity_id, key in series:
-                ttl = policy.raw_ttl(entity_id, key)
-                if ttl > 0:
-                    by_ttl.setdefault(ttl, []).append(sid)
-            for ttl, sids in sorted(by_ttl.items()):
-                cutoff = policy.now_ms - ttl
-                async with conn.transaction():
-                    if policy.fencing_token is not None:
-                        await tsschema.fenced(conn, RETENTION_FENCE, policy.fencing_token)
-                    await tschunks.lock_series(conn, sids)
-                    await conn.execute(
-                        "DELETE FROM ts_points WHERE series_id = ANY($1::bigint[]) AND ts < $2",
-                        sids,
-                        cutoff,
-                    )
-                    await tschunks.expire(conn, sids, cutoff, self._span)
+            await tsretention.apply(conn, policy, self._span, self._levels)
 
 
 __all__ = ["PostgresTimeSeriesStore"]

@@ -28,7 +28,8 @@ neither.
 Reads merge chunk points with the rows of the same range, rows last (newer), with
 `points.merge`: a rewrite of a compacted ts, of any kind, is a row until the next
 compaction folds it in. Deletes remove rows and cut the points out of the chunks they
-touch (`delete_range`).
+touch (`delete_range`). Every chunk write and delete updates the block's rollups in
+the same transaction (`tsrollups.py`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import numpy.typing as npt
 
 from iotmesh.core.errors import StorageError
 from iotmesh.storage.points import INT64_MAX, INT64_MIN, Kind, Points, classify, merge
+from iotmesh.storage.postgres import tsrollups
 from iotmesh.storage.postgres.connection import Conn
 
 # One hour: a 1 Hz series packs 3,600 points (~57 KB) per chunk, a year is ~8,800 rows.
@@ -278,8 +280,11 @@ def series_lock(sid: int) -> tuple[str, int]:
     return "SELECT pg_advisory_xact_lock(hashtext('iotmesh:chunks'), $1::int)", sid % 2**31
 
 
-async def compact_block(conn: Conn, sid: int, block: int, span: int) -> int:
-    """Move the rows of (sid, block) into its chunk; return how many moved.
+async def compact_block(
+    conn: Conn, sid: int, block: int, span: int, *, levels: Sequence[int]
+) -> int:
+    """Move the rows of (sid, block) into its chunk (and its rollups of `levels`);
+    return how many moved.
 
     Run inside a transaction.
     """
@@ -301,12 +306,16 @@ async def compact_block(conn: Conn, sid: int, block: int, span: int) -> int:
     )
     parts = [] if old is None else [decode(old)]
     parts.append(rows_to_points(moved))
-    await write_chunk(conn, sid, block, merge(parts))
+    await write_chunk(conn, sid, block, merge(parts), span, levels)
     return len(moved)
 
 
-async def write_chunk(conn: Conn, sid: int, block: int, points: Points) -> None:
-    """Store `points` as the chunk of (sid, block); an empty one deletes the chunk."""
+async def write_chunk(
+    conn: Conn, sid: int, block: int, points: Points, span: int, levels: Sequence[int]
+) -> None:
+    """Store `points` as the chunk of (sid, block), and their rollups of `levels` (see
+    `tsrollups.py`); an empty one deletes the chunk."""
+    await tsrollups.refresh(conn, sid, [(block, points)], span, levels)
     if len(points) == 0:
         await conn.execute("DELETE FROM ts_chunks WHERE series_id = $1 AND block = $2", sid, block)
         return
@@ -333,13 +342,16 @@ async def delete_range(
     end: int,
     span: int,
     deleted_rows: Mapping[int, npt.NDArray[np.int64]],
+    *,
+    levels: Sequence[int],
 ) -> int:
     """Delete the chunk points of `sids` in [start, end]; return how many points that
     removed besides `deleted_rows` (per series, the ts of the rows just deleted: a row
     rewriting a chunk's point is one point, not two).
 
     Run inside a transaction. Blocks wholly inside the range go as rows; the (at most
-    two) blocks at its edges are rewritten without the deleted points.
+    two) blocks at its edges are rewritten without the deleted points. Their rollups
+    follow (`tsrollups.py`).
     """
     first, last = block_of(start, span), block_of(end, span)
     count = 0
@@ -359,6 +371,7 @@ async def delete_range(
                 whole_hi,
             ):
                 gone.append(np.frombuffer(blob, "<i8").astype(np.int64, copy=False))
+            await tsrollups.forget_blocks(conn, sid, whole_lo, whole_hi, span, levels)
         for block in sorted({first, last} - set(range(whole_lo, whole_hi + 1))):
             row = await conn.fetchrow(
                 f"SELECT {CHUNK_COLUMNS} FROM ts_chunks WHERE series_id = $1 AND block = $2"
@@ -373,7 +386,8 @@ async def delete_range(
             if not inside.any():
                 continue
             gone.append(points.ts[inside])
-            await write_chunk(conn, sid, block, points.take(np.flatnonzero(~inside)))
+            await write_chunk(conn, sid, block, points.take(np.flatnonzero(~inside)), span, levels)
+        await tsrollups.drop_expired(conn, sid, start, end, span, levels)
         for stamps in gone:
             count += int(np.count_nonzero(~np.isin(stamps, rows_ts)))
     return count
@@ -389,10 +403,13 @@ async def lock_series(conn: Conn, sids: Sequence[int]) -> None:
     )
 
 
-async def expire(conn: Conn, sids: Sequence[int], cutoff: int, span: int) -> None:
+async def expire(
+    conn: Conn, sids: Sequence[int], cutoff: int, span: int, *, levels: Sequence[int]
+) -> None:
     """Delete the chunk points of `sids` older than `cutoff` (retention).
 
-    Run inside a transaction, after `lock_series`. The blocks wholly before the cutoff
+    Run inside a transaction, after `lock_series` and `tsrollups.record_expiry` (the
+    rollups keep the expired points' aggregates). The blocks wholly before the cutoff
     go in one statement; the one the cutoff cuts is rewritten, per series that has it.
     """
     cut = block_of(cutoff, span)
@@ -412,7 +429,24 @@ async def expire(conn: Conn, sids: Sequence[int], cutoff: int, span: int) -> Non
         points = decode(row, 1)
         keep = points.ts >= cutoff
         if not keep.all():
-            await write_chunk(conn, row[0], cut, points.take(np.flatnonzero(keep)))
+            await write_chunk(conn, row[0], cut, points.take(np.flatnonzero(keep)), span, levels)
+
+
+async def build_rollups(conn: Conn, sid: int, span: int, levels: Sequence[int]) -> None:
+    """Compute the rollups of `levels` of every chunk of `sid` (levels added to a store
+    with chunks). Run inside a transaction."""
+    await conn.execute(*series_lock(sid))
+    blocks = [
+        r[0] for r in await conn.fetch("SELECT block FROM ts_chunks WHERE series_id = $1", sid)
+    ]
+    for at in range(0, len(blocks), 64):  # bounded memory: 64 chunks at a time
+        rows = await conn.fetch(
+            f"SELECT block, {CHUNK_COLUMNS} FROM ts_chunks"
+            " WHERE series_id = $1 AND block = ANY($2::bigint[])",
+            sid,
+            blocks[at : at + 64],
+        )
+        await tsrollups.refresh(conn, sid, [(r[0], decode(r, 1)) for r in rows], span, levels)
 
 
 async def newest(conn: Conn, sid: int) -> tuple[int, Any] | None:
@@ -438,6 +472,7 @@ __all__ = [
     "CHUNK_SPAN_MS",
     "MIGRATION",
     "block_of",
+    "build_rollups",
     "candidates",
     "compact_block",
     "decode",
@@ -452,4 +487,5 @@ __all__ = [
     "series_points",
     "series_with_chunks",
     "value_columns",
+    "write_chunk",
 ]

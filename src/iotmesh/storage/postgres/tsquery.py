@@ -1,8 +1,10 @@
 """The SQL the PostgreSQL time-series store reads with, and how rows become values.
 
 A key with chunks in the range (`tschunks.py`) is read into `Points` and answered by
-`storage/aggregate.py` (`chunked`); a key whose points in the range are all rows is
-answered by the SQL below.
+`storage/aggregate.py` (`chunked`), or, for an aggregation a rollup level answers, from
+rollups, raw edges and pending buckets (`rolled_up`, planned by
+`storage/rollup_plan.py`); a key whose points in the range are all rows is answered by
+the SQL below.
 
 Aggregation of rows runs in PostgreSQL, per key, with the contract's rules (see
 `storage/timeseries.py`; the SQLite store computes the same with numpy in
@@ -36,10 +38,11 @@ import msgspec
 
 from iotmesh.core.errors import StorageError
 from iotmesh.core.types import Aggregation, Order, TsPoint
-from iotmesh.storage import aggregate
+from iotmesh.storage import aggregate, rollup, rollup_plan
 from iotmesh.storage.points import Kind, merge
-from iotmesh.storage.postgres import tschunks
+from iotmesh.storage.postgres import tschunks, tsrollups
 from iotmesh.storage.postgres.connection import Conn
+from iotmesh.storage.timeseries import Query
 
 _json = msgspec.json.Decoder()
 
@@ -153,6 +156,40 @@ async def chunked(
     return aggregate.to_ts_points(buckets, order, limit)
 
 
+# The chunks of series $1 in the block ranges [$2[i], $3[i]] (disjoint), ascending.
+_CHUNKS_IN_RANGES = f"""
+    SELECT {tschunks.CHUNK_COLUMNS} FROM unnest($2::bigint[], $3::bigint[]) AS r (lo, hi)
+    JOIN ts_chunks c ON c.series_id = $1 AND c.block >= r.lo AND c.block <= r.hi
+    ORDER BY c.block
+"""
+
+
+async def rolled_up(
+    conn: Conn, sid: int, q: Query, plan: rollup_plan.Plan, span: int
+) -> list[TsPoint]:
+    """The buckets of one key from rollups (`tsrollups.py`) where `plan` says, from raw
+    points elsewhere: the range's edges, and the level buckets holding a row (a point
+    not packed into its chunk yet, so not in the rollups)."""
+    size, r0, r1 = plan.size, plan.r0, plan.r1
+    recent = await tschunks.rows(conn, sid, q.start_ts, q.end_ts)
+    pending = plan.pending([recent.ts])
+    blobs = await conn.fetch(
+        tsrollups.BLOCKS, sid, size, tschunks.block_of(r0, span), tschunks.block_of(r1 - 1, span)
+    )
+    stored = rollup.concat_sorted([b for (b,) in blobs])  # blocks in order: sorted
+    ranges: list[list[int]] = []  # [first, last] blocks of the raw spans, coalesced
+    for a, b in sorted(plan.raw_spans(q, pending)):
+        lo, hi = tschunks.block_of(a, span), tschunks.block_of(b, span)
+        if ranges and lo <= ranges[-1][1] + 1:
+            ranges[-1][1] = max(ranges[-1][1], hi)
+        else:
+            ranges.append([lo, hi])
+    rows = await conn.fetch(_CHUNKS_IN_RANGES, sid, [r[0] for r in ranges], [r[1] for r in ranges])
+    points = merge([*(tschunks.decode(r) for r in rows), recent]).window(q.start_ts, q.end_ts)
+    buckets = rollup_plan.answer(q, plan, stored, points, pending)
+    return aggregate.to_ts_points(buckets, q.order, q.limit)
+
+
 def _bucket_value(agg: Aggregation, row: asyncpg.Record) -> Any:
     _, n, all_long, long_sum, total, long_min, long_max, low, high, has_nan = row
     if agg is Aggregation.AVG:
@@ -164,4 +201,13 @@ def _bucket_value(agg: Aggregation, row: asyncpg.Record) -> Any:
     return int(long_max) if all_long else math.nan if has_nan else float(high)
 
 
-__all__ = ["PROBE", "RAW", "VALUE_COLUMNS", "aggregated", "chunked", "raw", "value"]
+__all__ = [
+    "PROBE",
+    "RAW",
+    "VALUE_COLUMNS",
+    "aggregated",
+    "chunked",
+    "raw",
+    "rolled_up",
+    "value",
+]

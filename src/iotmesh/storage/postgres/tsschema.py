@@ -42,7 +42,7 @@ import numpy.typing as npt
 
 from iotmesh.core.errors import StorageError
 from iotmesh.core.settings import PostgresSettings
-from iotmesh.storage.postgres import tschunks
+from iotmesh.storage.postgres import tschunks, tsrollups
 from iotmesh.storage.postgres.connection import Conn, Migration
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def migrations(settings: PostgresSettings) -> list[Migration]:
         )
         log.info("created the PostgreSQL time-series schema (%s)", layout)
 
-    return [create, tschunks.MIGRATION, FENCES]
+    return [create, tschunks.MIGRATION, FENCES, tsrollups.MIGRATION]
 
 
 # Fencing tokens of leader-elected jobs (cluster/fencing.py): the highest token that wrote
