@@ -61,7 +61,7 @@ from iotmesh.core.types import Aggregation, TsPoint
 from iotmesh.storage import aggregate
 from iotmesh.storage.points import INT64_MAX, INT64_MIN, Kind, classify
 from iotmesh.storage.postgres import tschunks, tsquery, tsschema
-from iotmesh.storage.postgres.connection import Conn, create_pool, migrate, translated
+from iotmesh.storage.postgres.connection import Conn, create_pool, fenced, migrate, translated
 from iotmesh.storage.rollup import RETENTION_FENCE, RetentionPolicy
 from iotmesh.storage.timeseries import Query, SeriesWrite
 
@@ -439,7 +439,7 @@ class PostgresTimeSeriesStore:
                 cutoff = policy.now_ms - ttl
                 async with conn.transaction():
                     if policy.fencing_token is not None:
-                        await tsschema.fenced(conn, RETENTION_FENCE, policy.fencing_token)
+                        await fenced(conn, RETENTION_FENCE, policy.fencing_token)
                     await tschunks.lock_series(conn, sids)
                     await conn.execute(
                         "DELETE FROM ts_points WHERE series_id = ANY($1::bigint[]) AND ts < $2",
