@@ -357,7 +357,7 @@ async def test_state_survives_close_and_reopen(state_backend: StateBackend, tmp_
         await reopened.close()
 
 
-async def test_due_requests_are_open_ones_past_their_deadline_paged_by_device_and_id(
+async def test_due_requests_are_open_ones_past_their_deadline_paged_by_deadline(
     state: StateStore,
 ) -> None:
     d1, d2 = await added(state, 1, 2)
@@ -380,16 +380,14 @@ async def test_due_requests_are_open_ones_past_their_deadline_paged_by_device_an
         return [(r.device_id, r.id) for r in records]
 
     assert keys(await state.due_rpcs(1, None, 10)) == []
-    assert keys(await state.due_rpcs(2, None, 10)) == [
-        (d1.id, call.id),
-        (d2.id, queued.id),
-        (d2.id, sent_call.id),
-    ]
-    at_15 = [(d1.id, call.id), (d1.id, sent.id), (d2.id, queued.id), (d2.id, sent_call.id)]
+    at_2 = [(d1.id, call.id), (d2.id, queued.id), (d2.id, sent_call.id)]  # by device, id
+    assert keys(await state.due_rpcs(2, None, 10)) == at_2
+    at_15 = [*at_2, (d1.id, sent.id)]  # deadline 15 after those of 2
     assert keys(await state.due_rpcs(15, None, 10)) == at_15
     assert keys(await state.due_rpcs(15, None, 2)) == at_15[:2]
-    assert keys(await state.due_rpcs(15, at_15[1], 10)) == at_15[2:]
-    assert keys(await state.due_rpcs(50, None, 10)) == sorted([*at_15, (d1.id, later.id)])
+    assert keys(await state.due_rpcs(15, (2, d2.id, queued.id), 10)) == at_15[2:]
+    assert keys(await state.due_rpcs(15, (2, d2.id, sent_call.id), 10)) == at_15[3:]
+    assert keys(await state.due_rpcs(50, (15, d1.id, sent.id), 10)) == [(d1.id, later.id)]
 
 
 async def test_expire_ends_only_requests_still_open_and_due(state: StateStore) -> None:

@@ -121,9 +121,10 @@ class _Queue:
         self.task: asyncio.Task[None] | None = None
 
 
-def _deadline(record: RpcRecord) -> int:
+def deadline(record: RpcRecord) -> int:
     """When an open request times out (SENT, DELIVERED) or expires (QUEUED). A call's
-    `timeout_ms` is for everything (its expiration), wherever its caller waits."""
+    `timeout_ms` is for everything (its expiration), wherever its caller waits. The
+    state stores have it as SQL (`storage.rpc_rows.DEADLINE`) for the housekeeping sweep."""
     if record.status is QUEUED or record.sent_ts is None or not record.persistent:
         return record.expiration_ts
     return record.sent_ts + record.timeout_ms
@@ -483,11 +484,11 @@ class RpcService(Service):
         self._push_deadline(entry.record)
 
     def _push_deadline(self, record: RpcRecord) -> None:
-        heapq.heappush(self._deadlines, (_deadline(record), record.device_id, record.id))
+        heapq.heappush(self._deadlines, (deadline(record), record.device_id, record.id))
         if len(self._deadlines) > 1000 + 2 * sum(len(q.open) for q in self._queues.values()):
             # Finished requests leave their entries behind: rebuild from the open ones.
             self._deadlines = [
-                (_deadline(e.record), e.record.device_id, e.record.id)
+                (deadline(e.record), e.record.device_id, e.record.id)
                 for q in self._queues.values()
                 for e in q.open.values()
             ]
@@ -772,7 +773,7 @@ class RpcService(Service):
             _, device_id, rpc_id = heapq.heappop(self._deadlines)
             queue = self._queues.get(device_id)
             entry = queue.open.get(rpc_id) if queue is not None else None
-            if entry is None or _deadline(entry.record) > now:
+            if entry is None or deadline(entry.record) > now:
                 continue  # finished, or its deadline moved (another heap entry has it)
             status = RpcStatus.EXPIRED if entry.record.status is QUEUED else RpcStatus.TIMEOUT
             self._finish(entry, status, None)

@@ -6,7 +6,7 @@ Two chores, one job (`RpcHousekeeping`, named `rpc_housekeeping`):
   `devices.rpc_purge_interval_s` (at the next pass again while a batch comes back full).
 - **Sweep** (only with an `RpcNotifier`, i.e. when several processes share the store):
   every `devices.rpc_sweep_interval_s`, end the open requests whose deadline passed
-  (`rpc._deadline`: QUEUED → EXPIRED, SENT/DELIVERED → TIMEOUT) that no process
+  (`rpc.deadline`: QUEUED → EXPIRED, SENT/DELIVERED → TIMEOUT) that no process
   holds. In one process every open request is held by its `RpcService`, whose deadline
   heap ends it; across processes a request handed off for a device that never comes
   back is held by nobody, and without the sweep would stay QUEUED for good.
@@ -41,6 +41,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
+from iotmesh.commands.rpc import deadline
 from iotmesh.commands.wakeups import RpcNotifier
 from iotmesh.core.clock import now_ms
 from iotmesh.core.errors import IotmeshError
@@ -62,7 +63,7 @@ class HousekeepingStore(Protocol):
     """What the job needs of the state store (see `StateStore` for the contract)."""
 
     async def due_rpcs(
-        self, now: int, after: tuple[str, int] | None, limit: int
+        self, now: int, after: tuple[int, str, int] | None, limit: int
     ) -> list[RpcRecord]: ...
 
     async def expire_rpcs(
@@ -155,7 +156,7 @@ class RpcHousekeeping(Service):
         assert self._notifier is not None, "the sweep needs claims (a notifier)"
         now = self._clock()
         ended: list[RpcRecord] = []
-        after: tuple[str, int] | None = None
+        after: tuple[int, str, int] | None = None
         while True:
             due = await self._store.due_rpcs(now, after, SWEEP_BATCH)
             by_device: dict[str, list[int]] = collections.defaultdict(list)
@@ -165,7 +166,8 @@ class RpcHousekeeping(Service):
                 ended += await self._end(device_id, ids, now)
             if len(due) < SWEEP_BATCH:
                 return ended
-            after = (due[-1].device_id, due[-1].id)
+            last = due[-1]
+            after = (deadline(last), last.device_id, last.id)
 
     async def _end(self, device_id: str, ids: list[int], now: int) -> list[RpcRecord]:
         """End the device's due requests this job can claim; release the claims."""

@@ -26,8 +26,15 @@ timeout). The same text in the index and the queries, so that SQLite uses the in
 ENDED = "(CASE WHEN status = 'QUEUED' THEN 'EXPIRED' ELSE 'TIMEOUT' END)"
 """The status a due request ends with: never sent → EXPIRED, sent → TIMEOUT."""
 
-DUE_INDEX = f"CREATE INDEX rpc_requests_due ON rpc_requests ({DEADLINE}) WHERE status IN {OPEN}"
-"""Open requests by deadline: the housekeeping sweep reads the due ones each pass."""
+DUE_INDEX = (
+    f"CREATE INDEX rpc_requests_due ON rpc_requests ({DEADLINE}, device_id, id)"
+    f" WHERE status IN {OPEN}"
+)
+"""Open requests by deadline: the housekeeping sweep reads the due ones each pass, in
+this order, so a page is a range of the index (no scan of every open request)."""
+
+DUE_ORDER = f"{DEADLINE}, device_id, id"
+"""The order of `due_rpcs`, and its cursor (deadline, device id, id)."""
 
 RPC_FENCE = "rpc_housekeeping"
 """The fenced resource of the RPC housekeeping job: a store that keeps `fences` refuses

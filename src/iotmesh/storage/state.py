@@ -152,10 +152,11 @@ class StateStore(Protocol):
         """Delete one request; False when it did not exist."""
 
     async def due_rpcs(
-        self, now: int, after: tuple[str, int] | None, limit: int
+        self, now: int, after: tuple[int, str, int] | None, limit: int
     ) -> list[RpcRecord]:
         """Up to `limit` open requests whose deadline (`rpc_rows.DEADLINE`) is `now` or
-        earlier, ordered by device and id, after the (device id, id) cursor `after`."""
+        earlier, ordered by deadline, device and id, after the cursor `after` (deadline,
+        device id, id: the last request of the previous page)."""
 
     async def expire_rpcs(
         self, keys: Sequence[tuple[str, int]], now: int, fencing_token: int | None = None

@@ -11,6 +11,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from iotmesh.commands import rpc_housekeeping
 from iotmesh.commands.rpc import RpcService
 from iotmesh.commands.rpc_housekeeping import RpcHousekeeping
 from iotmesh.commands.wakeups import CLAIM_TTL_S
@@ -204,3 +205,22 @@ async def test_a_pass_with_a_stale_fencing_token_writes_nothing(env: Env) -> Non
     assert await env.status(device, second.id) is RpcStatus.QUEUED
     # Its claim was released all the same: the current leader ends the request.
     assert [r.id for r in await newer.sweep()] == [second.id]
+
+
+async def test_the_sweep_pages_past_requests_others_hold(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rpc_housekeeping, "SWEEP_BATCH", 1)  # a page per request
+    device = await env.registry.create("d1")
+    rpc = await env.rpc()
+    job = await env.job()
+    held = await rpc.submit(device, "a", None, timeout_ms=1000, expiration_ts=T0 + 1000)
+    free = [
+        await rpc.submit(device, m, None, timeout_ms=1000, expiration_ts=T0 + 1000 + n)
+        for n, m in enumerate("bc")
+    ]
+    holder = await env.notifier()
+    await holder.claim(device.id, [held.id])
+    env.clock.now = T0 + 2000
+    assert [r.id for r in await job.sweep()] == [r.id for r in free]
+    assert await env.status(device, held.id) is RpcStatus.QUEUED

@@ -22,6 +22,7 @@ from iotmesh.storage.postgres.connection import FENCES, Conn, fenced
 from iotmesh.storage.rpc_rows import (
     DEADLINE,
     DUE_INDEX,
+    DUE_ORDER,
     ENDED,
     OPEN,
     RPC_FENCE,
@@ -186,16 +187,18 @@ async def delete(conn: Conn, device_id: str, rpc_id: int) -> bool:
     return status != "DELETE 0"
 
 
-async def due(conn: Conn, now: int, after: tuple[str, int] | None, limit: int) -> list[RpcRecord]:
-    """Up to `limit` open requests whose deadline is `now` or earlier, by device and id,
-    after `after` (a (device id, id) cursor)."""
+async def due(
+    conn: Conn, now: int, after: tuple[int, str, int] | None, limit: int
+) -> list[RpcRecord]:
+    """Up to `limit` open requests whose deadline is `now` or earlier, by deadline,
+    device and id, after `after` (a (deadline, device id, id) cursor)."""
     where = f"status IN {_OPEN} AND {DEADLINE} <= $1"
     args: list[Any] = [now, limit]
     if after is not None:
-        where += " AND (device_id, id) > ($3, $4)"
+        where += f" AND ({DUE_ORDER}) > ($3, $4, $5)"
         args += after
     rows = await conn.fetch(
-        f"SELECT {_COLUMNS} FROM rpc_requests WHERE {where} ORDER BY device_id, id LIMIT $2",
+        f"SELECT {_COLUMNS} FROM rpc_requests WHERE {where} ORDER BY {DUE_ORDER} LIMIT $2",
         *args,
     )
     return [_record(r) for r in rows]

@@ -395,7 +395,7 @@ class PostgresStateStore:
             return await rpc_requests.delete(conn, device_id, rpc_id)
 
     async def due_rpcs(
-        self, now: int, after: tuple[str, int] | None, limit: int
+        self, now: int, after: tuple[int, str, int] | None, limit: int
     ) -> list[RpcRecord]:
         async with self._connection() as conn:
             return await rpc_requests.due(conn, now, after, limit)

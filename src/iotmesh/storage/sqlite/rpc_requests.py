@@ -24,6 +24,7 @@ from iotmesh.core.types import RpcRecord, RpcStatus
 from iotmesh.storage.rpc_rows import (
     DEADLINE,
     DUE_INDEX,
+    DUE_ORDER,
     ENDED,
     OPEN,
     RPC_FENCE,
@@ -171,17 +172,19 @@ def delete(db: sqlite3.Connection, device_id: str, rpc_id: int) -> bool:
 
 
 def due(
-    db: sqlite3.Connection, now: int, after: tuple[str, int] | None, limit: int
+    db: sqlite3.Connection, now: int, after: tuple[int, str, int] | None, limit: int
 ) -> list[RpcRecord]:
-    """Up to `limit` open requests whose deadline is `now` or earlier, by device and id,
-    after `after` (a (device id, id) cursor)."""
+    """Up to `limit` open requests whose deadline is `now` or earlier, by deadline,
+    device and id, after `after` (a (deadline, device id, id) cursor)."""
     where = f"status IN {_OPEN} AND {DEADLINE} <= ?"
     params: tuple[Any, ...] = (now,)
     if after is not None:
-        where += " AND (device_id, id) > (?, ?)"
+        where += f" AND ({DUE_ORDER}) > (?, ?, ?)"
         params += after
     rows = db.execute(
-        f"SELECT {_COLUMNS} FROM rpc_requests WHERE {where} ORDER BY device_id, id LIMIT ?",
+        # INDEXED BY: without statistics SQLite may rather scan every open request.
+        f"SELECT {_COLUMNS} FROM rpc_requests INDEXED BY rpc_requests_due WHERE {where}"
+        f" ORDER BY {DUE_ORDER} LIMIT ?",
         (*params, limit),
     ).fetchall()
     return [_record(r) for r in rows]

@@ -410,7 +410,7 @@ class SqliteStateStore:
         return await self._run(lambda: rpc_requests.delete(self._db, device_id, rpc_id))
 
     async def due_rpcs(
-        self, now: int, after: tuple[str, int] | None, limit: int
+        self, now: int, after: tuple[int, str, int] | None, limit: int
     ) -> list[RpcRecord]:
         return await self._run(lambda: rpc_requests.due(self._db, now, after, limit))
 
