@@ -14,8 +14,8 @@ Two chores, one job (`RpcHousekeeping`, named `rpc_housekeeping`):
 Claims decide, as everywhere in RPC (`wakeups.py`): the sweep claims a due request
 before ending it, so one held by a live process is left to it (it ends it by the same
 deadline); a dead holder's claim lapses after `CLAIM_TTL_S` and the next pass takes the
-request. The store ends only what is still open and due (`StateStore.expire_rpcs`, one
-statement per request in one transaction), then the claims are released, and a call
+request. The store ends only what is still open and due (`StateStore.expire_rpcs`, in
+one transaction), then the claims are released, and a call
 whose caller waits in some process is announced `finished` (as a holder announces it),
 so that caller reads its outcome at once. A due request the sweep claimed but found
 changed (rare: another process moved it just before) is released with a wake-up.
