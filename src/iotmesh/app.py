@@ -73,13 +73,14 @@ class Platform(ServiceProcess):
     async def _start(self) -> None:
         self._admin_token()
         # In dependency order (the builder enters each as it is built): tracing (its
-        # provider flushes last), state, the store, its writer and retention job, the
-        # bus and the pipeline, then device traffic.
+        # provider flushes last), state (with RPC housekeeping), the store, its writer
+        # and retention job, the bus and the pipeline, then device traffic.
         build = self._builder
         build.tracing()
         await build.registry()
         await build.attributes()
         await build.rpc()
+        await build.rpc_housekeeping()
         await build.connectivity()
         writer = await build.writer()
         await build.retention()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -22,6 +22,7 @@ from iotmesh.bus import Bus, make_bus
 from iotmesh.bus.broadcast import Broadcast
 from iotmesh.bus.memory import MemoryBus
 from iotmesh.commands import RpcService
+from iotmesh.commands.rpc_housekeeping import RpcHousekeeping
 from iotmesh.commands.wakeups import CLAIM_TTL_S, RpcNotifier
 from iotmesh.core.ids import SERVICE_NAME, instance_id
 from iotmesh.core.lifecycle import Health, Service
@@ -36,6 +37,7 @@ from iotmesh.pipeline.stages import Processor, make_cpu_work, make_validator
 from iotmesh.registry import DeviceRegistry
 from iotmesh.storage.retention import DevicesOfTypes, RetentionJob
 from iotmesh.storage.rollup import RETENTION_FENCE
+from iotmesh.storage.rpc_rows import RPC_FENCE
 from iotmesh.storage.sqlite.sessions import FILE_NAME as SESSIONS_FILE
 from iotmesh.storage.sqlite.sessions import SqliteSessionStore
 from iotmesh.storage.sqlite.state import SqliteStateStore
@@ -171,7 +173,7 @@ class Builder:
         service: the service name in spans (`iotmesh`, or `iotmesh-<role>` for serve).
         tracer_provider: with `tracing.enabled`, spans go to this provider instead of
             the one the settings describe (tests read them with an in-memory exporter).
-        elect: run singleton jobs (retention) under leader election on the cluster
+        elect: run singleton jobs (retention, RPC housekeeping) under leader election on the cluster
             engine, as candidate `elect` (`iotmesh serve`: `<role>-<instance id>`);
             None (`iotmesh run`): one process, the jobs run directly.
     """
@@ -314,7 +316,8 @@ class Builder:
     async def _rpc_notifier(self) -> RpcNotifier | None:
         """RPC wake-ups and claims between processes: on the Redis hot state with
         `storage.redis.rpc_wakeups`; else on the bus's engine when it is NATS or Redis
-        (so any `serve` deployment has them); none on the in-process bus."""
+        (so any `serve` deployment has them); none on the in-process bus. A new one per
+        call (its own claim member): the RPC service's and the housekeeping job's."""
         hot = await self.hot()
         if hot is not None and self.settings.storage.redis.rpc_wakeups:
             from iotmesh.storage.redis import RedisRpcNotifier
@@ -331,13 +334,15 @@ class Builder:
         if bus_settings.backend == "redis":
             from iotmesh.storage.redis import HotState, RedisRpcNotifier
 
-            # The bus's Redis and namespace, with the hot state's timeouts.
-            on_bus = self.settings.storage.redis.model_copy(
-                update={"url": bus_settings.redis_url, "namespace": bus_settings.namespace}
-            )
-            bus_hot = HotState(on_bus)
-            bus_hot.name = "rpc_redis"
-            return RedisRpcNotifier(await self.enter(bus_hot), CLAIM_TTL_S)
+            if "rpc_redis" not in self._built:
+                # The bus's Redis and namespace, with the hot state's timeouts.
+                on_bus = self.settings.storage.redis.model_copy(
+                    update={"url": bus_settings.redis_url, "namespace": bus_settings.namespace}
+                )
+                bus_hot = HotState(on_bus)
+                bus_hot.name = "rpc_redis"
+                self._built["rpc_redis"] = await self.enter(bus_hot)
+            return RedisRpcNotifier(self._built["rpc_redis"], CLAIM_TTL_S)
         return None
 
     async def broadcast(self) -> Broadcast | None:
@@ -402,12 +407,7 @@ class Builder:
                 for companion in companions:
                     await self.enter(companion)
             else:
-                cluster = await self.cluster()
-                owner = self.elect.encode()
-
-                async def fence(token: int) -> None:
-                    await cluster.write(RETENTION_FENCE, token, owner)
-
+                fence = await self._engine_fence(RETENTION_FENCE)
                 job = RetentionJob(store, retention, devices_of_types(registry), fence)
                 await self.singleton(job, on_elected=job.use_token, companions=companions)
             self._built["retention"] = job
@@ -424,6 +424,29 @@ class Builder:
             return [RollupJob(store.rollups)]
         return []
 
+    async def rpc_housekeeping(self) -> RpcHousekeeping:
+        """The purge of old finished RPC requests, and (with a notifier: several
+        processes) the sweep that ends overdue requests no process holds
+        (`commands/rpc_housekeeping.py`).
+
+        `iotmesh run` starts it; with `elect` (serve) it runs only while this instance
+        leads lease `rpc_housekeeping`, fenced by the term's token (engine fence before
+        each pass, and in the SQL state store's transactions)."""
+        if "rpc_housekeeping" not in self._built:
+            state = await self._state()
+            notifier = await self._rpc_notifier()
+            devices = self.settings.devices
+            if self.elect is None:
+                job = RpcHousekeeping(state, devices, notifier=notifier)
+                await self.enter(job)
+            else:
+                fence = await self._engine_fence(RPC_FENCE)
+                job = RpcHousekeeping(state, devices, notifier=notifier, fence=fence)
+                await self.singleton(job, on_elected=job.use_token)
+            self._built["rpc_housekeeping"] = job
+        job_: RpcHousekeeping = self._built["rpc_housekeeping"]
+        return job_
+
     # -- cluster (serve) ------------------------------------------------------------------
 
     async def cluster(self) -> ClusterBackend:
@@ -435,6 +458,18 @@ class Builder:
             self._built["cluster"] = await self.enter(make_backend(self.settings))
         cluster: ClusterBackend = self._built["cluster"]
         return cluster
+
+    async def _engine_fence(self, resource: str) -> Callable[[int], Awaitable[None]]:
+        """A singleton job's check before each pass: its token written to `resource` in
+        the cluster engine's fence (refused once a newer leader wrote), as this candidate."""
+        cluster = await self.cluster()
+        assert self.elect is not None
+        owner = self.elect.encode()
+
+        async def fence(token: int) -> None:
+            await cluster.write(resource, token, owner)
+
+        return fence
 
     async def singleton(
         self,

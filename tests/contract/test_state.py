@@ -13,7 +13,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from iotmesh.core.errors import Conflict, NotFound
+from iotmesh.core.errors import Conflict, IotmeshError, NotFound
 from iotmesh.core.types import (
     AttributeScope,
     BasicCredentials,
@@ -355,3 +355,79 @@ async def test_state_survives_close_and_reopen(state_backend: StateBackend, tmp_
         assert await reopened.load_activity() == [DeviceActivity(d1.id, "mqtt", 3, 2, 1)]
     finally:
         await reopened.close()
+
+
+async def test_due_requests_are_open_ones_past_their_deadline_paged_by_deadline(
+    state: StateStore,
+) -> None:
+    d1, d2 = await added(state, 1, 2)
+    # rpc(): created 1, expiration 2, timeout 10; persistent unless told.
+    queued = await state.create_rpc(rpc(d2.id))
+    call = await state.create_rpc(rpc(d1.id, persistent=False))
+    sent = await state.create_rpc(rpc(d1.id))  # persistent, sent at 5: due at 15
+    later = await state.create_rpc(rpc(d1.id, expiration_ts=50))
+    done = await state.create_rpc(rpc(d1.id))
+    sent_call = await state.create_rpc(rpc(d2.id, persistent=False))  # due at 2, sent or not
+    await state.update_rpcs(
+        [
+            msgspec.structs.replace(sent, status=RpcStatus.DELIVERED, sent_ts=5, delivered_ts=6),
+            msgspec.structs.replace(sent_call, status=RpcStatus.SENT, sent_ts=5),
+            msgspec.structs.replace(done, status=RpcStatus.SUCCESSFUL, finished_ts=7),
+        ]
+    )
+
+    def keys(records: list[RpcRecord]) -> list[tuple[str, int]]:
+        return [(r.device_id, r.id) for r in records]
+
+    assert keys(await state.due_rpcs(1, None, 10)) == []
+    at_2 = [(d1.id, call.id), (d2.id, queued.id), (d2.id, sent_call.id)]  # by device, id
+    assert keys(await state.due_rpcs(2, None, 10)) == at_2
+    at_15 = [*at_2, (d1.id, sent.id)]  # deadline 15 after those of 2
+    assert keys(await state.due_rpcs(15, None, 10)) == at_15
+    assert keys(await state.due_rpcs(15, None, 2)) == at_15[:2]
+    assert keys(await state.due_rpcs(15, (2, d2.id, queued.id), 10)) == at_15[2:]
+    assert keys(await state.due_rpcs(15, (2, d2.id, sent_call.id), 10)) == at_15[3:]
+    assert keys(await state.due_rpcs(50, (15, d1.id, sent.id), 10)) == [(d1.id, later.id)]
+
+
+async def test_expire_ends_only_requests_still_open_and_due(state: StateStore) -> None:
+    d1, d2 = await added(state, 1, 2)
+    queued = await state.create_rpc(rpc(d1.id))
+    delivered = await state.create_rpc(rpc(d1.id))
+    not_due = await state.create_rpc(rpc(d1.id, expiration_ts=50))
+    done = await state.create_rpc(rpc(d2.id))
+    finished = msgspec.structs.replace(done, status=RpcStatus.FAILED, finished_ts=3, error="x")
+    await state.update_rpcs(
+        [
+            msgspec.structs.replace(delivered, status=RpcStatus.DELIVERED, sent_ts=2),
+            finished,
+        ]
+    )
+    wanted = [(r.device_id, r.id) for r in (queued, delivered, not_due, done)] + [(d2.id, 77)]
+    ended = await state.expire_rpcs(wanted, 20)
+    assert ended == [
+        msgspec.structs.replace(queued, status=RpcStatus.EXPIRED, finished_ts=20),
+        msgspec.structs.replace(delivered, status=RpcStatus.TIMEOUT, sent_ts=2, finished_ts=20),
+    ]
+    assert await state.get_rpc(d1.id, not_due.id) == not_due
+    assert await state.get_rpc(d2.id, done.id) == finished
+    assert await state.expire_rpcs(wanted, 20) == []  # ended already
+    assert await state.expire_rpcs([], 20) == []
+
+
+async def test_housekeeping_writes_with_a_stale_fencing_token_are_refused(
+    state: StateStore,
+) -> None:
+    (d1,) = await added(state, 1)
+    first = await state.create_rpc(rpc(d1.id))
+    second = await state.create_rpc(rpc(d1.id))
+    assert [r.id for r in await state.expire_rpcs([(d1.id, first.id)], 20, 5)] == [first.id]
+    with pytest.raises(IotmeshError):
+        await state.expire_rpcs([(d1.id, second.id)], 20, 4)  # a deposed leader
+    assert await state.get_rpc(d1.id, second.id) == second  # rolled back
+    with pytest.raises(IotmeshError):
+        await state.purge_rpcs(100, 10, 4)
+    assert await state.purge_rpcs(100, 10, 5) == 1  # the current term's token
+    assert await state.purge_rpcs(100, 10, 6) == 0  # a newer one
+    with pytest.raises(IotmeshError):
+        await state.purge_rpcs(100, 10, 5)

@@ -121,7 +121,7 @@ def test_doctor_reports_postgres_and_schema_versions(postgres: PgServer, tmp_pat
     srv.stop()
     after = _doctor(*args)
     assert after.returncode == 0, after.stdout
-    assert "at state schema 2" in after.stdout
+    assert "at state schema 3" in after.stdout  # devices, RPC, RPC deadline index + fences
     assert "at timeseries schema 4" in after.stdout  # rows, chunks, fences, rollups
 
     nobody = f"postgresql://postgres@127.0.0.1:{free_port()}/x"

@@ -63,7 +63,7 @@ async def test_previous_state_schema_upgrades_and_keeps_devices(
     postgres: PgServer, tmp_path: Path
 ) -> None:
     """A schema of version 1 (before stored RPC) keeps its devices and gains the RPC and
-    device-activity tables."""
+    device-activity tables (and the RPC housekeeping job's index and fences)."""
     settings = postgres.settings(str(tmp_path))
     schema = settings.schema_name
     conn = await asyncpg.connect(postgres.url)
@@ -100,11 +100,12 @@ async def test_previous_state_schema_upgrades_and_keeps_devices(
         done = msgspec.structs.replace(draft, id=1, status=RpcStatus.SUCCESSFUL, finished_ts=5)
         await store.update_rpcs([done])
         assert await store.get_rpc(DEVICE_ID, 1) == done
+        assert await store.purge_rpcs(6, 10, fencing_token=1) == 1
         await store.save_activity([DeviceActivity(DEVICE_ID, "mqtt", 3, 2, 1)])
         assert await store.load_activity() == [DeviceActivity(DEVICE_ID, "mqtt", 3, 2, 1)]
     finally:
         await store.close()
-    assert (await _versions(postgres, schema))["state"] == len(MIGRATIONS) == 2
+    assert (await _versions(postgres, schema))["state"] == len(MIGRATIONS) == 3
 
 
 async def test_instances_starting_together_migrate_once(postgres: PgServer, tmp_path: Path) -> None:

@@ -5,6 +5,11 @@
   `iotmesh_retention_passes` on /metrics), and its token is in the engine's fence;
   `kill -9` of the leader, and the other leads and runs passes within the lease bound
   of election.py, with a newer token in the fence.
+- RPC housekeeping: two `state` instances, one leads `rpc_housekeeping`; a persistent
+  request for a device that never connects, stored through the `http` instance, becomes
+  EXPIRED once its expiration passed (GET .../rpc/{rpcId} shows it: nothing but the
+  leader's sweep ends it) and is purged after `devices.rpc_retention_s`; the leader's
+  counters show both, the standby's none, and `http` runs no housekeeping.
 - Every role answers /metrics on its health listener (the http role: on its API port)
   with Prometheus text that prometheus_client's parser reads: build info naming the
   role, readiness, process metrics, its services' counters.
@@ -24,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from iotmesh.cluster import make_backend
 from iotmesh.storage.rollup import RETENTION_FENCE
+from iotmesh.storage.rpc_rows import RPC_FENCE
 from tests.integration import cluster
 from tests.integration.cluster import Instance
 from tests.postgres import PgServer
@@ -87,10 +93,10 @@ def stop_all(instances: list[Instance]) -> None:
         instance.stop()
 
 
-async def fence(env: dict[str, str]) -> tuple[int, bytes] | None:
+async def fence(env: dict[str, str], resource: str = RETENTION_FENCE) -> tuple[int, bytes] | None:
     backend = make_backend(cluster.cluster_settings(env))
     async with backend:
-        return await backend.read(RETENTION_FENCE)
+        return await backend.read(resource)
 
 
 @pytest.mark.timeout(120)
@@ -133,6 +139,85 @@ def test_one_state_instance_runs_retention_and_the_other_takes_over_after_kill9(
         assert second is not None
         assert second[1] == f"state-{standby.instance_id}".encode()
         assert second[0] > first[0]  # a new term: the dead leader's writes are refused
+    finally:
+        stop_all(instances)
+        asyncio.run(cluster.delete_bus_data(env))
+
+
+HOUSEKEEPING = "rpc_housekeeping"
+
+
+def housekeeping(instance: Instance) -> tuple[float | None, float, float]:
+    """The instance's `iotmesh_leader{job="rpc_housekeeping"}`, and the requests its
+    job expired and purged."""
+    samples, _ = scrape(instance)
+    return (
+        value(samples, "iotmesh_leader", job=HOUSEKEEPING),
+        value(samples, "iotmesh_rpc_housekeeping_expired_total") or 0,
+        value(samples, "iotmesh_rpc_housekeeping_purged_total") or 0,
+    )
+
+
+def wait_status(
+    admin: httpx.Client, url: str, wanted: int, status: str | None, within: float
+) -> None:
+    """Poll GET `url` until it answers `wanted` (and, for 200, the RPC status `status`)."""
+    deadline = time.monotonic() + within
+    seen = None
+    while time.monotonic() < deadline:
+        r = admin.get(url)
+        seen = (r.status_code, r.json().get("status") if r.status_code == 200 else None)
+        if seen == (wanted, status):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{url}: {seen} after {within} s, wanted {(wanted, status)}")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["nats", "redis"])
+def test_the_elected_state_instance_expires_unheld_rpc_requests_and_purges_them(
+    backend: str, tmp_path: Path
+) -> None:
+    env = cluster.bus_env(
+        backend,
+        IOTMESH_CLUSTER__LEASE_S=str(LEASE_S),
+        IOTMESH_DEVICES__RPC_SWEEP_INTERVAL_S="0.2",
+        IOTMESH_DEVICES__RPC_RETENTION_S="3",
+        IOTMESH_DEVICES__RPC_PURGE_INTERVAL_S="0.5",
+        IOTMESH_LOG_LEVEL="warning",
+    )
+    data_dir, logs = tmp_path / "data", tmp_path / "logs"
+    instances: list[Instance] = []
+    try:
+        instances += cluster.start([("state", "1"), ("state", "2")], data_dir, logs, env)
+        instances += cluster.start([("http", "1")], data_dir, logs, env)
+        states, http = instances[:2], instances[2]
+        leads = {i.instance_id: housekeeping(i)[0] for i in states}
+        assert sorted(leads.values()) == [0, 1], leads  # elected during start-up
+        leader = next(i for i in states if leads[i.instance_id] == 1)
+        standby = next(i for i in states if i is not leader)
+
+        with cluster.admin_client(data_dir, http.url) as admin:
+            (device,) = cluster.create_devices(admin, 1, "offline")
+            rpc_url = f"/api/v1/devices/{device['id']}/rpc"
+            expires = int(time.time() * 1000) + 1000
+            body = {"method": "reboot", "persistent": True, "expirationTime": expires}
+            r = admin.post(rpc_url, json=body)
+            assert r.status_code == 200, r.text
+            url = f"{rpc_url}/{r.json()['rpcId']}"
+            assert admin.get(url).json()["status"] == "QUEUED"
+            # No session anywhere holds it: only the leader's sweep can end it.
+            wait_status(admin, url, 200, "EXPIRED", 1 + SLACK_S)
+            record = admin.get(url).json()
+            assert record["finished_ts"] >= expires
+            wait_status(admin, url, 404, None, 3 + SLACK_S)  # purged after rpc_retention_s
+
+        assert housekeeping(leader) == (1, 1, 1)
+        assert housekeeping(standby) == (0, 0, 0)  # a candidate that never ran the job
+        assert housekeeping(http) == (None, 0, 0)  # no purge, no sweep in transports
+        written = asyncio.run(fence(env, RPC_FENCE))
+        assert written is not None
+        assert written[1] == f"state-{leader.instance_id}".encode()
     finally:
         stop_all(instances)
         asyncio.run(cluster.delete_bus_data(env))

@@ -36,7 +36,10 @@ where a session attaches). Each open request is held by the one process that cla
 it. A two-way `call` handed off is waited for here: the holder publishes `finished`
 once the end is committed, and the caller reads the outcome (the reply) from the
 store; when its time is up first, the store is read once more and, if no process holds
-the request, it is ended here. Without a notifier (`iotmesh run`) none of this happens.
+the request, it is ended here. A request nobody holds whose deadline passes (a device
+that never came back) is ended by the housekeeping job's sweep (`rpc_housekeeping.py`),
+which also purges old finished requests. Without a notifier (`iotmesh run`) none of
+this happens across processes.
 
 Error handling: no delivery or no reply in time → `DeviceTimeout` (HTTP 504) for a
 waiting caller; a sink that fails with anything but `DeviceGone` → FAILED and
@@ -82,8 +85,6 @@ MAX_EXPIRATION_MS = 30 * 24 * 3600 * 1000
 SINK_TIMEOUT_S = 120.0  # a sink that has not returned by then did not deliver
 RETRY_S = 1.0  # after every attached sink refused a request, try again this much later
 EXPIRY_INTERVAL_S = 0.2  # how often due deadlines are looked for (a heap peek)
-PURGE_INTERVAL_MS = 3600 * 1000
-PURGE_BATCH = 1000
 LOAD_CONCURRENCY = 8  # store reads of devices' requests at once (several processes)
 
 QUEUED, SENT, DELIVERED = RpcStatus.QUEUED, RpcStatus.SENT, RpcStatus.DELIVERED
@@ -120,9 +121,10 @@ class _Queue:
         self.task: asyncio.Task[None] | None = None
 
 
-def _deadline(record: RpcRecord) -> int:
+def deadline(record: RpcRecord) -> int:
     """When an open request times out (SENT, DELIVERED) or expires (QUEUED). A call's
-    `timeout_ms` is for everything (its expiration), wherever its caller waits."""
+    `timeout_ms` is for everything (its expiration), wherever its caller waits. The
+    state stores have it as SQL (`storage.rpc_rows.DEADLINE`) for the housekeeping sweep."""
     if record.status is QUEUED or record.sent_ts is None or not record.persistent:
         return record.expiration_ts
     return record.sent_ts + record.timeout_ms
@@ -157,7 +159,6 @@ class RpcService(Service):
         self._tasks: set[asyncio.Task[None]] = set()
         self._retries: dict[str, asyncio.TimerHandle] = {}
         self._expiry: asyncio.Task[None] | None = None
-        self._next_purge = 0
         self._notifier = notifier
         self._reloads: dict[str, bool] = {}  # device id → another pass asked for
         self._load_slots = asyncio.Semaphore(LOAD_CONCURRENCY)
@@ -483,11 +484,11 @@ class RpcService(Service):
         self._push_deadline(entry.record)
 
     def _push_deadline(self, record: RpcRecord) -> None:
-        heapq.heappush(self._deadlines, (_deadline(record), record.device_id, record.id))
+        heapq.heappush(self._deadlines, (deadline(record), record.device_id, record.id))
         if len(self._deadlines) > 1000 + 2 * sum(len(q.open) for q in self._queues.values()):
             # Finished requests leave their entries behind: rebuild from the open ones.
             self._deadlines = [
-                (_deadline(e.record), e.record.device_id, e.record.id)
+                (deadline(e.record), e.record.device_id, e.record.id)
                 for q in self._queues.values()
                 for e in q.open.values()
             ]
@@ -772,17 +773,12 @@ class RpcService(Service):
             _, device_id, rpc_id = heapq.heappop(self._deadlines)
             queue = self._queues.get(device_id)
             entry = queue.open.get(rpc_id) if queue is not None else None
-            if entry is None or _deadline(entry.record) > now:
+            if entry is None or deadline(entry.record) > now:
                 continue  # finished, or its deadline moved (another heap entry has it)
             status = RpcStatus.EXPIRED if entry.record.status is QUEUED else RpcStatus.TIMEOUT
             self._finish(entry, status, None)
             ended += 1
         return ended
-
-    async def purge(self) -> int:
-        """Delete a batch of requests finished longer than `rpc_retention_s` ago."""
-        before = self._clock() - int(self._settings.rpc_retention_s * 1000)
-        return await self._store.purge_rpcs(before, PURGE_BATCH)
 
     async def _expiry_loop(self) -> None:
         while True:
@@ -790,8 +786,6 @@ class RpcService(Service):
                 self.expire_due()
                 if self._notifier is not None:
                     await self._renew_claims()
-                if self._clock() >= self._next_purge and await self.purge() < PURGE_BATCH:
-                    self._next_purge = self._clock() + PURGE_INTERVAL_MS
             except Exception:
                 log.exception("RPC expiry pass failed")
             await asyncio.sleep(EXPIRY_INTERVAL_S)

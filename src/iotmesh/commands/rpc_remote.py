@@ -9,7 +9,7 @@ outcome from the store and hands it to the caller. A completion may be lost (liv
 at most once): when the caller's time is up, `outcome` reads the store once more and,
 if no process holds the request, ends it here (EXPIRED or TIMEOUT), so nothing is left
 open that nobody will end. A holder ends a call by the same deadline (a call's
-`timeout_ms` is for everything: `rpc._deadline`).
+`timeout_ms` is for everything: `rpc.deadline`).
 
 Error handling: a store or notifier that fails is logged; the caller then gets
 `DeviceTimeout` when its time is up (the request goes on where it is held).

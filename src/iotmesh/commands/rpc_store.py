@@ -47,8 +47,6 @@ class RpcStore(Protocol):
 
     async def delete_rpc(self, device_id: str, rpc_id: int) -> bool: ...
 
-    async def purge_rpcs(self, finished_before: int, limit: int) -> int: ...
-
 
 class MemoryRpcStore:
     """`RpcStore` in memory: requests live as long as the process. Any device exists."""
@@ -90,16 +88,6 @@ class MemoryRpcStore:
 
     async def delete_rpc(self, device_id: str, rpc_id: int) -> bool:
         return self._records.get(device_id, {}).pop(rpc_id, None) is not None
-
-    async def purge_rpcs(self, finished_before: int, limit: int) -> int:
-        count = 0
-        for by_id in self._records.values():
-            for rpc_id, record in list(by_id.items()):
-                finished = record.finished_ts
-                if count < limit and finished is not None and finished < finished_before:
-                    del by_id[rpc_id]
-                    count += 1
-        return count
 
 
 class RpcJournal:

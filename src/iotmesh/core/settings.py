@@ -220,6 +220,19 @@ class DeviceSettings(_Section):
         gt=0,
         description="How long finished RPC requests stay listed before they are deleted.",
     )
+    rpc_purge_interval_s: float = Field(
+        3600.0,
+        gt=0,
+        description="How often the RPC housekeeping job deletes the finished requests past"
+        " rpc_retention_s (in iotmesh serve: the elected state instance).",
+    )
+    rpc_sweep_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often the RPC housekeeping job runs a pass: with several processes"
+        " (iotmesh serve), requests past their expiration or reply timeout that no process"
+        " holds (a device that never came back) are ended then (EXPIRED, TIMEOUT).",
+    )
 
 
 class BusSettings(_Section):

@@ -6,7 +6,8 @@
     http      -                   REST + device HTTP API -> telemetry.*   reads the stores
     pipeline  telemetry.> (group pipeline)   decode, validate, rules -> store.*   -
     writer    store.> (group writer)         group commit (+ retention: SQLite)   time series
-    state     -                   owns the state store's schema; retention (not SQLite)   -
+    state     -                   owns the state store's schema; retention (not SQLite),
+                                  RPC housekeeping                  -
 
 A device is acknowledged by its transport once the engine stored its message (NATS
 JetStream / Redis Streams with persistence): durable, as in `iotmesh run`, where the
@@ -19,19 +20,24 @@ cluster engine): every instance of the role that hosts a job is a candidate, one
 leads and runs it, the others stand by and take over within `cluster.lease_s * 4/3`
 when it dies (`iotmesh_leader{job}` on /metrics says which one leads).
 
-    job        candidates            fenced by the term's token
-    retention  `state` instances     engine fence before each pass; PostgreSQL: also in
-               (SQLite time series:  every delete transaction. InfluxDB and SQLite: the
-               the `writer`)         engine fence only (a pass already sent runs on)
+    job               candidates            fenced by the term's token
+    retention         `state` instances     engine fence before each pass; PostgreSQL: also
+                      (SQLite time series:  in every delete transaction. InfluxDB and
+                      the `writer`)         SQLite: the engine fence only (a pass already
+                                            sent runs on)
+    rpc_housekeeping  `state` instances     engine fence before each pass; the state store
+                                            (SQLite or PostgreSQL): also in every expiry
+                                            and purge transaction
 
 Retention (and the rollups it brings up to date) runs in the `writer` when the time
 series are in SQLite: the rollup watermarks are cached in the memory of the writer
 process that owns the file, so only that process may expire points; that store has a
 single writer anyway. InfluxDB and PostgreSQL are shared servers: any `state`
 instance can run it, so two `state` instances give it a standby.
-Not singletons: RPC expiry follows each request's claim (the process holding the
-request expires it, `commands/rpc.py`), and connectivity is saved by each process for
-the sessions it holds.
+RPC housekeeping (`commands/rpc_housekeeping.py`) purges old finished requests and ends
+overdue ones that no process holds (a device that never came back); a request that a
+process holds is still expired by that process (`commands/rpc.py`), as claims say. Not a
+singleton: connectivity, saved by each process for the sessions it holds.
 """
 
 from __future__ import annotations
@@ -105,5 +111,6 @@ async def start_role(role: str, build: Builder, admin_token: Callable[[], str]) 
         await build.registry()
         if retention_role(build.settings) == "state":
             await build.retention()
+        await build.rpc_housekeeping()
         return Endpoints()
     raise ValueError(f"unknown role {role!r}")

@@ -151,8 +151,30 @@ class StateStore(Protocol):
     async def delete_rpc(self, device_id: str, rpc_id: int) -> bool:
         """Delete one request; False when it did not exist."""
 
-    async def purge_rpcs(self, finished_before: int, limit: int) -> int:
-        """Delete up to `limit` requests finished before `finished_before`; return how many."""
+    async def due_rpcs(
+        self, now: int, after: tuple[int, str, int] | None, limit: int
+    ) -> list[RpcRecord]:
+        """Up to `limit` open requests whose deadline (`rpc_rows.DEADLINE`) is `now` or
+        earlier, ordered by deadline, device and id, after the cursor `after` (deadline,
+        device id, id: the last request of the previous page)."""
+
+    async def expire_rpcs(
+        self, keys: Sequence[tuple[str, int]], now: int, fencing_token: int | None = None
+    ) -> list[RpcRecord]:
+        """End those of the requests (device id, id) still open and due at `now`: QUEUED
+        → EXPIRED, SENT or DELIVERED → TIMEOUT, `finished_ts = now` (one transaction);
+        return them as ended, by device and id.
+
+        Raises:
+            IotmeshError: `fencing_token` is older than one this store has seen for the
+                RPC housekeeping job (`rpc_rows.RPC_FENCE`); nothing is written.
+        """
+
+    async def purge_rpcs(
+        self, finished_before: int, limit: int, fencing_token: int | None = None
+    ) -> int:
+        """Delete up to `limit` requests finished before `finished_before`; return how many.
+        A `fencing_token` is checked as by `expire_rpcs`."""
 
     # -- connectivity (devicestate/connectivity.py) ---------------------------------------
 

@@ -313,17 +313,6 @@ async def test_list_filters_and_pages(env: Env) -> None:
     assert [r.id for r in done.data] == [1]
 
 
-async def test_purge_deletes_old_finished_requests_only(env: Env) -> None:
-    device = await env.registry.create("d1")
-    with pytest.raises(DeviceTimeout):
-        await env.rpc.call(device, "old", {}, timeout_ms=20)
-    await env.rpc.submit(device, "open", {}, timeout_ms=100)
-    await env.rpc.flushed()
-    env.clock.now += 8 * 86_400_000
-    assert await env.rpc.purge() == 1
-    assert [r.method for r in (await env.rpc.list(device.id, 0, 10)).data] == ["open"]
-
-
 async def test_deleted_device_loses_its_requests(env: Env) -> None:
     device = await env.registry.create("d1")
     call = asyncio.create_task(env.rpc.call(device, "m", {}, timeout_ms=5000))

@@ -99,7 +99,8 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
 
 
 async def test_schema_4_upgrades_to_rpc_requests(tmp_path: Path) -> None:
-    """A data dir from before stored RPC keeps its devices and gains the RPC tables."""
+    """A data dir from before stored RPC keeps its devices and gains the RPC tables (and
+    the RPC housekeeping job's index and fences)."""
     path = tmp_path / "state.db"
     _old_database(path, 4)
     device_id = "5f0e6f6a-3c53-4a56-9d1c-7d1d2b5a0001"
@@ -120,9 +121,10 @@ async def test_schema_4_upgrades_to_rpc_requests(tmp_path: Path) -> None:
         await store.update_rpcs([done])
         assert await store.get_rpc(device_id, 1) == done
         assert await store.open_rpcs() == [second]
+        assert await store.due_rpcs(2, None, 10) == [second]
         records, total = await store.list_rpcs(device_id, [RpcStatus.SUCCESSFUL], 0, 10)
         assert (records, total) == ([done], 1)
-        assert await store.purge_rpcs(6, 100) == 1
+        assert await store.purge_rpcs(6, 100, fencing_token=1) == 1
         with pytest.raises(NotFound):
             await store.create_rpc(msgspec.structs.replace(draft, device_id="nope"))
         seen = DeviceActivity(device_id, "mqtt", 3, 2, 1)
@@ -134,4 +136,4 @@ async def test_schema_4_upgrades_to_rpc_requests(tmp_path: Path) -> None:
     finally:
         await store.close()
     (version,) = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()
-    assert version == len(MIGRATIONS) == 5
+    assert version == len(MIGRATIONS) == 6

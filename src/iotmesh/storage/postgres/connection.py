@@ -205,11 +205,40 @@ async def server_facts(conn: Conn) -> dict[str, Any]:
     }
 
 
+# Fencing tokens of leader-elected jobs (cluster/fencing.py): the highest token that wrote
+# each resource. Both components (time series, state) make it in the same schema, hence
+# IF NOT EXISTS.
+FENCES = "CREATE TABLE IF NOT EXISTS fences (resource text PRIMARY KEY, token bigint NOT NULL)"
+
+# `fencing.FENCE_SQL` with asyncpg's placeholders: 1 row when the token is current or
+# newer (recorded), 0 when a newer leader wrote already.
+FENCE = (
+    "INSERT INTO fences (resource, token) VALUES ($1, $2) "
+    "ON CONFLICT (resource) DO UPDATE SET token = excluded.token "
+    "WHERE excluded.token >= fences.token"
+)
+
+
+async def fenced(conn: Conn, resource: str, token: int) -> None:
+    """Check a fencing token inside the caller's transaction (which must roll back).
+
+    Raises:
+        StorageError: `token` is older than one recorded (a newer leader wrote).
+    """
+    if await conn.execute(FENCE, resource, token) == "INSERT 0 0":
+        highest = await conn.fetchval("SELECT token FROM fences WHERE resource = $1", resource)
+        raise StorageError(
+            f"{resource}: fencing token {token} is older than {highest}; a newer leader runs it"
+        )
+
+
 __all__ = [
     "CAUGHT",
+    "FENCES",
     "Conn",
     "Migration",
     "create_pool",
+    "fenced",
     "migrate",
     "raise_storage_error",
     "schema_version",

@@ -4,7 +4,8 @@
 given twice to one device, even after its request was deleted or purged.
 
 Functions over a connection, called by `PostgresStateStore` inside its error
-translation.
+translation. The housekeeping job's writes (`expire`, `purge`) may carry a fencing
+token, checked against `fences` (migration 3) in their own transaction.
 """
 
 from __future__ import annotations
@@ -17,8 +18,17 @@ import msgspec
 
 from iotmesh.core.errors import NotFound
 from iotmesh.core.types import DeviceActivity, RpcRecord, RpcStatus
-from iotmesh.storage.postgres.connection import Conn
-from iotmesh.storage.rpc_rows import insert_row, update_row
+from iotmesh.storage.postgres.connection import FENCES, Conn, fenced
+from iotmesh.storage.rpc_rows import (
+    DEADLINE,
+    DUE_INDEX,
+    DUE_ORDER,
+    ENDED,
+    OPEN,
+    RPC_FENCE,
+    insert_row,
+    update_row,
+)
 
 MIGRATION = """
     CREATE TABLE rpc_ids (
@@ -57,11 +67,14 @@ MIGRATION = """
     );
 """
 
+# 3: the housekeeping job's index of open requests by deadline, and its fences.
+HOUSEKEEPING_MIGRATION = f"{DUE_INDEX}; {FENCES}"
+
 _COLUMNS = (
     "device_id, id, method, params, oneway, persistent, status, timeout_ms, created_ts,"
     " expiration_ts, sent_ts, delivered_ts, finished_ts, response, error"
 )
-_OPEN = "('QUEUED', 'SENT', 'DELIVERED')"
+_OPEN = OPEN
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
@@ -174,13 +187,55 @@ async def delete(conn: Conn, device_id: str, rpc_id: int) -> bool:
     return status != "DELETE 0"
 
 
-async def purge(conn: Conn, finished_before: int, limit: int) -> int:
-    status = await conn.execute(
-        "DELETE FROM rpc_requests WHERE (device_id, id) IN (SELECT device_id, id"
-        " FROM rpc_requests WHERE finished_ts < $1 LIMIT $2)",
-        finished_before,
-        limit,
+async def due(
+    conn: Conn, now: int, after: tuple[int, str, int] | None, limit: int
+) -> list[RpcRecord]:
+    """Up to `limit` open requests whose deadline is `now` or earlier, by deadline,
+    device and id, after `after` (a (deadline, device id, id) cursor)."""
+    where = f"status IN {_OPEN} AND {DEADLINE} <= $1"
+    args: list[Any] = [now, limit]
+    if after is not None:
+        where += f" AND ({DUE_ORDER}) > ($3, $4, $5)"
+        args += after
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM rpc_requests WHERE {where} ORDER BY {DUE_ORDER} LIMIT $2",
+        *args,
     )
+    return [_record(r) for r in rows]
+
+
+async def expire(
+    conn: Conn, keys: Sequence[tuple[str, int]], now: int, token: int | None
+) -> list[RpcRecord]:
+    """End those of the requests that are still open and due (one transaction, fenced
+    by `token` if given); return them as ended."""
+    if not keys:
+        return []
+    async with conn.transaction():
+        if token is not None:
+            await fenced(conn, RPC_FENCE, token)
+        rows = await conn.fetch(
+            f"UPDATE rpc_requests SET status = {ENDED}, finished_ts = $1"
+            " FROM unnest($2::text[], $3::bigint[]) AS k (k_device, k_id)"
+            f" WHERE device_id = k_device AND id = k_id AND status IN {_OPEN}"
+            f" AND {DEADLINE} <= $1 RETURNING {_COLUMNS}",
+            now,
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+        )
+    return sorted((_record(r) for r in rows), key=lambda r: (r.device_id, r.id))
+
+
+async def purge(conn: Conn, finished_before: int, limit: int, token: int | None) -> int:
+    async with conn.transaction():
+        if token is not None:
+            await fenced(conn, RPC_FENCE, token)
+        status = await conn.execute(
+            "DELETE FROM rpc_requests WHERE (device_id, id) IN (SELECT device_id, id"
+            " FROM rpc_requests WHERE finished_ts < $1 LIMIT $2)",
+            finished_before,
+            limit,
+        )
     return int(status.rsplit(" ", 1)[1])
 
 

@@ -92,6 +92,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     """,
     # 2: server-side RPC requests, their per-device id counter; device activity.
     rpc_requests.MIGRATION,
+    # 3: open RPC requests by deadline, and fencing tokens (the RPC housekeeping job).
+    rpc_requests.HOUSEKEEPING_MIGRATION,
 )
 
 _CONFLICTS = {
@@ -392,9 +394,23 @@ class PostgresStateStore:
         async with self._connection() as conn:
             return await rpc_requests.delete(conn, device_id, rpc_id)
 
-    async def purge_rpcs(self, finished_before: int, limit: int) -> int:
+    async def due_rpcs(
+        self, now: int, after: tuple[int, str, int] | None, limit: int
+    ) -> list[RpcRecord]:
         async with self._connection() as conn:
-            return await rpc_requests.purge(conn, finished_before, limit)
+            return await rpc_requests.due(conn, now, after, limit)
+
+    async def expire_rpcs(
+        self, keys: Sequence[tuple[str, int]], now: int, fencing_token: int | None = None
+    ) -> list[RpcRecord]:
+        async with self._connection() as conn:
+            return await rpc_requests.expire(conn, keys, now, fencing_token)
+
+    async def purge_rpcs(
+        self, finished_before: int, limit: int, fencing_token: int | None = None
+    ) -> int:
+        async with self._connection() as conn:
+            return await rpc_requests.purge(conn, finished_before, limit, fencing_token)
 
     async def load_activity(self) -> list[DeviceActivity]:
         async with self._connection() as conn:

@@ -13,7 +13,7 @@ the current state).
 Rollup levels: `tsrollups.apply_level_ttls`.
 
 Fencing: with `policy.fencing_token` (the job of an elected leader, `iotmesh serve`)
-every transaction first records the token in `fences` (`tsschema.fenced`), so a deposed
+every transaction first records the token in `fences` (`connection.fenced`), so a deposed
 leader that wakes up has its transaction rolled back instead of deleting anything.
 """
 
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from iotmesh.storage.postgres import tschunks, tsrollups, tsschema
-from iotmesh.storage.postgres.connection import Conn
+from iotmesh.storage.postgres import tschunks, tsrollups
+from iotmesh.storage.postgres.connection import Conn, fenced
 from iotmesh.storage.rollup import RETENTION_FENCE, RetentionPolicy
 
 # Per series of $1, the blocks holding a row older than $2 (floored, as `block_of`).
@@ -42,7 +42,7 @@ async def apply(conn: Conn, policy: RetentionPolicy, span: int, levels: Sequence
 
     async def fence(conn: Conn) -> None:
         if policy.fencing_token is not None:
-            await tsschema.fenced(conn, RETENTION_FENCE, policy.fencing_token)
+            await fenced(conn, RETENTION_FENCE, policy.fencing_token)
 
     align = max(levels, default=1)
     if policy.raw_ttl_ms or policy.keys or policy.entities:

@@ -40,10 +40,9 @@ import asyncpg
 import numpy as np
 import numpy.typing as npt
 
-from iotmesh.core.errors import StorageError
 from iotmesh.core.settings import PostgresSettings
 from iotmesh.storage.postgres import tschunks, tsrollups
-from iotmesh.storage.postgres.connection import Conn, Migration
+from iotmesh.storage.postgres.connection import FENCES, Conn, Migration
 
 log = logging.getLogger(__name__)
 
@@ -121,32 +120,6 @@ def migrations(settings: PostgresSettings) -> list[Migration]:
         log.info("created the PostgreSQL time-series schema (%s)", layout)
 
     return [create, tschunks.MIGRATION, FENCES, tsrollups.MIGRATION]
-
-
-# Fencing tokens of leader-elected jobs (cluster/fencing.py): the highest token that wrote
-# each resource. IF NOT EXISTS: another component of the same schema may make it too.
-FENCES = "CREATE TABLE IF NOT EXISTS fences (resource text PRIMARY KEY, token bigint NOT NULL)"
-
-# `fencing.FENCE_SQL` with asyncpg's placeholders: 1 row when the token is current or
-# newer (recorded), 0 when a newer leader wrote already.
-FENCE = (
-    "INSERT INTO fences (resource, token) VALUES ($1, $2) "
-    "ON CONFLICT (resource) DO UPDATE SET token = excluded.token "
-    "WHERE excluded.token >= fences.token"
-)
-
-
-async def fenced(conn: Conn, resource: str, token: int) -> None:
-    """Check a fencing token inside the caller's transaction (which must roll back).
-
-    Raises:
-        StorageError: `token` is older than one recorded (a newer leader wrote).
-    """
-    if await conn.execute(FENCE, resource, token) == "INSERT 0 0":
-        highest = await conn.fetchval("SELECT token FROM fences WHERE resource = $1", resource)
-        raise StorageError(
-            f"{resource}: fencing token {token} is older than {highest}; a newer leader runs it"
-        )
 
 
 async def _timescale(conn: Conn) -> bool:

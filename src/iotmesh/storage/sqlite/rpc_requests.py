@@ -4,6 +4,10 @@ Functions over the state store's connection, run on its thread by `SqliteStateSt
 Request ids come from `rpc_ids`, a counter per device that only grows, so an id is
 never given twice to one device, even after its request was deleted or purged: a
 device that remembers the last id it handled is never confused.
+
+The housekeeping job's writes (`expire`, `purge`) may carry a fencing token: checked
+with `cluster.fencing.fenced_sqlite` in their own transaction, against the `fences`
+table (migration 6), so a deposed leader's write rolls back.
 """
 
 from __future__ import annotations
@@ -14,9 +18,19 @@ from typing import Any
 
 import msgspec
 
+from iotmesh.cluster.fencing import FENCES_TABLE, fenced_sqlite
 from iotmesh.core.errors import NotFound
 from iotmesh.core.types import RpcRecord, RpcStatus
-from iotmesh.storage.rpc_rows import insert_row, update_row
+from iotmesh.storage.rpc_rows import (
+    DEADLINE,
+    DUE_INDEX,
+    DUE_ORDER,
+    ENDED,
+    OPEN,
+    RPC_FENCE,
+    insert_row,
+    update_row,
+)
 
 MIGRATION = """
     CREATE TABLE rpc_ids (
@@ -47,11 +61,14 @@ MIGRATION = """
         WHERE finished_ts IS NOT NULL;
 """
 
+# 6: the housekeeping job's index of open requests by deadline, and its fences.
+HOUSEKEEPING_MIGRATION = f"{DUE_INDEX}; {FENCES_TABLE}"
+
 _COLUMNS = (
     "device_id, id, method, params, oneway, persistent, status, timeout_ms, created_ts,"
     " expiration_ts, sent_ts, delivered_ts, finished_ts, response, error"
 )
-_OPEN = "('QUEUED', 'SENT', 'DELIVERED')"
+_OPEN = OPEN
 
 _json = msgspec.json.Encoder()
 
@@ -154,9 +171,52 @@ def delete(db: sqlite3.Connection, device_id: str, rpc_id: int) -> bool:
     return cursor.rowcount > 0
 
 
-def purge(db: sqlite3.Connection, finished_before: int, limit: int) -> int:
+def due(
+    db: sqlite3.Connection, now: int, after: tuple[int, str, int] | None, limit: int
+) -> list[RpcRecord]:
+    """Up to `limit` open requests whose deadline is `now` or earlier, by deadline,
+    device and id, after `after` (a (deadline, device id, id) cursor)."""
+    where = f"status IN {_OPEN} AND {DEADLINE} <= ?"
+    params: tuple[Any, ...] = (now,)
+    if after is not None:
+        where += f" AND ({DUE_ORDER}) > (?, ?, ?)"
+        params += after
+    rows = db.execute(
+        # INDEXED BY: without statistics SQLite may rather scan every open request.
+        f"SELECT {_COLUMNS} FROM rpc_requests INDEXED BY rpc_requests_due WHERE {where}"
+        f" ORDER BY {DUE_ORDER} LIMIT ?",
+        (*params, limit),
+    ).fetchall()
+    return [_record(r) for r in rows]
+
+
+def expire(
+    db: sqlite3.Connection, keys: Sequence[tuple[str, int]], now: int, token: int | None
+) -> list[RpcRecord]:
+    """End those of the requests that are still open and due (one transaction, fenced
+    by `token` if given); return them as ended."""
+    ended: list[RpcRecord] = []
     with db:
         db.execute("BEGIN IMMEDIATE")
+        if token is not None:
+            fenced_sqlite(db, RPC_FENCE, token)
+        for device_id, rpc_id in keys:
+            row = db.execute(
+                f"UPDATE rpc_requests SET status = {ENDED}, finished_ts = ?"
+                f" WHERE device_id = ? AND id = ? AND status IN {_OPEN} AND {DEADLINE} <= ?"
+                f" RETURNING {_COLUMNS}",
+                (now, device_id, rpc_id, now),
+            ).fetchone()
+            if row is not None:
+                ended.append(_record(row))
+    return ended
+
+
+def purge(db: sqlite3.Connection, finished_before: int, limit: int, token: int | None) -> int:
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        if token is not None:
+            fenced_sqlite(db, RPC_FENCE, token)
         cursor = db.execute(
             "DELETE FROM rpc_requests WHERE (device_id, id) IN (SELECT device_id, id"
             " FROM rpc_requests WHERE finished_ts < ? LIMIT ?)",

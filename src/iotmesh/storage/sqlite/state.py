@@ -83,6 +83,8 @@ MIGRATIONS: tuple[str, ...] = (
     # 5: server-side RPC requests and their lifecycle, and the per-device id counter;
     # when each device was last heard from.
     rpc_requests.MIGRATION + device_activity.MIGRATION,
+    # 6: open RPC requests by deadline, and fencing tokens (the RPC housekeeping job).
+    rpc_requests.HOUSEKEEPING_MIGRATION,
 )
 
 _DEVICE_COLUMNS = """
@@ -407,8 +409,22 @@ class SqliteStateStore:
     async def delete_rpc(self, device_id: str, rpc_id: int) -> bool:
         return await self._run(lambda: rpc_requests.delete(self._db, device_id, rpc_id))
 
-    async def purge_rpcs(self, finished_before: int, limit: int) -> int:
-        return await self._run(lambda: rpc_requests.purge(self._db, finished_before, limit))
+    async def due_rpcs(
+        self, now: int, after: tuple[int, str, int] | None, limit: int
+    ) -> list[RpcRecord]:
+        return await self._run(lambda: rpc_requests.due(self._db, now, after, limit))
+
+    async def expire_rpcs(
+        self, keys: Sequence[tuple[str, int]], now: int, fencing_token: int | None = None
+    ) -> list[RpcRecord]:
+        return await self._run(lambda: rpc_requests.expire(self._db, keys, now, fencing_token))
+
+    async def purge_rpcs(
+        self, finished_before: int, limit: int, fencing_token: int | None = None
+    ) -> int:
+        return await self._run(
+            lambda: rpc_requests.purge(self._db, finished_before, limit, fencing_token)
+        )
 
     async def load_activity(self) -> list[DeviceActivity]:
         return await self._run(lambda: device_activity.load(self._db))
