@@ -379,7 +379,7 @@ async def main() -> None:
     parser.add_argument(
         "--rollup-levels",
         default="60000,3600000",
-        help="rollup levels (ms, comma-separated) of the SQLite and PostgreSQL ingest and"
+        help="rollup levels (ms, comma-separated) of the SQLite, PostgreSQL and InfluxDB ingest and"
         " query stores;"
         " 'none' for none",
     )
