@@ -24,51 +24,19 @@ from typing import Any
 
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from iotmesh.core.settings import SqliteSettings
-from iotmesh.core.types import Aggregation, Order, TsRecord
+from iotmesh.core.types import TsRecord
 from iotmesh.storage.postgres import PostgresTimeSeriesStore
 from iotmesh.storage.sqlite.tsdb import SqliteTimeSeriesStore
 from iotmesh.storage.timeseries import Query, SeriesWrite, TimeSeriesStore
 from tests.postgres import PgServer
+from tests.rollup_strategies import LEVELS, operations
+from tests.rollup_strategies import queries as rollup_queries
 
-LEVELS = (5, 20, 100)
 PG_SPAN_MS = 50
-AGGREGATIONS = [a for a in Aggregation if a is not Aggregation.NONE]
-values = st.one_of(
-    st.integers(-400, 400).map(lambda k: k / 4),
-    st.integers(-(2**40), 2**40),  # with quarters: sums stay exact as doubles
-    st.integers(-50, 50),
-    st.booleans(),
-    st.sampled_from(["a", "b"]),
-)
-writes = st.lists(
-    st.tuples(st.integers(0, 700), st.dictionaries(st.sampled_from("xy"), values, min_size=1)),
-    min_size=1,
-    max_size=60,
-)
-ops = st.lists(
-    st.one_of(
-        st.tuples(st.just("write"), writes),
-        st.tuples(st.just("compact"), st.none()),
-        st.tuples(st.just("delete"), st.tuples(st.integers(0, 700), st.integers(0, 120))),
-    ),
-    min_size=1,
-    max_size=8,
-)
-queries = st.lists(
-    st.tuples(
-        st.integers(-10, 400),
-        st.integers(0, 720),  # the range's length
-        st.sampled_from(AGGREGATIONS),
-        st.sampled_from([5, 10, 20, 40, 60, 100, 200, 300, 7]),
-        st.sampled_from(list(Order)),
-        st.integers(1, 200),
-    ),
-    min_size=3,
-    max_size=10,
-)
+ops = operations("compact", max_writes=60, max_ops=8)
+queries = rollup_queries(max_size=10)
 
 
 async def compact(store: TimeSeriesStore, *, settle: bool) -> None:

@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from iotmesh.core.settings import InfluxSettings
 from iotmesh.core.types import Aggregation, Order, TsPoint, TsRecord
@@ -29,42 +28,11 @@ from iotmesh.storage.influx.rollup_format import MARKERS, measurement
 from iotmesh.storage.rollup import RetentionPolicy
 from iotmesh.storage.timeseries import Query, SeriesWrite
 from tests.influxd import InfluxServer
+from tests.rollup_strategies import LEVELS, operations
+from tests.rollup_strategies import queries as rollup_queries
 
-LEVELS = (5, 20, 100)
-AGGREGATIONS = [a for a in Aggregation if a is not Aggregation.NONE]
-values = st.one_of(
-    st.integers(-400, 400).map(lambda k: k / 4),
-    st.integers(-(2**40), 2**40),
-    st.integers(-50, 50),
-    st.booleans(),
-    st.sampled_from(["a", "b"]),
-)
-writes = st.lists(
-    st.tuples(st.integers(0, 700), st.dictionaries(st.sampled_from("xy"), values, min_size=1)),
-    min_size=1,
-    max_size=40,
-)
-ops = st.lists(
-    st.one_of(
-        st.tuples(st.just("write"), writes),
-        st.tuples(st.just("roll"), st.none()),
-        st.tuples(st.just("delete"), st.tuples(st.integers(0, 700), st.integers(0, 120))),
-    ),
-    min_size=1,
-    max_size=6,
-)
-queries = st.lists(
-    st.tuples(
-        st.integers(-10, 400),
-        st.integers(0, 720),  # the range's length
-        st.sampled_from(AGGREGATIONS),
-        st.sampled_from([5, 10, 20, 40, 60, 100, 200, 300, 7]),
-        st.sampled_from(list(Order)),
-        st.integers(1, 200),
-    ),
-    min_size=3,
-    max_size=8,
-)
+ops = operations("roll", max_writes=40, max_ops=6)
+queries = rollup_queries(max_size=8)
 
 
 class Pair:

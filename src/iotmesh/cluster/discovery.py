@@ -32,7 +32,6 @@ Resource handling: one named polling task, cancelled in `stop`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -46,7 +45,7 @@ from iotmesh.cluster.errors import CallFailed, NoInstance
 from iotmesh.cluster.model import Instance
 from iotmesh.cluster.phi import PhiAccrualDetector
 from iotmesh.cluster.registry import Registry
-from iotmesh.core.lifecycle import Health, Service
+from iotmesh.core.lifecycle import Health, Service, cancel_task
 from iotmesh.core.settings import ClusterSettings
 
 log = logging.getLogger(__name__)
@@ -122,10 +121,7 @@ class Discovery(Service):
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_task(task)
 
     def health(self) -> Health:
         return Health(ok=self._read_ok, detail="" if self._read_ok else "registry unreadable")

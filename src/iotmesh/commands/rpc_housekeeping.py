@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
@@ -45,7 +44,7 @@ from iotmesh.commands.rpc import deadline
 from iotmesh.commands.wakeups import RpcNotifier
 from iotmesh.core.clock import now_ms
 from iotmesh.core.errors import IotmeshError
-from iotmesh.core.lifecycle import Service
+from iotmesh.core.lifecycle import Service, cancel_task
 from iotmesh.core.settings import DeviceSettings
 from iotmesh.core.types import RpcRecord, RpcStatus
 
@@ -117,10 +116,7 @@ class RpcHousekeeping(Service):
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_task(task)
 
     async def _run(self) -> None:
         # Without a notifier a pass only checks whether the purge is due: a clock read.

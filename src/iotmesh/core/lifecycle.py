@@ -10,6 +10,8 @@ and cancels or drains in `stop`.
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, ClassVar, Self
@@ -67,3 +69,15 @@ class Service(abc.ABC):
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+async def cancel_task(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a service's background task and wait until it has finished (None: none).
+
+    The usual end of a `stop`: the task's own `finally` blocks run before this returns,
+    so nothing of the service is still running when the caller goes on.
+    """
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

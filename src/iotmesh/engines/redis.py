@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable, Sequence
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from iotmesh.core.lifecycle import cancel_task
+
 log = logging.getLogger(__name__)
 
 BACKOFF_MAX_S = 5.0
@@ -98,10 +100,7 @@ class PubSubReader:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_task(task)
 
     async def _read(self) -> None:
         backoff = 0.1

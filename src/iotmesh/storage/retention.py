@@ -22,14 +22,13 @@ Resource handling: one task, started by `start` and cancelled by `stop`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Collection
 
 import msgspec
 
 from iotmesh.core.clock import now_ms
-from iotmesh.core.lifecycle import Service
+from iotmesh.core.lifecycle import Service, cancel_task
 from iotmesh.core.settings import RetentionSettings
 from iotmesh.storage.rollup import RetentionPolicy
 from iotmesh.storage.timeseries import TimeSeriesStore
@@ -104,10 +103,7 @@ class RetentionJob(Service):
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_task(task)
 
     async def run_once(self) -> None:
         """One pass now."""

@@ -45,13 +45,12 @@ How a change reaches the rollups:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from iotmesh.core.clock import now_ms
-from iotmesh.core.lifecycle import Service
+from iotmesh.core.lifecycle import Service, cancel_task
 from iotmesh.core.types import TsPoint
 from iotmesh.storage import rollup
 from iotmesh.storage.influx.client import InfluxClient
@@ -367,10 +366,7 @@ class RollupJob(Service):
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_task(task)
 
     async def _run(self) -> None:
         while True:
