@@ -301,13 +301,22 @@ class RollupUpkeep:
                     ranges.append((rollup.floor(m.lo, c), rollup.ceil(m.hi, c)))
                     continue
                 # A delete: the buckets it covers whole are empty now; edges recompute.
+                # An edge bucket goes too (the recompute writes it again if points are
+                # left): one the delete emptied would otherwise keep its old aggregate.
+                # Not one before the series' cutoff: it holds aggregates of expired points.
+                cut = self.cutoff(entity, m.key)
                 for size in self.levels:
                     a, b = rollup.ceil(m.lo, size), rollup.floor(m.hi, size)
-                    if a < b:
-                        deletes.append(
-                            f"DELETE FROM {measurement(size)} WHERE {tag('entity', entity)}"
-                            f" AND {tag('key', m.key)} AND time >= {ns(a)} AND time < {ns(b)}"
-                        )
+                    spans = [(a, b)] if a < b else []
+                    for edge in (m.lo, m.hi - 1):
+                        start = rollup.floor(edge, size)
+                        if start >= cut and MIN_TS_MS <= edge <= MAX_TS_MS:
+                            spans.append((start, start + size))
+                    deletes.extend(
+                        f"DELETE FROM {measurement(size)} WHERE {tag('entity', entity)}"
+                        f" AND {tag('key', m.key)} AND time >= {ns(x)} AND time < {ns(y)}"
+                        for x, y in spans
+                    )
                 for edge in (m.lo, m.hi - 1):
                     if MIN_TS_MS <= edge <= MAX_TS_MS:
                         ranges.append((rollup.floor(edge, c), rollup.floor(edge, c) + c))
