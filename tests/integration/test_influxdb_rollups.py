@@ -85,7 +85,7 @@ def same(got: list[TsPoint], want: list[TsPoint]) -> bool:
 
 
 @settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(ops, queries)
 def test_rollup_answers_equal_raw_answers(pair: Pair, operations: Any, asked: Any) -> None:
