@@ -43,7 +43,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 LEASES = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
-_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 def status(code: int, reason: str, message: str) -> JSONResponse:
@@ -67,7 +67,7 @@ class FakeKubernetes:
     allowed: set[str] = field(default_factory=lambda: {"iotmesh-test"})
     leases: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     revision: int = 0
-    requests: int = 0
+    requests: int = 0  # answered so far (tests count what an operation costs)
 
     def app(self) -> Starlette:
         methods = ["GET", "PUT", "DELETE"]
@@ -125,7 +125,7 @@ class FakeKubernetes:
             return JSONResponse(body)
         lease = await request.json()
         name = lease.get("metadata", {}).get("name", "")
-        if not _NAME.fullmatch(name) or len(name) > 253:
+        if not DNS_SUBDOMAIN.fullmatch(name) or len(name) > 253:
             return status(422, "Invalid", f"Lease {name!r} is invalid: metadata.name")
         if (namespace, name) in self.leases:
             return status(

@@ -39,7 +39,7 @@ from iotmesh.core.settings import SERVICE_ACCOUNT_DIR, ClusterSettings
 LEASES = "leases.coordination.k8s.io"
 RBAC_HINT = (
     "the service account needs a Role granting get, list, create, update and delete on"
-    f" {LEASES} in this namespace (see deploy/kubernetes/rbac.yaml)"
+    f" {LEASES} in this namespace (docs/kubernetes-rbac.yaml)"
 )
 TOKEN_REREAD_S = 60.0  # as client-go: projected service-account tokens rotate
 
