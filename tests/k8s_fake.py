@@ -18,29 +18,30 @@ A request without `Authorization: Bearer <token>` gets 401; a namespace outside
 `allowed` gets 403 (as RBAC answers). resourceVersions come from one counter, as etcd's
 revision; as in Kubernetes, nothing expires: readers judge a Lease by its renewTime.
 
-It runs in a thread with its own event loop (hypercorn on 127.0.0.1, an ephemeral
-port), so the test's loop and child processes can all use it.
+It runs in a thread with its own event loop (the project's hypercorn `HttpServer` on
+127.0.0.1, an ephemeral port), so the test's loop and child processes can all use it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypercorn.asyncio import serve
-from hypercorn.config import Config, Sockets
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+from iotmesh.core.settings import HttpSettings
+from iotmesh.transports.http import HttpServer
 
 LEASES = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
 DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -171,17 +172,6 @@ class FakeKubernetes:
         return JSONResponse(body)
 
 
-class _PreboundConfig(Config):
-    """Hypercorn on a socket bound beforehand, so the ephemeral port is known."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__()
-        self._sock = sock
-
-    def create_sockets(self) -> Sockets:
-        return Sockets(secure_sockets=[], insecure_sockets=[self._sock], quic_sockets=[])
-
-
 @dataclass
 class FakeApiServer:
     """A running fake: where it is, and the settings that point the backend at it."""
@@ -208,26 +198,21 @@ def fake_kubernetes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeAp
     fake = FakeKubernetes()
     token_file = tmp_path_factory.mktemp("k8s") / "token"
     token_file.write_text(fake.token + "\n")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    sock.setblocking(False)
-    port = sock.getsockname()[1]
-    loop = asyncio.new_event_loop()
-    stopped = asyncio.Event()
-    config = _PreboundConfig(sock)
-    config.bind = [f"127.0.0.1:{port}"]
-    config.accesslog = None
-    config.graceful_timeout = 1.0
-    served = loop.create_task(serve(fake.app(), config, shutdown_trigger=stopped.wait, mode="asgi"))
-    thread = threading.Thread(
-        target=loop.run_until_complete, args=(served,), name="fake-kubernetes", daemon=True
-    )
+    started: Future[tuple[asyncio.AbstractEventLoop, asyncio.Event, int]] = Future()
+
+    async def serve() -> None:
+        # The project's own hypercorn server, on an ephemeral port.
+        server = HttpServer(fake.app(), "127.0.0.1", HttpSettings(port=0, server="hypercorn"))
+        stop = asyncio.Event()
+        async with server:
+            started.set_result((asyncio.get_running_loop(), stop, server.port))
+            await stop.wait()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), name="fake-kubernetes")
     thread.start()
+    loop, stop, port = started.result(timeout=30)
     try:
         yield FakeApiServer(f"http://127.0.0.1:{port}", fake, token_file)
     finally:
-        loop.call_soon_threadsafe(stopped.set)
-        thread.join(timeout=10)
-        loop.close()
-        sock.close()
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=30)
