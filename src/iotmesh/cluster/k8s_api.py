@@ -199,7 +199,7 @@ def _error(response: httpx.Response, what: str, namespace: str) -> ClusterError:
     """The ClusterError for an API answer that is not a success."""
     try:
         message = str(response.json().get("message", ""))
-    except ValueError:
+    except (ValueError, AttributeError):  # not JSON, or not a Status object
         message = response.text[:200]
     code = response.status_code
     if code == 409:
