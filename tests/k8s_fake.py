@@ -142,12 +142,14 @@ class FakeKubernetes:
         if refused is not None:
             return refused
         key = (request.path_params["namespace"], request.path_params["name"])
+        # Read the body first: from the lookup to the write nothing may await, or two
+        # requests at one resourceVersion could both pass the compare-and-set.
+        body = await request.json() if await request.body() else {}
         current = self.leases.get(key)
         if current is None:
             return status(404, "NotFound", f'leases.coordination.k8s.io "{key[1]}" not found')
         if request.method == "GET":
             return JSONResponse(current)
-        body = await request.json() if await request.body() else {}
         conflict = status(
             409,
             "Conflict",
