@@ -9,7 +9,8 @@ import pytest
 from tests.influxd import InfluxServer
 from tests.postgres import PgServer
 
-pytest_plugins = ["tests.redis_hot"]  # the `redis_hot` fixture
+# the `redis_hot` fixture; `fake_kubernetes`, a fake API server (no cluster runs here)
+pytest_plugins = ["tests.redis_hot", "tests.k8s_fake"]
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
-"""The contract of the cluster engine backends (Redis, NATS KV): one suite, both engines.
+"""The contract of the cluster engine backends (Redis, NATS KV, Kubernetes): one suite.
 
 Registry (TTL records, listing, watch), leases with fencing tokens, fenced writes,
-against real redis-server and nats-server (JetStream) on loopback.
+against real redis-server and nats-server (JetStream) on loopback, and against a FAKE
+Kubernetes API server (tests/k8s_fake.py): no Kubernetes cluster can run here.
 """
 
 from __future__ import annotations
@@ -15,17 +16,18 @@ from typing import Any
 import pytest
 
 from iotmesh.cluster import ClusterBackend, ClusterError, Instance, Registration, StaleToken
-from tests.contract.cluster_backends import ClusterHarness
+from tests.contract.cluster_backends import ENGINES, ClusterHarness, engine_settings
 
 
-@pytest.fixture(params=["redis", "nats"])
+@pytest.fixture(params=ENGINES)
 async def make_harness(
     request: pytest.FixtureRequest,
 ) -> AsyncIterator[Callable[..., ClusterHarness]]:
     made: list[ClusterHarness] = []
+    engine = engine_settings(request, request.param)
 
     def make(**overrides: Any) -> ClusterHarness:
-        h = ClusterHarness(request.param, **overrides)
+        h = ClusterHarness(request.param, **engine, **overrides)
         made.append(h)
         return h
 

@@ -1,4 +1,7 @@
-"""Several real processes on one cluster engine (Redis, NATS KV), on loopback.
+"""Several real processes on one cluster engine (Redis, NATS KV, Kubernetes), on loopback.
+
+Kubernetes is a FAKE API server (tests/k8s_fake.py, in this test process, reached by
+the children over TCP): no Kubernetes cluster can run on this machine.
 
 - leader election: two candidate processes, the leader is `kill -9`ed, the other
   takes over within the lease bound, and a write with the dead leader's fencing token
@@ -32,7 +35,7 @@ import pytest
 from iotmesh.cluster import ClusterBackend, Discovery, StaleToken, make_backend
 from iotmesh.cluster.http import ServiceHttp
 from iotmesh.core.settings import Settings
-from tests.contract.cluster_backends import cluster_settings
+from tests.contract.cluster_backends import ENGINES, cluster_settings, engine_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 SLACK_S = 5.0  # scheduling on a busy 2-core machine; the bound itself is far smaller
@@ -101,10 +104,15 @@ async def children() -> AsyncIterator[list[Child]]:
             await child.reader
 
 
-@pytest.fixture(params=["redis", "nats"])
+@pytest.fixture(params=ENGINES)
 async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Settings, ClusterBackend]]:
     settings = cluster_settings(
-        request.param, heartbeat_interval_s=0.2, ttl_s=30.0, lease_s=2.0, acceptable_pause_s=0.2
+        request.param,
+        **engine_settings(request, request.param),
+        heartbeat_interval_s=0.2,
+        ttl_s=30.0,
+        lease_s=2.0,
+        acceptable_pause_s=0.2,
     )
     backend = make_backend(settings)
     await backend.start()
@@ -166,6 +174,11 @@ def run_services(settings: Settings, *args: str) -> list[dict[str, Any]]:
         "IOTMESH_CLUSTER__TTL_S": str(c.ttl_s),
         "IOTMESH_CLUSTER__ACCEPTABLE_PAUSE_S": str(c.acceptable_pause_s),
     }
+    if c.backend == "kubernetes":  # the fake API server (no CA: it speaks plain HTTP)
+        env["IOTMESH_CLUSTER__K8S_API_URL"] = str(c.k8s_api_url)
+        env["IOTMESH_CLUSTER__K8S_NAMESPACE"] = str(c.k8s_namespace)
+        env["IOTMESH_CLUSTER__K8S_TOKEN_FILE"] = str(c.k8s_token_file)
+        env["IOTMESH_CLUSTER__K8S_CA_FILE"] = ""
     done = subprocess.run(
         [sys.executable, "-m", "iotmesh", "services", "--json", *args],
         env=env,

@@ -38,7 +38,8 @@ def _default(info: FieldInfo) -> str:
         return "[]"
     if info.default_factory is not None:
         return "~/.local/share/iotmesh" if "data_dir" in repr(info.default_factory) else "computed"
-    return json.dumps(info.default) if info.default is not None else "unset"
+    # Paths (the Kubernetes service-account files) as the string a TOML file would hold.
+    return json.dumps(info.default, default=str) if info.default is not None else "unset"
 
 
 def settings_reference() -> str:

@@ -69,7 +69,8 @@ def services(
     service: Annotated[str | None, typer.Argument(help="Only this service.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML settings file.")] = None,
     backend: Annotated[
-        str | None, typer.Option(help="Cluster engine: redis or nats (cluster.backend).")
+        str | None,
+        typer.Option(help="Cluster engine: redis, nats or kubernetes (cluster.backend)."),
     ] = None,
     namespace: Annotated[
         str | None, typer.Option(help="Cluster namespace (cluster.namespace).")
@@ -81,12 +82,17 @@ def services(
 ) -> None:
     """List the registered instances of every service: alive, healthy, where."""
     err = Console(stderr=True)
-    chosen: Literal["redis", "nats"] | None = None
+    engines: dict[str, Literal["redis", "nats", "kubernetes"]] = {
+        "redis": "redis",
+        "nats": "nats",
+        "kubernetes": "kubernetes",
+    }
+    chosen = None
     if backend is not None:
-        if backend not in ("redis", "nats"):
-            err.print("[red]iotmesh: --backend is redis or nats[/red]")
+        if backend not in engines:
+            err.print("[red]iotmesh: --backend is redis, nats or kubernetes[/red]")
             raise typer.Exit(2)
-        chosen = "redis" if backend == "redis" else "nats"
+        chosen = engines[backend]
     try:
         settings = load_settings(
             config, {"cluster.backend": chosen, "cluster.namespace": namespace}

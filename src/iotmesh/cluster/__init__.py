@@ -10,8 +10,9 @@
 - `election.LeaderElection` runs a singleton job on one instance at a time, on the
   engine's leases, with fencing tokens; `fencing` refuses a deposed leader's writes.
 
-The engine is Redis or NATS JetStream KV (`cluster.backend`); `make_backend` builds
-one `ClusterBackend` that is registry, lease store and fence at once.
+The engine is Redis, NATS JetStream KV or the Kubernetes API's Lease objects
+(`cluster.backend`); `make_backend` builds one `ClusterBackend` that is registry,
+lease store and fence at once.
 """
 
 from iotmesh.cluster.backend import ClusterBackend, make_backend

@@ -30,9 +30,15 @@ def cluster_engine(settings: Settings) -> str:
 
 
 def make_backend(settings: Settings) -> ClusterBackend:
-    """The backend `cluster_engine` names, not started; urls default to the bus's."""
+    """The backend `cluster_engine` names, not started; Redis and NATS urls default to the
+    bus's."""
     c = settings.cluster
-    if cluster_engine(settings) == "nats":
+    engine = cluster_engine(settings)
+    if engine == "kubernetes":
+        from iotmesh.cluster.k8s_backend import KubernetesCluster
+
+        return KubernetesCluster(c)
+    if engine == "nats":
         from iotmesh.cluster.nats_backend import NatsCluster
 
         return NatsCluster(c, c.nats_url or settings.bus.nats_url)

@@ -9,6 +9,10 @@ Not a consensus protocol of our own: the engine decides who holds the lease.
 - NATS KV: `create` of the lease entry (fails while it exists), renewal `update` with
   the revision last read; the bucket's TTL is the lease. The token is the revision at
   which the entry was created, and revisions grow across the bucket.
+- Kubernetes: a Lease object, created or (when released or expired) replaced at the
+  resourceVersion read; renewal replaces it likewise. The token is an annotation, + 1
+  per term, kept across releases (`k8s_backend.py`). Expiry is judged by the
+  readers' clocks from renewTime, so this one assumes clocks in step (NTP).
 
 A candidate tries to take the lease every `lease_s / 3`; the leader renews it as
 often. Leadership is only believed while it is sure: from the moment before the

@@ -11,7 +11,8 @@ Two forms:
 - `Fence` on the cluster engine: `write(resource, token, value)` stores `value` under
   `resource` only if `token` is not older than the highest seen (Redis: one Lua
   script over a hash {token, value}; NATS KV: compare-and-set on the entry's
-  revision, the token inside the value).
+  revision, the token inside the value; Kubernetes: compare-and-set on a Lease
+  object's resourceVersion, token and value in annotations).
 - SQL stores: keep a `fences` table and run `FENCE_SQL` in the same transaction as
   the job's writes; when it changed no row the token is stale and the transaction
   must roll back (`fenced_sqlite` does this for sqlite3). The statement is standard

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 class Registry(abc.ABC):
-    """Where instances are registered; implemented on Redis and on NATS KV."""
+    """Where instances are registered; implemented on Redis, NATS KV and Kubernetes."""
 
     @abc.abstractmethod
     async def put(self, instance: Instance) -> None:

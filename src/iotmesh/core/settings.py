@@ -12,11 +12,20 @@ from __future__ import annotations
 
 import contextvars
 import itertools
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -26,6 +35,8 @@ from pydantic_settings import (
 from iotmesh.core.errors import ConfigError
 
 DEFAULT_CONFIG_FILE = Path("iotmesh.toml")
+# Where Kubernetes mounts a pod's service-account token, CA certificate and namespace.
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 # The TOML file of the settings being built. A context variable, not a class attribute,
 # so that two `load_settings` calls (e.g. in tests) cannot see each other's file.
@@ -307,13 +318,36 @@ class BusSettings(_Section):
 class ClusterSettings(_Section):
     """Several instances: service registry, failure detection, leader election."""
 
-    backend: Literal["redis", "nats"] = Field(
+    backend: Literal["redis", "nats", "kubernetes"] = Field(
         "redis",
-        description="Engine holding the registry, leader leases and fences: Redis or NATS"
-        " JetStream KV. Unset: the bus's engine if `bus.backend` is nats or redis.",
+        description="Engine holding the registry, leader leases and fences: Redis, NATS"
+        " JetStream KV, or the Kubernetes API (Lease objects). Unset: the bus's engine if"
+        " `bus.backend` is nats or redis.",
     )
     redis_url: str | None = Field(None, description="Redis server; unset: `bus.redis_url`.")
     nats_url: str | None = Field(None, description="NATS server; unset: `bus.nats_url`.")
+    k8s_api_url: str | None = Field(
+        None,
+        description="Kubernetes API server (backend kubernetes), e.g. `http://127.0.0.1:8001`"
+        " behind `kubectl proxy`. Unset: in-cluster, `https://$KUBERNETES_SERVICE_HOST:"
+        "$KUBERNETES_SERVICE_PORT` (Kubernetes sets both in every pod).",
+    )
+    k8s_namespace: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Kubernetes namespace of the Lease objects; unset: the pod's own, read"
+        f" from `{SERVICE_ACCOUNT_DIR}/namespace`.",
+    )
+    k8s_token_file: Path | None = Field(
+        Path(f"{SERVICE_ACCOUNT_DIR}/token"),
+        description="Bearer token for the Kubernetes API, re-read every minute (projected"
+        ' service-account tokens rotate); `""`: send no token (e.g. to `kubectl proxy`).',
+    )
+    k8s_ca_file: Path | None = Field(
+        Path(f"{SERVICE_ACCOUNT_DIR}/ca.crt"),
+        description="CA certificate the API server's (https) certificate must chain to;"
+        ' `""`: the system\'s trust store.',
+    )
     namespace: str = Field(
         "iotmesh",
         pattern=r"^[A-Za-z0-9_-]+$",
@@ -373,6 +407,24 @@ class ClusterSettings(_Section):
         gt=0,
         description="How long an open breaker refuses calls before letting one trial through.",
     )
+
+    @field_validator("k8s_token_file", "k8s_ca_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        """`""` turns a file off (TOML and the environment cannot say None)."""
+        return None if value == "" else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _in_cluster_api(cls, data: Any) -> Any:
+        """Default `k8s_api_url` from the variables Kubernetes sets in a pod (this module
+        is the one place that reads the environment)."""
+        host = os.environ.get("KUBERNETES_SERVICE_HOST")
+        if not isinstance(data, dict) or data.get("k8s_api_url") or not host:
+            return data
+        host = f"[{host}]" if ":" in host else host  # an IPv6 service address
+        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        return {**data, "k8s_api_url": f"https://{host}:{port}"}
 
     @model_validator(mode="after")
     def _ttl_covers_heartbeats(self) -> ClusterSettings:
