@@ -111,15 +111,16 @@ class Device:
         return {s.n for s in self.sent if s.outcome == "refused"}
 
     def pushed_back(self) -> list[Sent]:
-        """Messages that met back-pressure: refused, or sent while the writer was
-        failing and acknowledged only once the backend was back."""
+        """Messages that met back-pressure: refused, or sent before the backend came
+        back and acknowledged only once it was back (a slow host may send a device's
+        one pending upload just before the stop: it then waits through the outage)."""
         return [
             s
             for s in self.sent
             if s.outcome == "refused"
             or (
                 s.outcome == "acked"
-                and s.phase in (DOWN, FAILING)
+                and s.phase < RESTARTING
                 and s.done_phase is not None
                 and s.done_phase >= RESTARTING
             )
