@@ -232,6 +232,18 @@ async def fenced(conn: Conn, resource: str, token: int) -> None:
         )
 
 
+async def fetch_page(
+    conn: Conn, select: str, count: str, args: Sequence[Any], limit: int, offset: int
+) -> tuple[list[asyncpg.Record], int]:
+    """One page of `select` (ordered; its placeholders are `args`) and the total that
+    `count` (same placeholders) gives, read in one snapshot so the two agree."""
+    n = len(args)
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        rows = await conn.fetch(f"{select} LIMIT ${n + 1} OFFSET ${n + 2}", *args, limit, offset)
+        total: int = await conn.fetchval(count, *args)
+    return rows, total
+
+
 __all__ = [
     "CAUGHT",
     "FENCES",
@@ -239,6 +251,7 @@ __all__ = [
     "Migration",
     "create_pool",
     "fenced",
+    "fetch_page",
     "migrate",
     "raise_storage_error",
     "schema_version",

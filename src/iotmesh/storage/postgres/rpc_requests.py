@@ -18,7 +18,7 @@ import msgspec
 
 from iotmesh.core.errors import NotFound
 from iotmesh.core.types import DeviceActivity, RpcRecord, RpcStatus
-from iotmesh.storage.postgres.connection import FENCES, Conn, fenced
+from iotmesh.storage.postgres.connection import FENCES, Conn, fenced, fetch_page
 from iotmesh.storage.rpc_rows import (
     DEADLINE,
     DUE_INDEX,
@@ -160,16 +160,14 @@ async def page(
     if statuses is not None:
         where += " AND status = ANY($2::text[])"
         args.append([s.value for s in statuses])
-    n = len(args)
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        rows = await conn.fetch(
-            f"SELECT {_COLUMNS} FROM rpc_requests {where}"
-            f" ORDER BY id DESC LIMIT ${n + 1} OFFSET ${n + 2}",
-            *args,
-            limit,
-            offset,
-        )
-        total = await conn.fetchval(f"SELECT count(*) FROM rpc_requests {where}", *args)
+    rows, total = await fetch_page(
+        conn,
+        f"SELECT {_COLUMNS} FROM rpc_requests {where} ORDER BY id DESC",
+        f"SELECT count(*) FROM rpc_requests {where}",
+        args,
+        limit,
+        offset,
+    )
     return [_record(r) for r in rows], total
 
 

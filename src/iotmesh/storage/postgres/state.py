@@ -36,11 +36,13 @@ from iotmesh.core.types import (
     RpcRecord,
     RpcStatus,
 )
+from iotmesh.storage.device_rows import SELECT_BASIC, SELECT_DEVICE, device_from_row
 from iotmesh.storage.postgres import rpc_requests
 from iotmesh.storage.postgres.connection import (
     CAUGHT,
     Migration,
     create_pool,
+    fetch_page,
     migrate,
     raise_storage_error,
 )
@@ -105,33 +107,9 @@ _CONFLICTS = {
     ),
 }
 
-_DEVICE_COLUMNS = """
-    d.id, d.name, d.type, d.label, d.created_ts, c.access_token, d.gateway, d.gateway_id,
-    c.cert_fingerprint
-"""
-_SELECT_DEVICE = f"SELECT {_DEVICE_COLUMNS} FROM devices d JOIN credentials c ON c.device_id = d.id"
-_SELECT_BASIC = (
-    f"SELECT {_DEVICE_COLUMNS}, b.client_id, b.username, b.password_hash"
-    " FROM devices d JOIN credentials c ON c.device_id = d.id"
-    " JOIN basic_credentials b ON b.device_id = d.id"
-)
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
-
-
-def _device(row: asyncpg.Record) -> Device:
-    return Device(
-        id=row[0],
-        name=row[1],
-        type=row[2],
-        label=row[3],
-        created_ts=row[4],
-        access_token=row[5],
-        gateway=row[6],
-        gateway_id=row[7],
-        cert_fingerprint=row[8],
-    )
 
 
 def _count(status: str) -> int:
@@ -180,8 +158,8 @@ class PostgresStateStore:
 
     async def _fetch_device(self, where: str, *args: Any) -> Device | None:
         async with self._connection() as conn:
-            row = await conn.fetchrow(f"{_SELECT_DEVICE} WHERE {where}", *args)
-        return None if row is None else _device(row)
+            row = await conn.fetchrow(f"{SELECT_DEVICE} WHERE {where}", *args)
+        return None if row is None else device_from_row(row)
 
     # -- devices and credentials ----------------------------------------------------------
 
@@ -223,20 +201,16 @@ class PostgresStateStore:
         if text_search:
             # ILIKE: SQLite's LIKE ignores case too.
             where, args = " WHERE d.name ILIKE $1", [_like(text_search)]
-        n = len(args)
-        async with (
-            self._connection() as conn,
-            conn.transaction(isolation="repeatable_read", readonly=True),
-        ):
-            rows = await conn.fetch(
-                f"{_SELECT_DEVICE}{where} ORDER BY d.created_ts, d.id"
-                f" LIMIT ${n + 1} OFFSET ${n + 2}",
-                *args,
+        async with self._connection() as conn:
+            rows, total = await fetch_page(
+                conn,
+                f"{SELECT_DEVICE}{where} ORDER BY d.created_ts, d.id",
+                f"SELECT count(*) FROM devices d{where}",
+                args,
                 limit,
                 offset,
             )
-            total = await conn.fetchval(f"SELECT count(*) FROM devices d{where}", *args)
-        return [_device(r) for r in rows], total
+        return [device_from_row(r) for r in rows], total
 
     async def update_device(self, device: Device) -> None:
         async with self._connection() as conn:
@@ -280,12 +254,12 @@ class PostgresStateStore:
         # The same expressions as the unique index, so the lookup uses it.
         async with self._connection() as conn:
             row = await conn.fetchrow(
-                f"{_SELECT_BASIC} WHERE coalesce(b.client_id, '') = $1"
+                f"{SELECT_BASIC} WHERE coalesce(b.client_id, '') = $1"
                 " AND coalesce(b.username, '') = $2",
                 client_id or "",
                 username or "",
             )
-        return None if row is None else (_device(row), BasicCredentials(*row[-3:]))
+        return None if row is None else (device_from_row(row), BasicCredentials(*row[-3:]))
 
     async def set_basic_credentials(
         self, device_id: str, credentials: BasicCredentials | None

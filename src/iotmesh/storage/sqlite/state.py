@@ -26,6 +26,7 @@ from iotmesh.core.types import (
     RpcRecord,
     RpcStatus,
 )
+from iotmesh.storage.device_rows import SELECT_BASIC, SELECT_DEVICE, device_from_row
 from iotmesh.storage.sqlite import device_activity, migrations, rpc_requests
 from iotmesh.storage.sqlite.db_thread import DbThread
 
@@ -86,32 +87,6 @@ MIGRATIONS: tuple[str, ...] = (
     # 6: open RPC requests by deadline, and fencing tokens (the RPC housekeeping job).
     rpc_requests.HOUSEKEEPING_MIGRATION,
 )
-
-_DEVICE_COLUMNS = """
-    d.id, d.name, d.type, d.label, d.created_ts, c.access_token, d.gateway, d.gateway_id,
-    c.cert_fingerprint
-"""
-_SELECT_DEVICE = f"SELECT {_DEVICE_COLUMNS} FROM devices d JOIN credentials c ON c.device_id = d.id"
-
-_SELECT_BASIC = (
-    f"SELECT {_DEVICE_COLUMNS}, b.client_id, b.username, b.password_hash"
-    " FROM devices d JOIN credentials c ON c.device_id = d.id"
-    " JOIN basic_credentials b ON b.device_id = d.id"
-)
-
-
-def _device(row: tuple[Any, ...]) -> Device:
-    return Device(
-        id=row[0],
-        name=row[1],
-        type=row[2],
-        label=row[3],
-        created_ts=row[4],
-        access_token=row[5],
-        gateway=bool(row[6]),
-        gateway_id=row[7],
-        cert_fingerprint=row[8],
-    )
 
 
 def _conflict(exc: sqlite3.Error) -> Conflict | None:
@@ -201,23 +176,23 @@ class SqliteStateStore:
 
     async def get_device(self, device_id: str) -> Device | None:
         row = await self._run(
-            lambda: self._db.execute(_SELECT_DEVICE + " WHERE d.id = ?", (device_id,)).fetchone()
+            lambda: self._db.execute(SELECT_DEVICE + " WHERE d.id = ?", (device_id,)).fetchone()
         )
-        return None if row is None else _device(row)
+        return None if row is None else device_from_row(row)
 
     async def device_by_name(self, name: str) -> Device | None:
         row = await self._run(
-            lambda: self._db.execute(_SELECT_DEVICE + " WHERE d.name = ?", (name,)).fetchone()
+            lambda: self._db.execute(SELECT_DEVICE + " WHERE d.name = ?", (name,)).fetchone()
         )
-        return None if row is None else _device(row)
+        return None if row is None else device_from_row(row)
 
     async def device_by_token(self, access_token: str) -> Device | None:
         row = await self._run(
             lambda: self._db.execute(
-                _SELECT_DEVICE + " WHERE c.access_token = ?", (access_token,)
+                SELECT_DEVICE + " WHERE c.access_token = ?", (access_token,)
             ).fetchone()
         )
-        return None if row is None else _device(row)
+        return None if row is None else device_from_row(row)
 
     async def list_devices(
         self, offset: int, limit: int, text_search: str | None = None
@@ -229,11 +204,11 @@ class SqliteStateStore:
 
         def page() -> tuple[list[Device], int]:
             rows = self._db.execute(
-                _SELECT_DEVICE + where + " ORDER BY d.created_ts, d.id LIMIT ? OFFSET ?",
+                SELECT_DEVICE + where + " ORDER BY d.created_ts, d.id LIMIT ? OFFSET ?",
                 (*params, limit, offset),
             ).fetchall()
             (total,) = self._db.execute("SELECT count(*) FROM devices d" + where, params).fetchone()
-            return [_device(r) for r in rows], total
+            return [device_from_row(r) for r in rows], total
 
         return await self._run(page)
 
@@ -252,10 +227,10 @@ class SqliteStateStore:
     async def device_by_certificate(self, fingerprint: str) -> Device | None:
         row = await self._run(
             lambda: self._db.execute(
-                _SELECT_DEVICE + " WHERE c.cert_fingerprint = ?", (fingerprint,)
+                SELECT_DEVICE + " WHERE c.cert_fingerprint = ?", (fingerprint,)
             ).fetchone()
         )
-        return None if row is None else _device(row)
+        return None if row is None else device_from_row(row)
 
     async def set_certificate(self, device_id: str, fingerprint: str | None) -> None:
         (count,) = await self._run(
@@ -285,11 +260,11 @@ class SqliteStateStore:
         # The same expressions as the unique index, so the lookup uses it.
         row = await self._run(
             lambda: self._db.execute(
-                _SELECT_BASIC + " WHERE ifnull(b.client_id, '') = ? AND ifnull(b.username, '') = ?",
+                SELECT_BASIC + " WHERE ifnull(b.client_id, '') = ? AND ifnull(b.username, '') = ?",
                 (client_id or "", username or ""),
             ).fetchone()
         )
-        return None if row is None else (_device(row), BasicCredentials(*row[-3:]))
+        return None if row is None else (device_from_row(row), BasicCredentials(*row[-3:]))
 
     async def set_basic_credentials(
         self, device_id: str, credentials: BasicCredentials | None
