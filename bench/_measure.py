@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -43,6 +44,17 @@ def write_host_results(path: Path, args: Any, loop_ns: tuple[float, float], resu
     path.parent.mkdir(exist_ok=True)
     document = {"machine": machine(), "args": vars(args), "loop_ns": list(loop_ns)}
     path.write_text(json.dumps({**document, "results": results}, indent=2))
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout_s: float) -> None:
+    """SIGTERM a server the benchmark started, SIGKILL it if it has not exited in time."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 def process_tree(proc: psutil.Process) -> list[psutil.Process]:

@@ -35,7 +35,6 @@ import contextlib
 import json
 import re
 import resource
-import signal
 import subprocess
 import sys
 import tempfile
@@ -53,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tests.integration.server import RunningServer, child_env, start_server  # noqa: E402
 
-from _measure import Profiler, Sampler, machine, wait_machine_quiet  # noqa: E402
+from _measure import Profiler, Sampler, machine, stop_process, wait_machine_quiet  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "http_ingest.json"
 TARGET_REQ_S = 10_000
@@ -97,13 +96,7 @@ class Bare:
         return self.proc.pid
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, 15)
 
 
 def start_iotmesh(workdir: Path, server: str) -> tuple[RunningServer, str, str]:

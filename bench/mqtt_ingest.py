@@ -59,7 +59,6 @@ import contextlib
 import json
 import multiprocessing as mp
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -85,6 +84,7 @@ from _measure import (  # noqa: E402
     Profiler,
     Sampler,
     machine,
+    stop_process,
     tree_rss,
     wait_machine_quiet,
     wait_quiet,
@@ -155,13 +155,7 @@ class Mosquitto:
         return self.proc.pid
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, 10)
 
 
 def start_iotmesh(workdir: Path, synchronous: str) -> RunningServer:
