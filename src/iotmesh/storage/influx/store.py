@@ -147,21 +147,20 @@ class InfluxTimeSeriesStore:
     async def write(self, batch: Sequence[SeriesWrite]) -> None:
         try:
             async with self._writing:
-                if self.rollups is None:
-                    for body in bodies(encode_lines(batch), MAX_BODY_BYTES):
-                        await self.client.write(body)
-                    return
                 lines = encode_lines(batch)  # first: refuses a bad batch before markers
-                stamps = [(s.entity_id, [r.ts for r in s.records]) for s in batch]
-                ranges = write_ranges(stamps, self.rollups.coarsest)
-                # Markers first, acknowledged: a crash leaves markers without points,
-                # never points without their markers (see rollups.py).
-                seq = await self.rollups.write_markers(ranges)
+                seq = None
+                if self.rollups is not None:
+                    stamps = [(s.entity_id, [r.ts for r in s.records]) for s in batch]
+                    ranges = write_ranges(stamps, self.rollups.coarsest)
+                    # Markers first, acknowledged: a crash leaves markers without points,
+                    # never points without their markers (see rollups.py).
+                    seq = await self.rollups.write_markers(ranges)
                 try:
                     for body in bodies(lines, MAX_BODY_BYTES):
                         await self.client.write(body)
                 finally:
-                    self._in_flight.discard(seq)
+                    if seq is not None:
+                        self._in_flight.discard(seq)
         except DatabaseNotFound:
             # Dropped while we run: create it again, so the writer's retry can succeed.
             with contextlib.suppress(StorageError):
