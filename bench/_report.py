@@ -23,6 +23,15 @@ def summary(phase: dict[str, Any]) -> str:
         f"loadgen {phase.get('loadgen_cpu_pct', 0):.0f}% "
         f"other {phase.get('other_cpu_pct', 0):.0f}%"
     )
+    if "server_main_cpu_pct" in phase:
+        text += f" (main process {phase['server_main_cpu_pct']:.0f}%)"
+    rates = phase.get("server_rates") or {}
+    if rates.get("commits"):
+        text += (
+            f", {rates['commits']:,.0f} commits/s of "
+            f"{rates.get('records', 0) / rates['commits']:,.0f} records, "
+            f"{rates.get('commit_ms', 0) / rates['commits']:.1f} ms each"
+        )
     lat = phase.get("latency_ms")
     if lat:
         text += f", p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms"

@@ -290,13 +290,16 @@ def run_phase(
     subscriber: Any = None,
     on_hold: Any = None,
     profile: Path | None = None,
+    counters: Any = None,
 ) -> dict[str, Any]:
     """Run one phase on P worker processes; return the aggregated figures.
 
     `sample` maps a client index (in `clients`) to the ts base of its explicit-ts
     payloads; `on_hold(samples, figures)` runs while the connections are still open
     after the measurement (the storage check); what it returns is merged into the result.
-    `subscriber` is (pid, byte counter) of the Mosquitto subscriber.
+    `subscriber` is (pid, byte counter) of the Mosquitto subscriber. `counters()`
+    (server counters by name) is read at both ends of the measured window; their
+    rates per second go in `out["server_rates"]`.
     """
     ctx = mp.get_context("spawn")
     procs_n = max(1, min(args.processes, len(clients)))
@@ -370,11 +373,15 @@ def run_phase(
         time.sleep(max(0.0, t_warm - time.monotonic()))
         profiler = Profiler(server_pid, profile, args.seconds) if profile else None
         sampler.begin(helpers)
+        before = counters() if counters is not None else {}
         sub_a = subscriber[1].value if subscriber is not None else 0
         while time.monotonic() < t_end:
             time.sleep(min(0.25, max(0.0, t_end - time.monotonic())))
             sampler.sample()
         out.update(sampler.end())
+        if counters is not None:
+            after = counters()
+            out["server_rates"] = {k: (after[k] - before.get(k, 0.0)) / args.seconds for k in after}
         sub_b = subscriber[1].value if subscriber is not None else 0
         results = collect(events, "result", procs_n, args.drain + 60.0)
         out.update(aggregate(results, args))
@@ -611,7 +618,7 @@ def bench_iotmesh(args: argparse.Namespace, workdir: Path, run: dict[str, Any]) 
             res[phase] = run_phase(
                 f"iotmesh-{phase}", mode, server.mqtt_port, clients, server.pid, args,
                 rate=rate, sample=dict.fromkeys(sample_idx, TS_BASES[phase]),
-                on_hold=check(phase), profile=profile,
+                on_hold=check(phase), profile=profile, counters=writer_counters(server),
             )  # fmt: skip
             res[phase]["quiet_wait_s"] = quiet
             res[phase].update(machine_gate)
@@ -621,6 +628,27 @@ def bench_iotmesh(args: argparse.Namespace, workdir: Path, run: dict[str, Any]) 
     finally:
         server.stop()
     return res
+
+
+WRITER_COUNTERS = (
+    "iotmesh_writer_commits_total",
+    "iotmesh_writer_records_total",
+    "iotmesh_writer_commit_ms_total",
+)
+
+
+def writer_counters(server: RunningServer) -> Any:
+    """A reader of the server's commit counters on /metrics (commits and records)."""
+
+    def read() -> dict[str, float]:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        return {
+            name.removeprefix("iotmesh_writer_").removesuffix("_total"): float(value)
+            for name, value in (line.split() for line in text.splitlines() if line[:1] != "#")
+            if name in WRITER_COUNTERS
+        }
+
+    return read
 
 
 def bench_mosquitto(args: argparse.Namespace, workdir: Path, run: dict[str, Any]) -> dict[str, Any]:

@@ -527,3 +527,28 @@ def test_partition_of_is_stable_and_in_range(key: str, partitions: int) -> None:
     partition = subjects.partition_of(key, partitions)
     assert 0 <= partition < partitions
     assert subjects.partition_of(key, partitions) == partition
+
+
+async def test_routes_follow_groups_that_come_and_go_after_a_subject_was_published() -> None:
+    """The (subject, key) route cache is dropped when a group subscribes or closes."""
+    got: dict[str, list[bytes]] = {"a": [], "b": []}
+
+    def recorder(name: str) -> Any:
+        async def handler(deliveries: Sequence[Delivery]) -> None:
+            for d in deliveries:
+                got[name].append(d.data)
+                d.ack()
+
+        return handler
+
+    async with running_bus(partitions=2) as bus:
+        first = await bus.subscribe("telemetry.>", "a", recorder("a"))
+        await publish(bus, "m1")
+        second = await bus.subscribe("telemetry.*", "b", recorder("b"))
+        await publish(bus, "m2")  # the cached route of telemetry.dev-1 must now reach b
+        await first.close()
+        await publish(bus, "m3")  # and no longer a closed group
+        await second.close()
+        with pytest.raises(BusError):
+            await publish(bus, "m4")
+    assert got == {"a": [b"m1", b"m2"], "b": [b"m2", b"m3"]}
