@@ -46,8 +46,7 @@ from iotmesh.storage.state import StateStore
 from iotmesh.storage.timeseries import TimeSeriesStore
 from iotmesh.storage.writer import BatchWriter
 from iotmesh.transports.coap import CoapServer
-from iotmesh.transports.http import HttpServer
-from iotmesh.transports.http_granian import GranianHttpServer
+from iotmesh.transports.http_base import BaseHttpServer
 from iotmesh.transports.mqtt import MqttServer
 
 if TYPE_CHECKING:
@@ -61,7 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 S = TypeVar("S", bound=Service)
-AnyHttpServer = HttpServer | GranianHttpServer
+AnyHttpServer = BaseHttpServer  # granian's or hypercorn's: only the one in use is imported
 
 
 def timeseries_store(settings: Settings, data_dir: Path) -> TimeSeriesStore:
@@ -609,7 +608,15 @@ class Builder:
         before_stop: Callable[[], None] | None = None,
     ) -> AnyHttpServer:
         """Serve an ASGI app with the HTTP server software `http.server` names."""
-        server_class = GranianHttpServer if settings.server == "granian" else HttpServer
+        server_class: type[BaseHttpServer]
+        if settings.server == "granian":
+            from iotmesh.transports.http_granian import GranianHttpServer
+
+            server_class = GranianHttpServer
+        else:  # hypercorn costs ~10 MB of RSS when imported, so only when chosen
+            from iotmesh.transports.http import HttpServer
+
+            server_class = HttpServer
         server = server_class(
             app, self.settings.host, settings, stats=stats, before_stop=before_stop
         )

@@ -11,7 +11,7 @@ from iotmesh.core.errors import PayloadError, StorageError
 from iotmesh.core.settings import SqliteSettings
 from iotmesh.core.types import TsRecord
 from iotmesh.storage.sqlite.tsdb import SqliteTimeSeriesStore
-from iotmesh.storage.sqlite.writer_process import WriterClient
+from iotmesh.storage.sqlite.writer_client import WriterClient
 from iotmesh.storage.timeseries import Query, SeriesWrite
 
 T0 = 1_700_000_000_000

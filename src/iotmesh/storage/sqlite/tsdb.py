@@ -96,7 +96,8 @@ from iotmesh.storage import aggregate as agg
 from iotmesh.storage.points import classify
 from iotmesh.storage.rollup import RetentionPolicy
 from iotmesh.storage.sqlite import reads, schema
-from iotmesh.storage.sqlite.writer_process import WriterClient, connect
+from iotmesh.storage.sqlite.writer_client import WriterClient
+from iotmesh.storage.sqlite.writer_process import connect
 from iotmesh.storage.timeseries import Query, SeriesWrite
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The SQLite writer in a process of its own, and the client the store talks to it with.
+"""The SQLite writer in a process of its own (`writer_client.py` is the parent's side).
 
 Why a process. The writer's work (building batch rows, SQLite calls) used to run on a
 thread of the server process, and shared the GIL with the event loop that parses MQTT
@@ -7,6 +7,9 @@ busy, taking it back waits up to the interpreter's switch interval (5 ms). Measu
 here: a commit of 1000 records took ~4.5 ms alone and ~30 ms beside a busy event loop,
 and end-to-end latency at half load was ~200 ms of such waits. In its own process the
 writer has its own GIL and runs on the second core, in parallel with the event loop.
+
+This module is what the child imports, so it stays free of asyncio (its import, with
+ssl, is ~6 MB of the child's RSS); the parent's `WriterClient` lives in writer_client.py.
 
 Protocol (`WriterClient` ↔ `serve`, over the child's stdin/stdout): frames of a 4-byte
 little-endian length and a MessagePack array. Requests are `[op, *args]`; replies are
@@ -29,7 +32,6 @@ batch writer retries it) and the next call starts a new child.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import logging
 import os
@@ -40,30 +42,27 @@ import struct
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
 from iotmesh.core.errors import PayloadError, StorageError
-from iotmesh.core.logs import JsonFormatter, json_log_identity
+from iotmesh.core.logs import JsonFormatter
 from iotmesh.storage.rollup import RetentionPolicy
 from iotmesh.storage.sqlite import schema
 from iotmesh.storage.sqlite.writes import SeriesWriter
 from iotmesh.storage.timeseries import SeriesWrite
 
-if TYPE_CHECKING:
-    from iotmesh.core.settings import SqliteSettings
-
 log = logging.getLogger(__name__)
 
-_HEADER = struct.Struct("<I")
+HEADER = struct.Struct("<I")
 _CHECKPOINT_EVERY_S = 1.0
-_STOP_TIMEOUT_S = 30.0
+MODULE = "iotmesh.storage.sqlite.writer_process"  # what the child runs (`python -m`)
 
-_encoder = msgspec.msgpack.Encoder()
-_request = msgspec.msgpack.Decoder(list[Any])
+ENCODER = msgspec.msgpack.Encoder()
+DECODER = msgspec.msgpack.Decoder(list[Any])
 _batch = msgspec.msgpack.Decoder(list[SeriesWrite])
 
 
@@ -94,8 +93,8 @@ def connect(path: Path, synchronous: str) -> sqlite3.Connection:
 
 
 def _write_frame(fd: int, message: Any) -> None:
-    body = _encoder.encode(message)
-    data = memoryview(_HEADER.pack(len(body)) + body)
+    body = ENCODER.encode(message)
+    data = memoryview(HEADER.pack(len(body)) + body)
     while data:
         data = data[os.write(fd, data) :]
 
@@ -113,109 +112,11 @@ def _read_exact(fd: int, size: int) -> bytes | None:
 
 def _read_frame(fd: int) -> list[Any] | None:
     """The next frame, or None at end of file."""
-    header = _read_exact(fd, _HEADER.size)
+    header = _read_exact(fd, HEADER.size)
     if header is None:
         return None
-    body = _read_exact(fd, _HEADER.unpack(header)[0])
-    return None if body is None else _request.decode(body)
-
-
-# -- the parent's side -----------------------------------------------------------------
-
-
-class WriterClient:
-    """Starts the writer process and calls it, from the event loop (no thread: a reply
-    is read when epoll reports it, so no GIL hand-off sits between commit and ack)."""
-
-    def __init__(
-        self, path: Path, settings: SqliteSettings, rollup_levels: Sequence[int] = ()
-    ) -> None:
-        self._path = path
-        self._settings = settings
-        self._rollup_levels = rollup_levels
-        self._proc: asyncio.subprocess.Process | None = None
-        self._lock = asyncio.Lock()  # one request at a time, in call order
-
-    async def start(self) -> None:
-        """Start the child and wait until it has opened (and migrated) the database."""
-        async with self._lock:
-            await self._start()
-
-    async def _start(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            __name__,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        level = logging.getLogger("iotmesh").getEffectiveLevel()
-        s = self._settings
-        options = FileOptions(
-            s.synchronous, s.chunk_max_points, s.compact_min_chunks, list(self._rollup_levels)
-        )
-        settings = msgspec.json.encode(options).decode()
-        json_logs = json_log_identity()  # the child logs as the parent does
-        try:
-            await self._request(["open", str(self._path), settings, level, json_logs])
-        except BaseException:
-            await self._stop(kill=True)
-            raise
-
-    async def call(self, op: str, *args: Any) -> Any:
-        """Run `op` in the child and return its result.
-
-        Raises:
-            PayloadError: the child refused the data.
-            StorageError: SQLite failed, or the child died (the next call restarts it).
-        """
-        async with self._lock:
-            if self._proc is None:
-                await self._start()
-            return await self._request([op, *args])
-
-    async def _request(self, message: list[Any]) -> Any:
-        proc = self._proc
-        assert proc is not None
-        assert proc.stdin is not None
-        assert proc.stdout is not None
-        body = _encoder.encode(message)
-        try:
-            proc.stdin.write(_HEADER.pack(len(body)) + body)
-            await proc.stdin.drain()
-            (size,) = _HEADER.unpack(await proc.stdout.readexactly(_HEADER.size))
-            status, result = _request.decode(await proc.stdout.readexactly(size))
-        except (OSError, asyncio.IncompleteReadError) as exc:
-            log.warning("time-series writer process: %r", exc)
-            code = await self._stop(kill=True)
-            raise StorageError(f"the time-series writer process exited (code {code})") from None
-        if status == "ok":
-            return result
-        if status == "payload":
-            raise PayloadError(result)
-        raise StorageError(f"time-series store: {result}")
-
-    async def close(self) -> None:
-        """Let the child finish and exit (it sees end of file), then reap it."""
-        async with self._lock:
-            await self._stop(kill=False)
-
-    async def _stop(self, *, kill: bool) -> int | None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return None
-        if kill and proc.returncode is None:
-            proc.kill()
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            async with asyncio.timeout(_STOP_TIMEOUT_S):
-                return await proc.wait()
-        except TimeoutError:
-            log.error("time-series writer process did not exit; killing it")
-            proc.kill()
-            return await proc.wait()
+    body = _read_exact(fd, HEADER.unpack(header)[0])
+    return None if body is None else DECODER.decode(body)
 
 
 # -- the child's side ------------------------------------------------------------------
