@@ -115,6 +115,49 @@ class AckSlot:
 class MqttConnection(asyncio.Protocol):
     """Protocol instance for one TCP (or TLS) connection."""
 
+    # Slots, not a __dict__: ~1.5 KB less per connection (10,000 idle clients: ~15 MB).
+    __slots__ = (
+        "_acks",
+        "_aliases",
+        "_closing",
+        "_corked",
+        "_detached",
+        "_draining",
+        "_eof",
+        "_graceful",
+        "_holds",
+        "_out",
+        "_out_aliases",
+        "_paused",
+        "_qos2_unacked",
+        "_rate_timer",
+        "_resume_handle",
+        "_submits",
+        "_tasks",
+        "_telemetry_held",
+        "_timer",
+        "_tokens",
+        "_tokens_at",
+        "_transport_paused",
+        "_writing_paused",
+        "client_alias_max",
+        "client_certificate",
+        "client_max_packet",
+        "client_receive_max",
+        "ctx",
+        "gateway_children",
+        "keep_alive",
+        "last_rx",
+        "pending_telemetry",
+        "principal",
+        "pushes",
+        "reader",
+        "session",
+        "state",
+        "transport",
+        "version",
+    )
+
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
         settings = ctx.settings

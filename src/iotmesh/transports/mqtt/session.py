@@ -71,6 +71,28 @@ Queued = tuple[Publish, float, int | None]
 class Session:
     """State of one client id."""
 
+    __slots__ = (  # one per client id, so no per-instance __dict__
+        "_confirm_inflight",
+        "_confirm_queued",
+        "_max_queued",
+        "_next_id",
+        "client_id",
+        "connection",
+        "device",
+        "disconnected_at",
+        "dropped",
+        "expiry_s",
+        "incoming_qos2",
+        "inflight",
+        "keeper",
+        "queue",
+        "stored",
+        "stored_seqs",
+        "subscriptions",
+        "version",
+        "will",
+    )
+
     def __init__(
         self, client_id: str, max_queued: int, keeper: SessionKeeper | None = None
     ) -> None:
