@@ -32,6 +32,11 @@ def summary(phase: dict[str, Any]) -> str:
             f"{rates.get('records', 0) / rates['commits']:,.0f} records, "
             f"{rates.get('commit_ms', 0) / rates['commits']:.1f} ms each"
         )
+    if rates.get("loop_samples"):
+        text += (
+            f", event loop {rates['loop_lag_ms'] / rates['loop_samples']:.1f} ms late on "
+            f"average, {rates.get('loop_stalls', 0):.1f}/s at least 100 ms late"
+        )
     lat = phase.get("latency_ms")
     if lat:
         text += f", p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms"

@@ -630,22 +630,25 @@ def bench_iotmesh(args: argparse.Namespace, workdir: Path, run: dict[str, Any]) 
     return res
 
 
-WRITER_COUNTERS = (
-    "iotmesh_writer_commits_total",
-    "iotmesh_writer_records_total",
-    "iotmesh_writer_commit_ms_total",
-)
+SERVER_COUNTERS = {  # /metrics name -> key in the phase's "server_rates"
+    "iotmesh_writer_commits_total": "commits",
+    "iotmesh_writer_records_total": "records",
+    "iotmesh_writer_commit_ms_total": "commit_ms",
+    "iotmesh_event_loop_lag_ms_total": "loop_lag_ms",
+    "iotmesh_event_loop_samples_total": "loop_samples",
+    "iotmesh_event_loop_stalls_total": "loop_stalls",
+}
 
 
 def writer_counters(server: RunningServer) -> Any:
-    """A reader of the server's commit counters on /metrics (commits and records)."""
+    """A reader of the server's commit and event-loop counters on /metrics."""
 
     def read() -> dict[str, float]:
         text = httpx.get(f"{server.url}/metrics", timeout=10).text
         return {
-            name.removeprefix("iotmesh_writer_").removesuffix("_total"): float(value)
+            SERVER_COUNTERS[name]: float(value)
             for name, value in (line.split() for line in text.splitlines() if line[:1] != "#")
-            if name in WRITER_COUNTERS
+            if name in SERVER_COUNTERS
         }
 
     return read

@@ -77,6 +77,7 @@ class Platform(ServiceProcess):
         # and retention job, the bus and the pipeline, then device traffic.
         build = self._builder
         build.tracing()
+        await build.event_loop_lag()
         await build.registry()
         await build.attributes()
         await build.rpc()

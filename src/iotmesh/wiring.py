@@ -26,6 +26,7 @@ from iotmesh.commands.rpc_housekeeping import RpcHousekeeping
 from iotmesh.commands.wakeups import CLAIM_TTL_S, RpcNotifier
 from iotmesh.core.ids import SERVICE_NAME, instance_id
 from iotmesh.core.lifecycle import Health, Service
+from iotmesh.core.loop_lag import EventLoopLag
 from iotmesh.core.settings import HttpSettings, Settings
 from iotmesh.core.tracing import INSTRUMENTATION, Tracer, Tracing, make_provider
 from iotmesh.core.tracing import shutdown as shutdown_tracing
@@ -224,6 +225,10 @@ class Builder:
         return [f"{name}: {h.detail or 'not ok'}" for name, h in self.health().items() if not h.ok]
 
     # -- observability ----------------------------------------------------------------------
+
+    async def event_loop_lag(self) -> EventLoopLag:
+        """How late this process's event loop runs (`iotmesh_event_loop_*` on /metrics)."""
+        return await self.enter(EventLoopLag())
 
     def tracing(self) -> Tracing | None:
         """The tracer of every service, None when tracing is off (see core/tracing.py).

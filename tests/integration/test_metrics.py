@@ -60,6 +60,9 @@ def test_metrics_show_the_services_counters_and_the_process(
     assert value(samples, "iotmesh_writer_records_total") >= 5
     assert value(samples, "iotmesh_writer_commits_total") >= 1
     assert types["iotmesh_writer_pending_records"] == "gauge"
+    assert types["iotmesh_event_loop_lag_max_ms"] == "gauge"
+    assert types["iotmesh_event_loop_stalls_total"] == "counter"
+    assert value(samples, "iotmesh_event_loop_samples_total") >= 1
     assert value(samples, "iotmesh_pipeline_dropped_total") == 0
     assert value(samples, "iotmesh_bus_queued") == 0
     assert value(samples, "iotmesh_ready") == 1

@@ -71,6 +71,7 @@ class ServedProcess(ServiceProcess):
 
     async def _start(self) -> None:
         build = self._builder
+        await build.event_loop_lag()
         self.endpoints = await start_role(self.role, build, self._admin_token)
         if self.endpoints.http is not None:
             self.listener = self.endpoints.http
