@@ -19,6 +19,7 @@ so an entry that expired sooner could let two lead at once.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
 from typing import Any
@@ -117,9 +118,10 @@ class NatsCluster(ClusterBackend):
 
     async def list(self, service: str | None = None) -> builtins.list[Instance]:
         kv = await self._open("services")
+        bucket = self._bucket_name("services")
         found = []
         for data in await self._call(
-            "listing", self._values(kv, f"{service}.*" if service else ">")
+            "listing", self._values(kv, bucket, f"{service}.*" if service else ">")
         ):
             try:
                 found.append(model.decode(data))
@@ -127,20 +129,32 @@ class NatsCluster(ClusterBackend):
                 continue
         return sorted(found, key=lambda i: i.key)
 
+    async def _values(self, kv: KeyValue, bucket: str, keys: str) -> builtins.list[bytes]:
+        """The current value of each key matching `keys` (a KV pattern), once each.
+
+        Not with a KV watcher: its "initial values done" marker comes after updates
+        that arrive meanwhile, so under heartbeats it listed a key twice (measured: half
+        the listings of two instances beating every few ms) and, once in CI, missed
+        one. Instead: the keys that have messages (stream info of the bucket's stream,
+        filtered), then each key's last value; deleted and purged keys are skipped.
+        """
+        if self._js is None:
+            raise ClusterError("the cluster backend is stopped")
+        prefix = f"$KV.{bucket}."
+        info = await self._js.stream_info(f"KV_{bucket}", subjects_filter=prefix + keys)
+        subjects = info.state.subjects or {}
+        entries = await asyncio.gather(
+            *(self._current(kv, subject.removeprefix(prefix)) for subject in subjects)
+        )
+        return [entry for entry in entries if entry]
+
     @staticmethod
-    async def _values(kv: KeyValue, keys: str) -> builtins.list[bytes]:
-        """The current values of `keys` (a KV pattern), read with one watcher."""
-        watcher = await kv.watch(keys, ignore_deletes=True)
-        values: builtins.list[bytes] = []
+    async def _current(kv: KeyValue, key: str) -> bytes | None:
         try:
-            async for entry in watcher:
-                if entry is None:  # the initial values are all delivered
-                    break
-                if entry.value:
-                    values.append(entry.value)
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
-        return values
+            entry = await kv.get(key)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return None  # deleted, purged or expired since the stream info
+        return entry.value or None
 
     # -- leases -------------------------------------------------------------------
 
