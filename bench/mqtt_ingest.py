@@ -618,7 +618,7 @@ def bench_iotmesh(args: argparse.Namespace, workdir: Path, run: dict[str, Any]) 
             res[phase] = run_phase(
                 f"iotmesh-{phase}", mode, server.mqtt_port, clients, server.pid, args,
                 rate=rate, sample=dict.fromkeys(sample_idx, TS_BASES[phase]),
-                on_hold=check(phase), profile=profile, counters=writer_counters(server),
+                on_hold=check(phase), profile=profile, counters=server_counters(server),
             )  # fmt: skip
             res[phase]["quiet_wait_s"] = quiet
             res[phase].update(machine_gate)
@@ -640,7 +640,7 @@ SERVER_COUNTERS = {  # /metrics name -> key in the phase's "server_rates"
 }
 
 
-def writer_counters(server: RunningServer) -> Any:
+def server_counters(server: RunningServer) -> Any:
     """A reader of the server's commit and event-loop counters on /metrics."""
 
     def read() -> dict[str, float]:

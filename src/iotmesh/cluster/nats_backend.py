@@ -117,11 +117,9 @@ class NatsCluster(ClusterBackend):
         await self._call("deregistering", kv.purge(f"{service}.{instance_id}"))
 
     async def list(self, service: str | None = None) -> builtins.list[Instance]:
-        kv = await self._open("services")
-        bucket = self._bucket_name("services")
         found = []
         for data in await self._call(
-            "listing", self._values(kv, bucket, f"{service}.*" if service else ">")
+            "listing", self._values("services", f"{service}.*" if service else ">")
         ):
             try:
                 found.append(model.decode(data))
@@ -129,7 +127,7 @@ class NatsCluster(ClusterBackend):
                 continue
         return sorted(found, key=lambda i: i.key)
 
-    async def _values(self, kv: KeyValue, bucket: str, keys: str) -> builtins.list[bytes]:
+    async def _values(self, name: str, keys: str) -> builtins.list[bytes]:
         """The current value of each key matching `keys` (a KV pattern), once each.
 
         Not with a KV watcher: its "initial values done" marker comes after updates
@@ -138,10 +136,12 @@ class NatsCluster(ClusterBackend):
         one. Instead: the keys that have messages (stream info of the bucket's stream,
         filtered), then each key's last value; deleted and purged keys are skipped.
         """
-        if self._js is None:
-            raise ClusterError("the cluster backend is stopped")
+        kv = await self._open(name)  # raises when stopped: then there is no `_js`
+        js = self._js
+        assert js is not None
+        bucket = self._bucket_name(name)
         prefix = f"$KV.{bucket}."
-        info = await self._js.stream_info(f"KV_{bucket}", subjects_filter=prefix + keys)
+        info = await js.stream_info(f"KV_{bucket}", subjects_filter=prefix + keys)
         subjects = info.state.subjects or {}
         entries = await asyncio.gather(
             *(self._current(kv, subject.removeprefix(prefix)) for subject in subjects)

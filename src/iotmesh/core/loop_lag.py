@@ -44,10 +44,9 @@ class EventLoopLag(Service):
     ) -> None:
         self.interval_s = interval_s
         self._clock = clock
-        # (when, lag_ms) of the window's samples, oldest first.
+        # (when, lag_ms) of the window's samples, oldest first; the last is the latest.
         self._recent: collections.deque[tuple[float, float]] = collections.deque()
         self._window_s = window_s
-        self._lag_ms = 0.0
         self._stalls = 0
         self._lag_ms_total = 0.0
         self._samples = 0
@@ -63,7 +62,6 @@ class EventLoopLag(Service):
     def record(self, lag_ms: float) -> None:
         """Take one measurement (the watcher's; tests call it directly)."""
         now = self._clock()
-        self._lag_ms = lag_ms
         self._lag_ms_total += lag_ms
         self._samples += 1
         if lag_ms >= STALL_MS:
@@ -77,7 +75,7 @@ class EventLoopLag(Service):
         horizon = self._clock() - self._window_s
         window = [lag for when, lag in self._recent if when >= horizon]
         return {
-            "lag_ms": round(self._lag_ms, 3),
+            "lag_ms": round(self._recent[-1][1] if self._recent else 0.0, 3),
             "lag_max_ms": round(max(window, default=0.0), 3),
             "stalls": self._stalls,
             "lag_ms_total": round(self._lag_ms_total, 3),
