@@ -17,6 +17,7 @@ not measurements.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -56,8 +57,12 @@ async def refused(port: int, within: float = 30.0) -> None:
                 _, writer = await asyncio.open_connection("127.0.0.1", port)
             except ConnectionRefusedError:
                 return
+            except ConnectionResetError:  # the listener died during this handshake
+                await asyncio.sleep(0.02)
+                continue
             writer.close()
-            await writer.wait_closed()
+            with contextlib.suppress(ConnectionResetError):
+                await writer.wait_closed()
             await asyncio.sleep(0.02)
 
 
