@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 
 from iotmesh.bus import subjects
+from iotmesh.bus.durable import Engine, EngineMessage, group_id
 from iotmesh.bus.interface import Bus, BusError, DeadLettered, Delivery
 from iotmesh.core.errors import Overloaded
 from iotmesh.core.settings import WriterSettings
@@ -545,6 +546,38 @@ async def test_what_a_dead_member_held_is_redelivered_to_another(
     await bus.subscribe("telemetry.>", "pipeline", survivor)
     await eventually(lambda: len(survivor.acked) == 3)
     assert survivor.seen == [("m1", 2), ("m2", 1), ("m3", 1)]  # what it held comes first
+
+
+async def test_a_successor_settles_what_it_inherits_before_anything_newer(
+    make_harness: Callable[..., BusHarness],
+) -> None:
+    """A holder whose last keep-alive came late (a loaded host: it lost its lease just
+    before) must still have its messages come first: no timing margin to rely on."""
+    h = make_harness()
+    if not h.durable:
+        pytest.skip("in-process: a group has one member, nothing to inherit")
+    bus = await h.bus()
+    late = await h.bus()
+    assert isinstance(late, Engine)
+    gid, pattern = group_id("pipeline", "telemetry.>"), "telemetry.>"
+    await late.prepare_group(gid, pattern)
+    partition = subjects.partition_of("dev-1", h.settings.partitions)
+    holder = await late.open_source(gid, pattern, partition, "late-holder")
+    await holder.take_over()
+    await publish(bus, "m1")
+    held: list[EngineMessage] = []
+    for _ in range(3):  # Redis reads the holder's own pending entries first: none
+        held = held or await holder.fetch(4, 5.0)
+    assert [m.msg_id for m in held] == ["m1"]
+    await publish(bus, "m2")
+    await holder.keep_alive(held)  # its last word; no lease of it is left
+
+    successor = Recorder()
+    await bus.subscribe(pattern, "pipeline", successor)
+    await eventually(lambda: len(successor.acked) == 2)
+    assert successor.seen == [("m1", 2), ("m2", 1)]
+    await publish(bus, "m3")  # and afterwards the partition flows as before
+    await eventually(lambda: successor.acked_ids == ["m1", "m2", "m3"])
 
 
 # -- the consumer the platform has -------------------------------------------------------

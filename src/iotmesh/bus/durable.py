@@ -97,7 +97,9 @@ class Source(abc.ABC):
 
     @abc.abstractmethod
     async def take_over(self) -> None:
-        """Called after the lease is won: make what earlier holders left redeliverable."""
+        """Called after the lease is won: what earlier holders left unsettled must be
+        fetched before anything newer of the partition, however late their last
+        keep-alive came."""
 
     @abc.abstractmethod
     async def fetch(self, max_batch: int, wait: float) -> list[EngineMessage]:

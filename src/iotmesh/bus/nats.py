@@ -17,8 +17,10 @@ Layout in the engine, `ns` being `bus.namespace`:
   durable consumers outlive the processes).
 - per group (and pattern) and partition, a durable pull consumer `<group>-<hash>_p<n>`
   filtering `<ns>.<space>.p<n>.<rest of the pattern>`, with explicit acks, `ack_wait`
-  = `ack_wait_s`, `max_ack_pending` = the batch size, unlimited `max_deliver` (the
-  client dead-letters, see durable.py, so nothing is given up without a copy).
+  = `ack_wait_s`, `max_ack_pending` = the batch size (lowered by a new holder while
+  it settles what the previous one left: `_NatsSource.take_over`), unlimited
+  `max_deliver` (the client dead-letters, see durable.py, so nothing is given up
+  without a copy).
 - leases and member heartbeats in the KV bucket `<ns>_bus_leases` (TTL `ack_wait_s`).
 - dead letters in the stream of the `dead_letter_subject` space, kept by age
   (`dead_letter_max_age_s`) rather than by interest.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -76,37 +79,71 @@ _FULL = {10077, 10047}  # JetStream: maximum messages / bytes exceeded
 
 
 class _NatsSource(Source):
-    def __init__(self, bus: NatsBus, sub: JetStreamContext.PullSubscription) -> None:
+    def __init__(
+        self,
+        bus: NatsBus,
+        sub: JetStreamContext.PullSubscription,
+        stream: str,
+        config: ConsumerConfig,
+    ) -> None:
         self._bus = bus
         self._sub = sub
+        self._stream = stream
+        self._config = config
+        # Messages an earlier holder left unsettled that this one has yet to settle;
+        # while there are any, the consumer delivers nothing new (see take_over).
+        self._inherited = 0
 
     async def take_over(self) -> None:
-        """Let what an earlier holder left unsettled become redeliverable first.
+        """Keep new messages back until what an earlier holder left unsettled is settled.
 
-        JetStream hands out redeliveries before new messages, but only once their ack
-        wait has run out, and the holder's keep-alives restarted it until it died. Its
-        last keep-alive came at most a renewal period (a third of the ack wait) after
-        its last lease renewal, and the lease outlived that renewal by a whole ack
-        wait: so if anything is pending, a third of the ack wait (and a margin for the
-        server's timer) is enough for it all to be first in line again.
+        JetStream redelivers a message only when its ack wait runs out, counted from the
+        dead holder's last keep-alive, and until then it would hand newer messages of
+        the partition to the successor: a device's later message could be stored before
+        an earlier one. So the successor lowers the consumer's `max_ack_pending` to the
+        number of messages still pending. The server can then deliver nothing new until
+        those come back (redeliveries do not count against the limit) and are settled,
+        and the limit is put back as they are. The wait is the server's own redelivery,
+        not a margin guessed for its timer, which a loaded host can make late.
         """
-        info = await self._sub.consumer_info()
-        if info.num_ack_pending:
-            await asyncio.sleep(self._bus.settings.ack_wait_s * (1 / 3 + 0.1))
+        await self._hold_back(await self._pending())
+
+    async def _pending(self) -> int:
+        """How many messages the consumer has out, unacked (by anyone)."""
+        return (await self._sub.consumer_info()).num_ack_pending or 0
+
+    async def _hold_back(self, inherited: int) -> None:
+        """Let the consumer have only `inherited` messages out (0: its usual limit)."""
+        self._inherited = inherited
+        limit = inherited or self._config.max_ack_pending
+        await self._bus.update_consumer(
+            self._stream, dataclasses.replace(self._config, max_ack_pending=limit)
+        )
 
     async def fetch(self, max_batch: int, wait: float) -> list[EngineMessage]:
         try:
             msgs = await self._sub.fetch(max_batch, timeout=wait)
         except TimeoutError:  # nats-py raises its own and asyncio's: nothing came
-            return []
+            msgs = []
+        if not msgs and self._inherited:
+            # Still waiting for redeliveries; a holder that was cut off rather than
+            # dead may have settled some itself meanwhile.
+            pending = await self._pending()
+            if pending < self._inherited:
+                await self._hold_back(pending)
         return [self._bus.to_message(m) for m in msgs]
 
     async def ack(self, messages: Sequence[EngineMessage]) -> None:
+        left = max(self._inherited - len(messages), 0)
+        if left:  # lowered first, so that no new message slips in once these are acked
+            await self._hold_back(left)
         for m in messages:
             await _msg(m).ack()
         # Acks are fire-and-forget; a flush makes the server have them before this
         # member releases a lease and another starts reading the partition.
         await self._bus.flush()
+        if self._inherited and not left:
+            await self._hold_back(0)
 
     async def nak(self, messages: Sequence[EngineMessage]) -> None:
         for m in messages:
@@ -286,20 +323,39 @@ class NatsBus(Bus, Engine):
         return self.stream_name(space), config
 
     async def prepare_group(self, gid: str, pattern: str) -> None:
+        """Create the group's consumers that do not exist yet.
+
+        An existing one is left as it is: its holder may be keeping new messages back
+        (`_NatsSource.take_over`), and each new holder applies this member's settings
+        to it anyway.
+        """
         stream = await self._ensure_stream(split_pattern(pattern)[0])
         for p in range(self.settings.partitions):
             _, config = self._consumer(gid, pattern, p)
+            assert config.durable_name is not None
+            try:
+                await self.js.consumer_info(stream, config.durable_name)
+                continue
+            except nats.js.errors.NotFoundError:
+                pass
             try:
                 await self.js.add_consumer(stream, config)
             except nats.js.errors.BadRequestError as exc:
                 if exc.err_code != 10013:  # "consumer name already in use": made elsewhere
                     raise BusError(f"cannot create consumer: {exc.description}") from exc
 
+    async def update_consumer(self, stream: str, config: ConsumerConfig) -> None:
+        """Apply `config` to an existing durable consumer (the create request updates)."""
+        try:
+            await self.js.add_consumer(stream, config)
+        except nats.js.errors.BadRequestError as exc:
+            raise BusError(f"cannot update consumer: {exc.description}") from exc
+
     async def open_source(self, gid: str, pattern: str, partition: int, member: str) -> Source:
         stream, config = self._consumer(gid, pattern, partition)
         assert config.durable_name is not None
         sub = await self.js.pull_subscribe_bind(durable=config.durable_name, stream=stream)
-        return _NatsSource(self, sub)
+        return _NatsSource(self, sub, stream, config)
 
     def to_message(self, msg: Msg) -> EngineMessage:
         headers = msg.headers or {}
