@@ -335,9 +335,10 @@ class NatsBus(Bus, Engine):
             assert config.durable_name is not None
             try:
                 await self.js.consumer_info(stream, config.durable_name)
-                continue
             except nats.js.errors.NotFoundError:
                 pass
+            else:
+                continue  # exists: left as it is
             try:
                 await self.js.add_consumer(stream, config)
             except nats.js.errors.BadRequestError as exc:
