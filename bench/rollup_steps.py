@@ -5,7 +5,9 @@ Run: `.venv/bin/python bench/rollup_steps.py` (~1 minute). Writes `--devices` de
 rollups yet: they are left due), compacting as the writer does (each compaction step
 timed), then runs every due rollup step, as the
 writer process runs them between writes (`roll_next(force=False)`, one transaction
-each, `synchronous = FULL`), and reports their durations. A write that arrives while a
+each), and reports their durations. Each commits with `synchronous = FULL` here, an
+fsync each; the writer's own steps commit with NORMAL (`SeriesWriter._step`), so these
+figures are an upper bound. A write that arrives while a
 step runs waits for that one step, like for a compaction step (budget 4 ms).
 Prints a table and writes bench/results/rollup_steps.json.
 """

@@ -6,8 +6,10 @@ record of the batch wins), and cut at series boundaries into parts of about
 never spans two series groups (`GROUP_SHIFT`: series ids `g << 8` to `(g + 1) << 8`),
 so compaction can move the rows of a few groups at a time into chunks, in short
 transactions, instead of every series at once (see `writes.py`). A query
-of one series then reads one small row per pending batch (found through the index on
-the series range), not every series' points. A row holds, in columns:
+of one series looks at the series ids of its group's pending rows (found through the
+index on the series range), then reads only the rows that hold the series, all in one
+vectorised pass (`holding`, `series_points`), not every series' points. A row holds,
+in columns:
 
     sids     int64  the series ids, ascending          (one per series)
     starts   int64  where each series' points start    (one per series, plus the end)
@@ -17,14 +19,16 @@ the series range), not every series' points. A row holds, in columns:
     longs    int64  LONG values, BOOL as 0/1, 0 elsewhere; empty when no such point
     objects  msgpack list: STRING/JSON values, None elsewhere; empty when no such point
 
-These are exactly the columns of `points.Points`, so one series' points are slices
-found with one `searchsorted` on `sids`. Building the rows is whole-array work:
+These are exactly the columns of `points.Points`, so the rows of a query join into
+one `Points` with a series id per point, and a mask picks the series. Building the rows
+is whole-array work:
 `np.lexsort` sorts, and values are converted per kind with one `astype` each.
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import compress, pairwise, repeat
 from typing import Any
@@ -216,50 +220,32 @@ def _latest_rows(points: Points, sids: I64Array, last: I64Array) -> list[LatestR
     return list(zip(sids.tolist(), points.ts[last].tolist(), kinds.tolist(), values, strict=True))
 
 
-class BatchBlock:
-    """A decoded batch row; its columns are views of the row's blobs."""
+def holding(sid_columns: Sequence[bytes], sid: int) -> list[int]:
+    """Which batch rows hold series `sid`, given each row's `sids` column (ascending).
 
-    __slots__ = ("_objects", "_objects_blob", "doubles", "kinds", "longs", "sids", "starts", "ts")
+    One comparison over all the rows' series ids at once: a query may have hundreds of
+    pending rows in its series' group, and only a few hold the series.
+    """
+    sids = np.frombuffer(b"".join(sid_columns), "<i8")
+    hits = np.flatnonzero(sids == sid)
+    if not len(hits):
+        return []
+    ends = np.cumsum(np.fromiter(map(len, sid_columns), np.int64, len(sid_columns)) >> 3)
+    # A row holds a series at most once, so the rows found are distinct and ascending.
+    found: list[int] = np.searchsorted(ends, hits, side="right").tolist()
+    return found
 
-    def __init__(
-        self,
-        sids: bytes,
-        starts: bytes,
-        ts: bytes,
-        kinds: bytes,
-        doubles: bytes,
-        longs: bytes | None,
-        objects: bytes | None,
-    ) -> None:
-        self.sids = np.frombuffer(sids, "<i8").astype(np.int64, copy=False)
-        self.starts = np.frombuffer(starts, "<i8").astype(np.int64, copy=False)
-        self.ts = np.frombuffer(ts, "<i8").astype(np.int64, copy=False)
-        self.kinds = np.frombuffer(kinds, np.uint8)
-        self.doubles = np.frombuffer(doubles, "<f8").astype(np.float64, copy=False)
-        self.longs = None if longs is None else np.frombuffer(longs, "<i8").astype(np.int64)
-        self._objects_blob = objects
-        self._objects: list[Any] | None = None
 
-    def _decoded_objects(self) -> list[Any] | None:
-        # Decoded only when a series with string or JSON points is asked for.
-        if self._objects is None and self._objects_blob is not None:
-            self._objects = DECODER.decode(self._objects_blob)
-        return self._objects
-
-    def series(self, sid: int) -> Points | None:
-        """The points of one series, or None if the batch row has none."""
-        i = int(np.searchsorted(self.sids, sid))
-        if i == len(self.sids) or int(self.sids[i]) != sid:
-            return None
-        lo, hi = int(self.starts[i]), int(self.starts[i + 1])
-        kinds = self.kinds[lo:hi]
-        objects = None
-        if self._objects_blob is not None and int(kinds.max()) >= Kind.STRING:
-            decoded = self._decoded_objects()
-            assert decoded is not None
-            objects = decoded[lo:hi]
-        longs = None if self.longs is None else self.longs[lo:hi]
-        return Points(self.ts[lo:hi], kinds, self.doubles[lo:hi], longs, objects)
+def series_points(rows: list[BatchColumns], sid: int) -> Points:
+    """The points of series `sid` in batch rows (columns as stored, in id order):
+    sorted by ts, the last write of a ts kept, as `merge` wants one part."""
+    points, sids = _joined(rows)
+    points = points.take(np.flatnonzero(sids == sid))
+    ts = points.ts
+    if len(rows) > 1 and not bool((ts[1:] > ts[:-1]).all()):
+        order = np.argsort(ts, kind="stable")  # equal ts stay in write order
+        points = points.take(order[last_of_runs(ts[order])])
+    return points
 
 
 def to_chunks(rows: list[BatchColumns], max_points: int) -> list[tuple[int, Chunk]]:

@@ -1,11 +1,12 @@
 """Queries, run on a reader thread with its own connection.
 
 A query reads, per key, the chunks of the series that overlap the range (through the
-covering index on `ts_chunk`) and its slices of the batch rows not yet compacted (the
-one row per waiting write that holds the series, through the index on the series
-range of `ts_batch`), and merges them in write order: chunks by id, then batch rows by id (a
-batch row is always newer than every chunk). Everything runs in one read transaction,
-so a concurrent commit or compaction is either wholly seen or not at all.
+covering index on `ts_chunk`) and its points in the batch rows not yet compacted (the
+series ids of its group's rows, through the index on the series range of `ts_batch`,
+say which rows hold it; those are read and sliced in one vectorised pass), and merges
+them in write order: chunks by id, then batch rows by id (a batch row is always newer
+than every chunk). Everything runs in one read transaction, so a concurrent commit or
+compaction is either wholly seen or not at all.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ from typing import Any
 from iotmesh.core.types import Aggregation, Order, TsPoint
 from iotmesh.storage import aggregate as agg
 from iotmesh.storage.points import Points, merge
+from iotmesh.storage.sqlite import batches, rollup_reads, schema
 from iotmesh.storage.sqlite import chunks as chunking
-from iotmesh.storage.sqlite import rollup_reads, schema
-from iotmesh.storage.sqlite.batches import BatchBlock
 from iotmesh.storage.timeseries import Query
 
 # (id, min_ts, max_ts, n) of a chunk
@@ -36,11 +36,7 @@ def query(db: sqlite3.Connection, q: Query, levels: Sequence[int] = ()) -> dict[
             if row is None:
                 continue
             sid = int(row[0])
-            recent = [
-                p
-                for row in db.execute(schema.SERIES_BATCHES, (sid, q.start_ts, q.end_ts))
-                if (p := BatchBlock(*row).series(sid)) is not None
-            ]
+            recent = _recent(db, sid, q)
             points = None
             if q.agg is not Aggregation.NONE and levels:
                 buckets = rollup_reads.answer(db, sid, q, recent, levels)
@@ -54,6 +50,16 @@ def query(db: sqlite3.Connection, q: Query, levels: Sequence[int] = ()) -> dict[
     finally:
         if db.in_transaction:
             db.execute("COMMIT")
+
+
+def _recent(db: sqlite3.Connection, sid: int, q: Query) -> list[Points]:
+    """The series' points still in batch rows, as one part (or none), newest data last."""
+    group_end = sid | ((1 << batches.GROUP_SHIFT) - 1)
+    found = db.execute(schema.SERIES_BATCHES, (sid, q.start_ts, q.end_ts, group_end)).fetchall()
+    ids = [found[i][0] for i in batches.holding([row[1] for row in found], sid)]
+    if not ids:
+        return []
+    return [batches.series_points(schema.fetch_batches(db, ids), sid)]
 
 
 def _series(db: sqlite3.Connection, sid: int, q: Query, recent: list[Points]) -> list[TsPoint]:

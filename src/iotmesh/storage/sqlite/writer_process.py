@@ -171,7 +171,9 @@ class _Child:
         raise ValueError(f"unknown writer operation {op!r}")
 
     def run_steps(self, request_waiting: Callable[[], bool]) -> None:
-        """Run queued compaction steps while no request waits."""
+        """Run queued compaction steps while no request waits (a step that is under way
+        stops at its next transaction when one comes: `SeriesWriter.interrupted`)."""
+        self.writer.interrupted = request_waiting
         while self._steps and not request_waiting():
             self._steps.popleft()()
 

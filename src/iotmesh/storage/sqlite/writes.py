@@ -34,6 +34,8 @@ _STEP_BUDGET_S = 0.004  # longest compaction step, so that a queued write waits 
 _SERIES_PER_TXN = 16  # series merged per compaction transaction
 _PARTS_PER_TXN = 4096  # batch rows moved into chunks per statement of `_flush_all`
 _GROUPS_PER_STEP = 1  # series groups a flush step moves (256 series: a few ms)
+_FLUSH_CHUNKS = 8  # a flush pass waits for this many full chunks' worth of points...
+_MAX_PENDING_BATCHES = 512  # ...or for this many write transactions, whichever is first
 _MAX_CACHED_SERIES = 1_000_000  # bound on the series-id cache (~100 B an entry)
 _LATEST_JSON = msgspec.json.Encoder()
 
@@ -76,14 +78,20 @@ class SeriesWriter:
         self._settings = settings
         self._submit = submit
         self._committed = committed
-        # Batch rows are cheap to keep (a query finds a series in one with a binary
-        # search), and the more a flush takes, the bigger the chunks it makes and the
-        # fewer merges follow; so more of them are let wait than small chunks.
+        # When a flush pass starts (`_flush_due`). Batch rows are cheap to keep (a
+        # query picks the rows holding its series in one vectorised pass), and the
+        # more points a flush takes, the bigger the chunks it makes and the fewer
+        # merges follow: at a few thousand records a second, flushing every 32 small
+        # commits made chunks of about one point each, which merges then rewrote again
+        # and again (65% of the writer process's time). So a pass waits for points
+        # enough to fill `_FLUSH_CHUNKS` chunks, with a bound on the rows a query of
+        # recent points must look through.
         self._flush_rows = 4 * settings.compact_min_chunks
+        self._flush_points = _FLUSH_CHUNKS * settings.chunk_max_points
         self._series_ids: dict[str, dict[str, int]] = {}
         self._cached_series = 0
         self._key_ids: dict[str, int] = {}
-        self._batches = self._pending_batches()
+        self._batches, self._points = self._pending_batches()
         (self._next_batch,) = conn.execute(
             "SELECT coalesce(max(batch), 0) + 1 FROM ts_batch"
         ).fetchone()
@@ -94,6 +102,11 @@ class SeriesWriter:
         self._pass_upto = 0
         self._step_queued = False
         self.closing = False
+        # Asked between the transactions of a compaction step: True stops the step
+        # there (the writer process says whether a request is waiting), so a write
+        # waits for at most one compaction transaction, not for a whole step.
+        self.interrupted: Callable[[], bool] = lambda: False
+        (self._synchronous,) = conn.execute("PRAGMA synchronous").fetchone()
         self._rollups = RollupKeeper(conn, rollup_levels, self._delete_series)
         self._transaction(self._rollups.start)
         if self._has_unaligned_rows():
@@ -113,10 +126,19 @@ class SeriesWriter:
         ).fetchone()
         return row is not None
 
-    def _pending_batches(self) -> int:
-        """Write transactions whose batch rows are not yet turned into chunks."""
-        (count,) = self._db.execute("SELECT count(DISTINCT batch) FROM ts_batch").fetchone()
-        return int(count)
+    def _pending_batches(self) -> tuple[int, int]:
+        """Write transactions whose batch rows are not yet turned into chunks, and
+        the points those rows hold."""
+        count, points = self._db.execute(
+            "SELECT count(DISTINCT batch), coalesce(sum(n), 0) FROM ts_batch"
+        ).fetchone()
+        return int(count), int(points)
+
+    def _flush_due(self) -> bool:
+        """Whether enough batch rows wait for a flush pass (see `__init__`)."""
+        if self._batches < self._flush_rows:
+            return False
+        return self._points >= self._flush_points or self._batches >= _MAX_PENDING_BATCHES
 
     def _transaction(self, body: Callable[[], Any]) -> Any:
         db = self._db
@@ -129,7 +151,7 @@ class SeriesWriter:
             if db.in_transaction:
                 db.execute("ROLLBACK")
                 # The body may have counted batch rows as moved that now are not.
-                self._batches = self._pending_batches()
+                self._batches, self._points = self._pending_batches()
                 rollups: RollupKeeper | None = getattr(self, "_rollups", None)
                 if rollups is not None:
                     rollups.rolled_back()
@@ -142,7 +164,7 @@ class SeriesWriter:
         """Store `batch` as batch rows and update latest values, in one transaction."""
         added: list[tuple[str, str]] = []
         try:
-            stored: bool = self._transaction(lambda: self._write(batch, added))
+            stored: int = self._transaction(lambda: self._write(batch, added))
         except BaseException:
             for entity, key in added:  # ids of series that were rolled back
                 self._series_ids[entity].pop(key, None)
@@ -154,10 +176,12 @@ class SeriesWriter:
             self._cached_series = 0
         if stored:
             self._batches += 1
+            self._points += stored
             self._next_batch += 1
             self._schedule()
 
-    def _write(self, batch: Sequence[SeriesWrite], added: list[tuple[str, str]]) -> bool:
+    def _write(self, batch: Sequence[SeriesWrite], added: list[tuple[str, str]]) -> int:
+        """The body of `write`; returns the points stored (0: nothing to write)."""
         sids: list[int] = []
         values: list[Any] = []
         stamps: list[int] = []
@@ -184,7 +208,7 @@ class SeriesWriter:
                 add_stamp(record.ts)
                 add_count(len(record_values))
         if not sids:
-            return False
+            return 0
         try:
             ts = np.repeat(np.array(stamps, np.int64), counts)
             rows, latest = encode_batch(sids, ts, values)
@@ -213,7 +237,7 @@ class SeriesWriter:
             ],
         )
         self._upsert_latest(latest)
-        return True
+        return sum(r.n for r in rows)
 
     def _upsert_latest(self, latest: list[LatestRow]) -> None:
         """Upsert the latest values in one statement (see `schema.UPSERT_LATEST_JSON`).
@@ -350,7 +374,7 @@ class SeriesWriter:
     def _schedule(self) -> None:
         """Queue a compaction step behind pending writes, if there is work and none is."""
         due = (
-            self._batches >= self._flush_rows
+            self._flush_due()
             or self._pass
             or self._to_merge
             or self._rollups.due
@@ -361,27 +385,24 @@ class SeriesWriter:
             self._submit(self._step)
 
     def _step(self) -> None:
-        """One compaction step of at most about `_STEP_BUDGET_S`."""
+        """One compaction step of at most about `_STEP_BUDGET_S`, ended early when
+        `interrupted` says a request waits.
+
+        Its transactions commit with `synchronous = NORMAL`: no fsync of their own
+        (~3 ms each on a VM disk, which a write arriving meanwhile waited for). That
+        loses no durability: compaction only moves points the store already holds, in
+        atomic transactions, and the next write's FULL commit syncs the WAL with every
+        frame before its own; a power loss before that rolls a step back, whole, and
+        the points are still where it found them.
+        """
         self._step_queued = False
         if self.closing:
             return
         deadline = time.perf_counter() + _STEP_BUDGET_S
+        if self._synchronous > 1:
+            self._db.execute("PRAGMA synchronous = NORMAL")
         try:
-            if not self._pass and self._batches >= self._flush_rows:
-                self._start_pass()
-            if self._pass:
-                self._transaction(self._flush_groups)
-            while self._to_merge and time.perf_counter() < deadline:
-                self._merge_some()
-            # Rollups and retention after compaction, in what is left of the budget:
-            # under sustained load they wait for a quieter moment (queries read raw
-            # points where rollups lag, so nothing is wrong meanwhile, only slower).
-            rollups = self._rollups
-            while time.perf_counter() < deadline and (rollups.retention_pending or rollups.due):
-                if rollups.retention_pending:
-                    self._transaction(rollups.retention_step)
-                else:
-                    self._transaction(lambda: rollups.roll_next(force=False, deadline=deadline))
+            self._compact_until(deadline)
         except sqlite3.Error as exc:
             # Nothing is lost: the rows stay as they were; the next write queues a retry.
             log.warning("time-series compaction failed: %s", exc)
@@ -390,7 +411,32 @@ class SeriesWriter:
             # Nobody awaits this step: log here, or the error would vanish with its future.
             log.exception("time-series compaction failed")
             return
+        finally:
+            if self._synchronous > 1 and not self.closing:
+                self._db.execute(f"PRAGMA synchronous = {self._synchronous}")
         self._schedule()
+
+    def _compact_until(self, deadline: float) -> None:
+        """The transactions of one step: a flush of a few groups, merges, rollups."""
+
+        def go_on() -> bool:
+            return time.perf_counter() < deadline and not self.interrupted()
+
+        if not self._pass and self._flush_due():
+            self._start_pass()
+        if self._pass:
+            self._transaction(self._flush_groups)
+        while self._to_merge and go_on():
+            self._merge_some()
+        # Rollups and retention after compaction, in what is left of the budget:
+        # under sustained load they wait for a quieter moment (queries read raw
+        # points where rollups lag, so nothing is wrong meanwhile, only slower).
+        rollups = self._rollups
+        while go_on() and (rollups.retention_pending or rollups.due):
+            if rollups.retention_pending:
+                self._transaction(rollups.retention_step)
+            else:
+                self._transaction(lambda: rollups.roll_next(force=False, deadline=deadline))
 
     def compact_all(self) -> int:
         """Turn every batch row into chunks and merge every series due; return merges."""
@@ -429,7 +475,7 @@ class SeriesWriter:
                 break
             self._move(rows)
             db.execute("DELETE FROM ts_batch WHERE id <= ?", (rows[-1][0],))
-        self._batches = 0
+        self._batches = self._points = 0
 
     def _start_pass(self) -> None:
         """Plan a flush pass: the groups that have batch rows, up to the newest row now.
@@ -438,7 +484,7 @@ class SeriesWriter:
         transaction between writes; rows written meanwhile wait for the next pass.
         """
         (upto,) = self._db.execute("SELECT max(id) FROM ts_batch").fetchone()
-        self._batches = 0
+        self._batches = self._points = 0
         if upto is None:
             return
         groups = self._db.execute(
