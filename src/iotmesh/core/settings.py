@@ -441,10 +441,20 @@ class SqliteSettings(_Section):
         description="FULL survives power loss; NORMAL survives a process crash only.",
     )
     chunk_max_points: int = Field(
-        4096, ge=16, description="Points per compacted chunk of one series."
+        4096,
+        ge=16,
+        description=(
+            "Points per compacted chunk of one series. Pending batch rows are flushed"
+            " into chunks once they hold 8 chunks' worth of points (or after 512 commits)."
+        ),
     )
     compact_min_chunks: int = Field(
-        8, ge=2, description="Small chunks of a series that trigger its compaction."
+        8,
+        ge=2,
+        description=(
+            "Small chunks of a series that trigger its compaction; a flush waits for at"
+            " least 4x this many commits."
+        ),
     )
 
 
