@@ -55,3 +55,11 @@ def test_one_series_from_many_rows_matches_a_replay(
     assert list(got) == sorted(expected)
     assert got == expected
     assert all(type(got[ts]) is type(expected[ts]) for ts in expected)
+
+
+def test_a_byte_match_across_two_ids_is_not_the_id() -> None:
+    """SQLite's `instr` finds 256's bytes (00 01 00 ..) in the ids [0, 1], 7 bytes in."""
+    straddling = np.array([0, 1], "<i8").tobytes()
+    assert (256).to_bytes(8, "little") in straddling
+    holding_256 = np.array([5, 256], "<i8").tobytes()
+    assert holding([straddling, holding_256], 256) == [1]

@@ -121,7 +121,8 @@ def test_a_step_commits_without_fsync_and_puts_full_back(tmp_path: Path) -> None
         writer.write(many_devices(700, T0 + i))
     while steps:
         steps.pop(0)()  # type: ignore[operator]
-    assert seen and set(seen) == {1}  # NORMAL inside the steps
+    assert seen
+    assert set(seen) == {1}  # NORMAL inside the steps
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
     writer.close()
 

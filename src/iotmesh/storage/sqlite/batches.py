@@ -6,9 +6,10 @@ record of the batch wins), and cut at series boundaries into parts of about
 never spans two series groups (`GROUP_SHIFT`: series ids `g << 8` to `(g + 1) << 8`),
 so compaction can move the rows of a few groups at a time into chunks, in short
 transactions, instead of every series at once (see `writes.py`). A query
-of one series looks at the series ids of its group's pending rows (found through the
-index on the series range), then reads only the rows that hold the series, all in one
-vectorised pass (`holding`, `series_points`), not every series' points. A row holds,
+of one series reads only its group's pending rows whose series ids hold it (found
+through the index on the series range, then SQLite's `instr` on the `sids` blob),
+and slices them all in one vectorised pass (`holding`, `series_points`), not every
+series' points. A row holds,
 in columns:
 
     sids     int64  the series ids, ascending          (one per series)
@@ -223,8 +224,9 @@ def _latest_rows(points: Points, sids: I64Array, last: I64Array) -> list[LatestR
 def holding(sid_columns: Sequence[bytes], sid: int) -> list[int]:
     """Which batch rows hold series `sid`, given each row's `sids` column (ascending).
 
-    One comparison over all the rows' series ids at once: a query may have hundreds of
-    pending rows in its series' group, and only a few hold the series.
+    One comparison over all the rows' series ids at once. The rows a query gets are
+    those whose `sids` bytes contain the id's 8 bytes anywhere; a match that straddles
+    two ids is not the id, and this drops such a row.
     """
     sids = np.frombuffer(b"".join(sid_columns), "<i8")
     hits = np.flatnonzero(sids == sid)

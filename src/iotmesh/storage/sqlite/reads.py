@@ -2,8 +2,8 @@
 
 A query reads, per key, the chunks of the series that overlap the range (through the
 covering index on `ts_chunk`) and its points in the batch rows not yet compacted (the
-series ids of its group's rows, through the index on the series range of `ts_batch`,
-say which rows hold it; those are read and sliced in one vectorised pass), and merges
+rows of its group whose series ids hold it, through the index on the series range of
+`ts_batch`, read and sliced in one vectorised pass), and merges
 them in write order: chunks by id, then batch rows by id (a batch row is always newer
 than every chunk). Everything runs in one read transaction, so a concurrent commit or
 compaction is either wholly seen or not at all.
@@ -55,11 +55,12 @@ def query(db: sqlite3.Connection, q: Query, levels: Sequence[int] = ()) -> dict[
 def _recent(db: sqlite3.Connection, sid: int, q: Query) -> list[Points]:
     """The series' points still in batch rows, as one part (or none), newest data last."""
     group_end = sid | ((1 << batches.GROUP_SHIFT) - 1)
-    found = db.execute(schema.SERIES_BATCHES, (sid, q.start_ts, q.end_ts, group_end)).fetchall()
-    ids = [found[i][0] for i in batches.holding([row[1] for row in found], sid)]
-    if not ids:
-        return []
-    return [batches.series_points(schema.fetch_batches(db, ids), sid)]
+    pattern = sid.to_bytes(8, "little", signed=True)
+    rows = db.execute(
+        schema.SERIES_BATCHES, (sid, q.start_ts, q.end_ts, group_end, pattern)
+    ).fetchall()
+    held = [rows[i] for i in batches.holding([row[0] for row in rows], sid)]
+    return [batches.series_points(held, sid)] if held else []
 
 
 def _series(db: sqlite3.Connection, sid: int, q: Query, recent: list[Points]) -> list[TsPoint]:

@@ -113,14 +113,17 @@ INSERT_BATCH = """
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 BATCH_COLUMNS = "sids, starts, ts, kinds, doubles, longs, objects"
-# Batch rows whose series range and time range may hold series ?1's points in a range:
-# only their ids and series ids, which say which rows really hold it (`fetch_batches`
-# reads those, in id order).
-# A row never spans two series groups, so ?4, the last id of ?1's group, bounds the
-# index range: without it the scan of `max_sid >= ?1` reads every later group's rows.
-SERIES_BATCHES = """
-    SELECT id, sids FROM ts_batch
+# The batch rows that may hold series ?1's points in the range ?2..?3, in id order:
+# those whose `sids` column holds ?5 (the id as 8 little-endian bytes) somewhere, a
+# superset of the rows that hold it (`batches.holding` keeps those whose match is a
+# whole id). A row never spans two series groups, so ?4, the last id of ?1's group,
+# bounds the index range: without it the scan of `max_sid >= ?1` reads every later
+# group's rows.
+SERIES_BATCHES = f"""
+    SELECT {BATCH_COLUMNS} FROM ts_batch
     WHERE max_sid BETWEEN ?1 AND ?4 AND min_sid <= ?1 AND max_ts >= ?2 AND min_ts <= ?3
+        AND instr(sids, ?5) > 0
+    ORDER BY id
 """
 INSERT_CHUNK = """
     INSERT INTO ts_chunk (id, series_id, min_ts, max_ts, n, kind, ts, vals)
@@ -195,21 +198,6 @@ def latest_value(kind: int, value: Any) -> Any:
     if kind == Kind.JSON:
         return msgspec.json.decode(value)
     return value
-
-
-def fetch_batches(db: sqlite3.Connection, ids: list[int]) -> list[Any]:
-    """The `BATCH_COLUMNS` of batch rows `ids`, in id order."""
-    rows: list[Any] = []
-    for lo in range(0, len(ids), 500):  # far below SQLite's limit of variables
-        part = ids[lo : lo + 500]
-        marks = ",".join("?" * len(part))
-        rows.extend(
-            db.execute(
-                f"SELECT id, {BATCH_COLUMNS} FROM ts_batch WHERE id IN ({marks})", part
-            ).fetchall()
-        )
-    rows.sort(key=lambda row: row[0])
-    return [row[1:] for row in rows]
 
 
 def fetch_chunks(db: sqlite3.Connection, ids: list[int]) -> list[tuple[int, int, bytes, bytes]]:
