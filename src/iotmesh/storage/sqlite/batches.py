@@ -9,8 +9,7 @@ transactions, instead of every series at once (see `writes.py`). A query
 of one series reads only its group's pending rows whose series ids hold it (found
 through the index on the series range, then SQLite's `instr` on the `sids` blob),
 and slices them all in one vectorised pass (`holding`, `series_points`), not every
-series' points. A row holds,
-in columns:
+series' points. A row holds, in columns:
 
     sids     int64  the series ids, ascending          (one per series)
     starts   int64  where each series' points start    (one per series, plus the end)
