@@ -19,12 +19,15 @@ from iotmesh.storage.timeseries import SeriesWrite
 T0 = 1_700_000_000_000
 
 
-def open_writer(path: Path) -> tuple[SeriesWriter, sqlite3.Connection, list[object]]:
-    conn = connect(path, SqliteSettings().synchronous)
+def open_writer(
+    path: Path, settings: SqliteSettings | None = None
+) -> tuple[SeriesWriter, sqlite3.Connection, list[object]]:
+    settings = settings or SqliteSettings()
+    conn = connect(path, settings.synchronous)
     conn.execute("PRAGMA journal_mode = WAL")
     schema.migrate(conn)
     steps: list[object] = []
-    return SeriesWriter(conn, SqliteSettings(), steps.append, lambda: None), conn, steps
+    return SeriesWriter(conn, settings, steps.append, lambda: None), conn, steps
 
 
 def many_devices(n: int, ts: int) -> list[SeriesWrite]:
@@ -128,12 +131,8 @@ def test_a_step_commits_without_fsync_and_puts_full_back(tmp_path: Path) -> None
 
 
 def test_a_waiting_request_ends_a_step_at_its_next_transaction(tmp_path: Path) -> None:
-    conn = connect(tmp_path / "ts.db", "FULL")
-    conn.execute("PRAGMA journal_mode = WAL")
-    schema.migrate(conn)
-    steps: list[object] = []
     small = SqliteSettings(chunk_max_points=16, compact_min_chunks=2)  # flush every 8 writes
-    writer = SeriesWriter(conn, small, steps.append, lambda: None)
+    writer, _, steps = open_writer(tmp_path / "ts.db", small)
     for i in range(8):  # a flush pass: one chunk per series
         writer.write(many_devices(700, T0 + i))
     while steps:

@@ -172,8 +172,8 @@ class _Child:
 
     def run_steps(self, request_waiting: Callable[[], bool]) -> None:
         """Run queued compaction steps while no request waits (a step that is under way
-        stops at its next transaction when one comes: `SeriesWriter.interrupted`)."""
-        self.writer.interrupted = request_waiting
+        stops at its next transaction when one comes: `SeriesWriter.interrupted`, which
+        `serve` sets once)."""
         while self._steps and not request_waiting():
             self._steps.popleft()()
 
@@ -249,6 +249,8 @@ def serve(requests: int, replies: int) -> None:
 
     def waiting() -> bool:
         return bool(select.select([requests], [], [], 0)[0])
+
+    child.writer.interrupted = waiting
 
     try:
         while True:
