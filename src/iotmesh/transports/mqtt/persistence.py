@@ -71,7 +71,7 @@ from iotmesh.storage.sessions import (
     StoredSubscription,
 )
 from iotmesh.transports.mqtt.broker import Broker
-from iotmesh.transports.mqtt.session import Session, SubscriptionEntry, unexpired
+from iotmesh.transports.mqtt.session import Session, SubscriptionEntry, own_queue, unexpired
 
 log = logging.getLogger(__name__)
 
@@ -367,6 +367,7 @@ class SessionPersistence:
                 session.stored_seqs[m.packet_id] = m.seq
             elif len(session.queue) < self._max_queued and not m.released:
                 queued_at = mono - max(0, wall - m.queued_ms) / 1000
+                session.queue = own_queue(session.queue)
                 session.queue.append((_publish(m, None), queued_at, m.seq))
             else:  # over a limit lowered since it was stored: the newest go, as in memory
                 dropped.append(m.seq)

@@ -27,7 +27,7 @@ from iotmesh.storage.sessions import (
 )
 from iotmesh.storage.sqlite.sessions import SqliteSessionStore
 from iotmesh.transports.mqtt.persistence import SessionJournal, SessionPersistence
-from iotmesh.transports.mqtt.session import Session, SubscriptionEntry
+from iotmesh.transports.mqtt.session import Session, SubscriptionEntry, own_queue
 
 
 class FakeStore:
@@ -238,6 +238,7 @@ async def test_a_detached_session_loads_again_with_everything_it_held(tmp_path: 
     # Held while "connected": two in flight (one of them past PUBREC), one queued.
     session.inflight[7] = Publish("t/x", b"in-flight", 1, False, False, 7, Properties())
     session.inflight[8] = Pubrel(8)
+    session.queue = own_queue(session.queue)  # as Session does before it first queues
     session.queue.append((message(b"queued-online", 2, content_type="a/b"), 0.0, None))
     session.queue.append((message(b"qos0", 0), 0.0, None))
     session.detach()
@@ -354,3 +355,14 @@ async def _load(path: Path) -> list[SessionRecord]:
         return await store.load_all()
     finally:
         await store.close()
+
+
+def test_sessions_share_one_empty_queue_until_they_queue_something() -> None:
+    """~760 bytes less per idle client: the shared queue refuses to hold anything."""
+    quiet, busy = Session("quiet", 10), Session("busy", 10)
+    assert quiet.queue is busy.queue
+    with pytest.raises(TypeError):
+        quiet.queue.append((message(b"x"), 0.0, None))
+    busy.deliver(message(b"queued"))  # offline: queued in a deque of its own
+    assert [m.payload for m, _, _ in busy.queue] == [b"queued"]
+    assert not quiet.queue
