@@ -127,7 +127,6 @@ class MqttConnection(asyncio.Protocol):
         "_aliases",
         "_closing",
         "_corked",
-        "_detached",
         "_draining",
         "_eof",
         "_graceful",
@@ -193,11 +192,10 @@ class MqttConnection(asyncio.Protocol):
         self._graceful = False
         self._closing = False  # close() was called: handle no more packets
         self._eof = False  # our side of the socket is shut: write nothing more
-        # Tasks of this connection (None when there are none: an empty set is 216 bytes
-        # and an idle client keeps none after its CONNECT), and those that run on after
-        # it ends.
-        self._tasks: set[asyncio.Task[Any]] | None = None
-        self._detached: set[asyncio.Task[Any]] | None = None
+        # Tasks of this connection, each with whether it runs on after the connection
+        # ends (None when there are none: an idle client keeps none after its CONNECT,
+        # and an empty container per client adds up).
+        self._tasks: dict[asyncio.Task[Any], bool] | None = None
         self._submits = 0  # telemetry submits in flight
         self._telemetry_held = 0  # telemetry messages parsed, not yet committed
         self._qos2_unacked = 0  # QoS 2 slots in `_acks` (PUBREC not sent yet)
@@ -238,8 +236,9 @@ class MqttConnection(asyncio.Protocol):
         for handle in (self._timer, self._resume_handle, self._rate_timer):
             if handle is not None:
                 handle.cancel()
-        for task in self._tasks or ():
-            task.cancel()
+        for task, runs_on in (self._tasks or {}).items():
+            if not runs_on:
+                task.cancel()
         session = self.session
         if session is None or session.connection is not self:
             # Taken over (or refused while its session was stored): the session lives
@@ -474,12 +473,8 @@ class MqttConnection(asyncio.Protocol):
         handed to the pipeline is stored even if its client vanished meanwhile.
         """
         task = self.ctx.loop.create_task(coro, name=f"mqtt.{self._who()}.{name}")
-        if finish_after_close:
-            self._detached = self._detached or set()
-            self._detached.add(task)
-        else:
-            self._tasks = self._tasks or set()
-            self._tasks.add(task)
+        self._tasks = self._tasks or {}
+        self._tasks[task] = finish_after_close
         task.add_done_callback(self._task_done)
 
     def hold_telemetry(self, message: Any) -> None:
@@ -509,11 +504,8 @@ class MqttConnection(asyncio.Protocol):
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         if self._tasks is not None:
-            self._tasks.discard(task)
+            self._tasks.pop(task, None)
             self._tasks = self._tasks or None
-        if self._detached is not None:
-            self._detached.discard(task)
-            self._detached = self._detached or None
         if not task.cancelled() and task.exception() is not None:
             log.error("mqtt %s: task failed", self._who(), exc_info=task.exception())
             self.close(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, "internal error")
@@ -903,7 +895,7 @@ class MqttConnection(asyncio.Protocol):
     @property
     def busy(self) -> bool:
         """Whether messages of this client are still being committed."""
-        return bool(self._acks) or bool(self._tasks) or bool(self._detached)
+        return bool(self._acks) or bool(self._tasks)
 
     def takeover(self) -> None:
         """Another connection took this client id over (MQTT 3.1.4-3)."""

@@ -78,14 +78,10 @@ class _NothingYet(collections.deque[Any]):
     one is a bug, refused loudly rather than shared between clients.
     """
 
-    def append(self, item: Any) -> None:
+    def _refuse(self, *_: Any) -> None:
         raise TypeError("the shared empty queue holds nothing: use own_queue()")
 
-    def appendleft(self, item: Any) -> None:
-        raise TypeError("the shared empty queue holds nothing: use own_queue()")
-
-    def extend(self, items: Any) -> None:
-        raise TypeError("the shared empty queue holds nothing: use own_queue()")
+    append = appendleft = extend = extendleft = insert = _refuse
 
 
 NOTHING_YET: collections.deque[Any] = _NothingYet()
